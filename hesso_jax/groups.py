@@ -1,14 +1,18 @@
 """Parameter groups: the structures HESSO scores, projects to zero and surgery removes.
 
 A *group family* is ``n`` groups of the same shape. Each member ``Member(path, axis,
-block, offset)`` contributes, to group ``i`` of the family, the slice
+block, offset, repeat, stride)`` contributes, to group ``i`` of the family, the slices
 
-    [offset + i * block : offset + (i + 1) * block]   along ``axis`` of the leaf at ``path``,
+    [offset + r * stride + i * block : offset + r * stride + (i + 1) * block],  r < repeat,
+
+along ``axis`` of the leaf at ``path`` (``repeat=1`` by default: one slice),
 
 so one family can cover the out-channels of a kernel together with the matching bias,
 BatchNorm scale and shift (``block=1``), the heads of an attention projection
 (``block=head_dim`` when heads are folded into one axis) or one segment of a
-concatenation (``offset``). Members are the *zero-invariant* part: when every member
+concatenation (``offset``); ``repeat``/``stride`` describe a channel that is the inner
+factor of a merged axis (a ``(h, w, C)`` feature map flattened before a Dense layer: the
+Dense kernel's rows of channel ``i`` are ``p * C + i`` for every position ``p``). Members are the *zero-invariant* part: when every member
 slice of group ``i`` is zero, the family's output channel ``i`` is zero for every input.
 *Dependents* (consumer in-channels, BatchNorm running statistics) are not projected by the
 optimizer; they are only removed by surgery.
@@ -113,20 +117,27 @@ def check_int(name: str, value: Any, minimum: int | None = None) -> int:
 class Member:
     """One parameter slice pattern of a group family.
 
-    Group ``i`` of the family owns ``[offset + i*block : offset + (i+1)*block]`` along
-    ``axis`` of the leaf at ``path``.
+    Group ``i`` of the family owns, for every ``r < repeat``,
+    ``[offset + r*stride + i*block : offset + r*stride + (i+1)*block]`` along ``axis`` of
+    the leaf at ``path``.
 
     Attributes:
       path: tuple of dict keys / attribute names / sequence indices (see `tree_paths`).
       axis: the channel axis of that leaf (negative values count from the end).
       block: consecutive channels per group (e.g. ``head_dim`` for heads folded in one axis).
       offset: first channel of group 0 (a segment of a concatenation starts later).
+      repeat: how many times the family's span recurs along the axis (inner factor of a
+        merged axis, e.g. the rows of a Dense layer after a flatten).
+      stride: distance between two recurrences; at least ``size * block`` of the family
+        (checked by `Groups.validate`). Ignored (and stored as 0) when ``repeat == 1``.
     """
 
     path: Path
     axis: int
     block: int = 1
     offset: int = 0
+    repeat: int = 1
+    stride: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.path, str) or not isinstance(self.path, Sequence):
@@ -139,16 +150,29 @@ class Member:
         object.__setattr__(self, "axis", check_int(f"axis of {path!r}", self.axis))
         object.__setattr__(self, "block", check_int(f"block of {path!r}", self.block, 1))
         object.__setattr__(self, "offset", check_int(f"offset of {path!r}", self.offset, 0))
+        object.__setattr__(self, "repeat", check_int(f"repeat of {path!r}", self.repeat, 1))
+        stride = check_int(f"stride of {path!r}", self.stride, 0)
+        if self.repeat > 1 and stride < 1:
+            raise ValueError(f"Member {path!r}: repeat={self.repeat} needs a stride >= 1")
+        object.__setattr__(self, "stride", stride if self.repeat > 1 else 0)
+
+    def starts(self) -> list[int]:
+        """First channel of group 0 in each recurrence: ``offset + r * stride``."""
+        return [self.offset + r * self.stride for r in range(self.repeat)]
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form."""
-        return {"path": list(self.path), "axis": self.axis, "block": self.block,
-                "offset": self.offset}
+        """JSON-ready form (``repeat``/``stride`` only when the member recurs)."""
+        d = {"path": list(self.path), "axis": self.axis, "block": self.block,
+             "offset": self.offset}
+        if self.repeat > 1:
+            d.update(repeat=self.repeat, stride=self.stride)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Member:
         """Inverse of `to_dict`."""
-        return cls(tuple(d["path"]), d["axis"], d.get("block", 1), d.get("offset", 0))
+        return cls(tuple(d["path"]), d["axis"], d.get("block", 1), d.get("offset", 0),
+                   d.get("repeat", 1), d.get("stride", 0))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -329,7 +353,8 @@ class Groups:
         path exists (dependents too when ``dependents='require'``; with ``'present'`` absent
         dependents are allowed, e.g. BatchNorm statistics outside an optimizer's params);
         each axis is in range; each slice ends inside its axis
-        (``offset + size * block <= length``); no slice is claimed twice, and no leaf holds
+        (``offset + (repeat - 1) * stride + size * block <= length``); a recurring member's
+        stride is at least its span (``size * block``); no slice is claimed twice, and no leaf holds
         member slices on two different axes (an element belongs to at most one group).
 
         Args:
@@ -393,11 +418,18 @@ class Groups:
                             f"range for a leaf of shape {tuple(shape)} (ndim {ndim})")
                     axis = m.axis % ndim
                     length = shape[axis]
-                    hi = m.offset + fam.size * m.block
+                    span = fam.size * m.block
+                    if m.repeat > 1 and m.stride < span:
+                        raise ValueError(
+                            f"{label}: {kind} {format_path(m.path)!r} axis {axis}: stride "
+                            f"{m.stride} is shorter than the span size {fam.size} * block "
+                            f"{m.block} = {span}, so recurrences would overlap")
+                    hi = m.starts()[-1] + span
                     if hi > length:
                         raise ValueError(
                             f"{label}: {kind} {format_path(m.path)!r} axis {axis}: slice "
-                            f"offset {m.offset} + size {fam.size} * block {m.block} = {hi} "
+                            f"offset {m.offset} + (repeat {m.repeat} - 1) * stride "
+                            f"{m.stride} + size {fam.size} * block {m.block} = {hi} "
                             f"runs past the axis length {length}")
                     if kind == "member":
                         dtype = getattr(leaves[leaf], "dtype", None)
@@ -412,7 +444,8 @@ class Groups:
                                 f"{prev[0]} ({self._label(prev[1])}) and axis {axis} "
                                 f"({label}): an element can belong to one group only")
                         member_axis[leaf] = (axis, fi)
-                    claims.setdefault((leaf, axis), []).append((m.offset, hi, fi, kind))
+                    for lo in m.starts():
+                        claims.setdefault((leaf, axis), []).append((lo, lo + span, fi, kind))
         for (leaf, axis), spans in claims.items():
             spans.sort()
             for (_lo1, hi1, f1, k1), (lo2, hi2, f2, k2) in zip(spans, spans[1:], strict=False):
@@ -435,7 +468,8 @@ class Groups:
                     axis = m.axis % len(shape)
                     index = maps.setdefault((leaf, axis), np.full(shape[axis], G, np.int32))
                     ids = start + np.repeat(np.arange(fam.size, dtype=np.int32), m.block)
-                    index[m.offset:m.offset + fam.size * m.block] = ids
+                    for lo in m.starts():
+                        index[lo:lo + fam.size * m.block] = ids
             return [
                 AxisMap(leaf, paths[leaf], axis, tuple(_shape(leaves[leaf])), index)
                 for (leaf, axis), index in sorted(maps.items())

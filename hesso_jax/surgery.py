@@ -185,15 +185,27 @@ def shrink_groups(groups: Groups, plan: KeepPlan, tree: Any = None) -> Groups:
                 "non-negative axes; pass tree= so they can be resolved")
         return m.path, m.axis
 
-    claims: dict[tuple[Any, int], list[tuple[int, int]]] = {}
+    # every channel removed on each (path, axis): the kept-channel count before any old
+    # position gives its new position
+    removed: dict[tuple[Any, int], list[np.ndarray]] = {}
     for fam, kept in zip(groups.families, plan.keep, strict=True):
-        removed = fam.size - len(kept)
+        gone = np.setdiff1d(np.arange(fam.size), np.asarray(kept, int))
         for m in (*fam.members, *fam.dependents):
-            claims.setdefault(axis_key(m), []).append((m.offset, removed * m.block))
+            local = (gone[:, None] * m.block + np.arange(m.block)[None, :]).ravel()
+            for lo in m.starts():
+                removed.setdefault(axis_key(m), []).append(lo + local)
+    cut = {k: np.sort(np.concatenate(v)) for k, v in removed.items()}
 
     def moved(m: Member) -> Member:
-        shift = sum(r for off, r in claims[axis_key(m)] if off < m.offset)
-        return dataclasses.replace(m, offset=m.offset - shift)
+        gone = cut[axis_key(m)]
+        starts = [lo - int(np.searchsorted(gone, lo)) for lo in m.starts()]
+        steps = set(np.diff(starts).tolist())
+        if len(steps) > 1:
+            raise ValueError(
+                f"shrink_groups: {format_path(m.path)!r} axis {m.axis}: the recurrences of a "
+                "repeated member lose different numbers of channels; the shrunk pattern is "
+                "not periodic")
+        return dataclasses.replace(m, offset=starts[0], stride=steps.pop() if steps else 0)
 
     families = []
     for fam, kept in zip(groups.families, plan.keep, strict=True):

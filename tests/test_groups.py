@@ -83,8 +83,8 @@ def group_slices(groups):
     out = []
     for fam in groups.families:
         for i in range(fam.size):
-            out.append([(m.path, m.axis, range(m.offset + i * m.block,
-                                                m.offset + (i + 1) * m.block))
+            out.append([(m.path, m.axis, [lo + i * m.block + t for lo in m.starts()
+                                          for t in range(m.block)])
                         for m in fam.members])
     return out
 
@@ -116,7 +116,7 @@ def oracle_broadcast(groups, vec, tree, fill):
         for path, axis, chans in members:
             arr = out[path]
             idx = [slice(None)] * arr.ndim
-            idx[axis] = slice(chans.start, chans.stop)
+            idx[axis] = np.asarray(chans, int)
             arr[tuple(idx)] = vec[g]
     return out
 
@@ -631,3 +631,61 @@ def test_tree_paths_variables_lists_and_tuples():
     assert hj.tree_paths(jnp.ones(3)) == [()]
     assert hj.groups.format_path(("b", 1, 0)) == "b/1/0"
     assert hj.groups.format_path(()) == "<root>"
+
+
+def _flatten_dense(params, x):
+    """conv (3x3, C out) -> relu -> flatten (h, w, C) -> dense: channel c recurs every C rows."""
+    h = jax.lax.conv_general_dilated(x, params["conv"]["kernel"], (1, 1), "SAME",
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    h = jax.nn.relu(h + params["conv"]["bias"])
+    return h.reshape(h.shape[0], -1) @ params["dense"]["kernel"] + params["dense"]["bias"]
+
+
+def _flatten_groups(C, hw):
+    return Groups.from_families([GroupFamily(
+        C, (Member(("conv", "kernel"), 3), Member(("conv", "bias"), 0)),
+        (Member(("dense", "kernel"), 0, repeat=hw, stride=C),), name="conv")])
+
+
+@given(st.lists(st.booleans(), min_size=6, max_size=6))
+def test_repeated_member_flatten_before_dense(keep):
+    """``repeat``/``stride`` dependents: shrink keeps the function; shrink_groups re-bases."""
+    keep = np.asarray(keep)
+    keep[0] = True
+    C, hw = 6, 4 * 4
+    ks = jax.random.split(jax.random.key(0), 4)
+    params = {"conv": {"kernel": jax.random.normal(ks[0], (3, 3, 2, C)),
+                       "bias": jax.random.normal(ks[1], (C,))},
+              "dense": {"kernel": jax.random.normal(ks[2], (hw * C, 5)),
+                        "bias": jnp.zeros((5,))}}
+    x = jax.random.normal(ks[3], (3, 4, 4, 2))
+    groups = _flatten_groups(C, hw)
+    groups.validate(params)
+    mask = groups.broadcast(jnp.asarray(keep, jnp.float32), params, fill=1.0)
+    masked = jax.tree.map(lambda a, m: a * m, params, mask)
+    small, plan = hj.shrink(masked, groups)
+    kept = int(keep.sum())
+    assert small["dense"]["kernel"].shape == (hw * kept, 5)
+    np.testing.assert_allclose(_flatten_dense(small, x), _flatten_dense(masked, x),
+                               rtol=1e-5, atol=1e-5)
+    shrunk = hj.shrink_groups(groups, plan)
+    assert shrunk == _flatten_groups(kept, hw)
+    shrunk.validate(small)
+
+
+def test_repeated_member_json_and_checks():
+    m = Member(("w",), 0, block=2, offset=1, repeat=3, stride=10)
+    assert m.starts() == [1, 11, 21]
+    assert Member.from_dict(json.loads(json.dumps(m.to_dict()))) == m
+    assert Member(("w",), 0, repeat=1, stride=7).stride == 0
+    with pytest.raises(ValueError, match="needs a stride"):
+        Member(("w",), 0, repeat=2)
+    tree = {"w": jnp.zeros((30,))}
+    with pytest.raises(ValueError, match="shorter than the span"):
+        Groups.from_families([GroupFamily(4, (Member(("w",), 0, repeat=2, stride=3),))]
+                             ).validate(tree)
+    with pytest.raises(ValueError, match="runs past"):
+        Groups.from_families([GroupFamily(4, (Member(("w",), 0, repeat=3, stride=14),))]
+                             ).validate(tree)
+    g = Groups.from_families([GroupFamily(2, (m,))])
+    np.testing.assert_array_equal(g.counts(tree), [6, 6])
