@@ -12,7 +12,8 @@ BatchNorm scale and shift (``block=1``), the heads of an attention projection
 (``block=head_dim`` when heads are folded into one axis) or one segment of a
 concatenation (``offset``); ``repeat``/``stride`` describe a channel that is the inner
 factor of a merged axis (a ``(h, w, C)`` feature map flattened before a Dense layer: the
-Dense kernel's rows of channel ``i`` are ``p * C + i`` for every position ``p``). Members are the *zero-invariant* part: when every member
+Dense kernel's rows of channel ``i`` are ``p * C + i`` for every position ``p``).
+Members are the *zero-invariant* part: when every member
 slice of group ``i`` is zero, the family's output channel ``i`` is zero for every input.
 *Dependents* (consumer in-channels, BatchNorm running statistics) are not projected by the
 optimizer; they are only removed by surgery.

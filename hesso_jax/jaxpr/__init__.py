@@ -1,0 +1,10 @@
+"""One small jaxpr interpreter shared by group discovery and activation capture.
+
+`interpreter.Interpreter` is the abstract-interpretation core (a registry of per-primitive
+rules, an explicit conservative fallback, inlining of call-like primitives);
+`hesso_jax.discovery` is one client of it.
+"""
+
+from hesso_jax.jaxpr.interpreter import CALL_JAXPR_PARAMS, Interpreter, Rule, inner_jaxpr
+
+__all__ = ["CALL_JAXPR_PARAMS", "Interpreter", "Rule", "inner_jaxpr"]
