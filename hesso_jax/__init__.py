@@ -8,7 +8,14 @@ from hesso_jax.cric import CricConfig, CricResult, cric
 from hesso_jax.groups import GroupFamily, Groups, Member, tree_paths
 from hesso_jax.hesso import HessoState, HessoStatus, hesso, hesso_status
 from hesso_jax.saliency import SCORES
-from hesso_jax.surgery import KeepPlan, apply_plan, shrink, shrink_groups, shrink_opt_state
+from hesso_jax.surgery import (
+    KeepPlan,
+    apply_plan,
+    shrink,
+    shrink_groups,
+    shrink_model,
+    shrink_opt_state,
+)
 
 __version__ = "0.1.0"
 
@@ -28,6 +35,7 @@ __all__ = [
     "hesso_status",
     "shrink",
     "shrink_groups",
+    "shrink_model",
     "shrink_opt_state",
     "tree_paths",
 ]
