@@ -5,6 +5,7 @@ Public API (see ``shared/design.md``): `Groups`, `GroupFamily`, `Member`, `hesso
 """
 
 from hesso_jax.cric import CricConfig, CricResult, cric
+from hesso_jax.discovery import DiscoveryWarning, discover_groups
 from hesso_jax.groups import GroupFamily, Groups, Member, tree_paths
 from hesso_jax.hesso import HessoState, HessoStatus, hesso, hesso_status
 from hesso_jax.saliency import SCORES
@@ -23,6 +24,7 @@ __all__ = [
     "SCORES",
     "CricConfig",
     "CricResult",
+    "DiscoveryWarning",
     "GroupFamily",
     "Groups",
     "HessoState",
@@ -31,6 +33,7 @@ __all__ = [
     "Member",
     "apply_plan",
     "cric",
+    "discover_groups",
     "hesso",
     "hesso_status",
     "shrink",

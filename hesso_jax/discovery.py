@@ -775,6 +775,7 @@ def _conv(tr: _Structure, eqn: Any, ins: list[_Val]) -> _Val:
     elif mode == "depthwise":
         tr.union(lhs.dims[lfeat], out.dims[ofeat])
         tr.union(rhs.dims[rout], out.dims[ofeat])
+        tr.block(rhs.dims[rin], "in-channel axis of a depthwise kernel")
         tr.use(lhs)
         tr.use(rhs)
     else:
@@ -1275,6 +1276,10 @@ def _analyse(closed: Any, paths: list[Path], trainable: list[bool],
     for leaf, dims in enumerate(param_dims):
         for axis, d in enumerate(dims):
             class_params.setdefault(find(d), []).append((leaf, axis))
+    # a space must reach some computed value: axes that live only in parameters (an
+    # unused parameter, a kernel axis no rule ties to anything) are not channels
+    n_param_dims = sum(len(d) for d in param_dims)
+    computed = {find(d) for d in range(n_param_dims, len(tr.size))}
     invalid: dict[int, str] = {}
     occ: dict[int, list[tuple[int, _Pattern]]] = {}
     for space in sp.atoms:
@@ -1283,6 +1288,8 @@ def _analyse(closed: Any, paths: list[Path], trainable: list[bool],
             invalid[space] = "its channels cannot be written as one slice pattern"
             continue
         if not any(is_member(*la) for cls, _ in o for la in class_params.get(cls, [])):
+            continue
+        if not any(cls in computed for cls, _ in o):
             continue
         occ[space] = o
     class_spaces: dict[int, set[int]] = {}
