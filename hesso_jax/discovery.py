@@ -327,6 +327,13 @@ for _name in (_ZERO_FIRST | _ZERO_NONE | _ZERO_ANY | _ZERO_ALL | {"integer_pow"}
     _RULES[_name] = _elementwise
 
 
+@_rule("bitcast_convert_type")
+def _bitcast(tr: _Structure, eqn: Any, ins: list[_Val]) -> Any:
+    if tuple(eqn.outvars[0].aval.shape) != ins[0].shape:
+        return tr.fallback(eqn, ins)
+    return _elementwise(tr, eqn, ins)
+
+
 @_rule(*_IDENTITY)
 def _identity(tr: _Structure, eqn: Any, ins: list[_Val]) -> Any:
     outs = []

@@ -226,9 +226,8 @@ def test_discovered_family_sizes(name):
 
 
 def _keep_mask(groups, bits):
-    keep = np.asarray(bits[: groups.num_groups], bool)
-    for fam, start in zip(groups.families, groups.starts, strict=True):
-        keep[start] = True  # at least one survivor per family
+    keep = np.resize(np.asarray(bits, bool), groups.num_groups)
+    keep[list(groups.starts)] = True  # at least one survivor per family
     return keep
 
 
@@ -336,3 +335,83 @@ def test_reference_models_match_hand_written_groups(name, mode):
     assert _as_sets(found) == _as_sets(oracle), (
         [format_path(f.members[0].path) for f in found.families],
         [format_path(f.members[0].path) for f in oracle.families])
+
+
+# ------------------------------------------------------------ NNX: dropout, pooling, scan
+class PoolNet(nnx.Module):
+    """conv → BN → relu → dropout → max-pool → conv → avg-pool → flatten → Linear."""
+
+    def __init__(self, rngs):
+        self.c1 = nnx.Conv(1, 6, (3, 3), rngs=rngs)
+        self.bn = nnx.BatchNorm(6, rngs=rngs)
+        self.drop = nnx.Dropout(0.3, rngs=rngs)
+        self.c2 = nnx.Conv(6, 5, (3, 3), rngs=rngs)
+        self.fc = nnx.Linear(5 * 2 * 2, 3, rngs=rngs)
+
+    def __call__(self, x):
+        h = self.drop(nnx.relu(self.bn(self.c1(x))))
+        h = nnx.max_pool(h, (2, 2), (2, 2))
+        h = nnx.avg_pool(nnx.relu(self.c2(h)), (2, 2), (2, 2))
+        return self.fc(h.reshape(h.shape[0], -1))
+
+
+class _Block(nnx.Module):
+    def __init__(self, rngs):
+        self.fc1 = nnx.Linear(8, 6, rngs=rngs)
+        self.fc2 = nnx.Linear(6, 8, rngs=rngs)
+
+    def __call__(self, x):
+        return x + self.fc2(nnx.relu(self.fc1(x)))
+
+
+class ScanNet(nnx.Module):
+    """Three residual MLP blocks stacked with ``nnx.vmap`` and applied with ``nnx.scan``."""
+
+    def __init__(self, rngs):
+        @nnx.split_rngs(splits=3)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make(rngs):
+            return _Block(rngs)
+
+        self.blocks = make(rngs)
+        self.head = nnx.Linear(8, 2, rngs=rngs)
+
+    def __call__(self, x):
+        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+        def step(h, block):
+            return block(h)
+
+        return self.head(step(x, self.blocks))
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_dropout_pooling_and_flatten(mode):
+    model = PoolNet(nnx.Rngs(0, dropout=1))
+    getattr(model, mode)()
+    groups = hj.discover_groups(model, jnp.ones((2, 8, 8, 1)))
+    c1, c2 = groups.families
+    assert (c1.size, c2.size) == (6, 5)
+    assert {m.path for m in c1.dependents} == {("bn", "mean"), ("bn", "var"),
+                                               ("c2", "kernel")}
+    # 5 channels x (2 x 2) positions after the flatten: channel i is every 5th row
+    assert c2.dependents == (hj.Member(("fc", "kernel"), 0, repeat=4, stride=5),)
+    if mode == "eval":
+        keep = np.array([1, 0, 1, 1, 0, 0, 1, 0, 1, 0, 1], bool)
+        state = nnx.state(model)
+        mask = groups.broadcast(jnp.asarray(keep, jnp.float32), state, fill=1.0)
+        nnx.update(model, jax.tree.map(
+            lambda a, m: a * m if jnp.issubdtype(a.dtype, jnp.floating) else a, state, mask))
+        small = hj.shrink_model(model, groups)
+        x = jax.random.normal(jax.random.key(0), (3, 8, 8, 1))
+        np.testing.assert_allclose(small(x), model(x), rtol=1e-5, atol=1e-5)
+        assert small.c1.out_features == 3 and small.fc.in_features == 12
+
+
+def test_scan_stacked_layers():
+    model = ScanNet(nnx.Rngs(0))
+    (fam,) = hj.discover_groups(model, jnp.ones((2, 8))).families
+    # neuron j of every stacked layer is one group (the stack axis is not pruned)
+    assert fam.size == 6
+    assert set(fam.members) == {hj.Member(("blocks", "fc1", "kernel"), 2),
+                                hj.Member(("blocks", "fc1", "bias"), 1)}
+    assert fam.dependents == (hj.Member(("blocks", "fc2", "kernel"), 1),)
