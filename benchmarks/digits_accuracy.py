@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> dict:
         result = {"seed": seed}
         for kind in ("dense", "hesso"):
             model = CNN(args.c1, args.c2, rngs=nnx.Rngs(seed))
-            groups = model.groups()
+            groups = hj.discover_groups(model, data.x_train[:1])
             tx = optax.adam(lr)
             if kind == "hesso":
                 tx = optax.chain(tx, hj.hesso(groups, args.sparsity, args.periods, period_len,

@@ -171,7 +171,7 @@ def train_run(args: argparse.Namespace, kind: str, saliency: str | None, use_cri
               ho: tuple[np.ndarray, np.ndarray]) -> dict[str, Any]:
     t_run = time.perf_counter()
     model = make_model(args)
-    groups = model.groups()
+    groups = hj.discover_groups(model, jnp.zeros((1, args.seq_len), jnp.int32))
     graphdef, params = nnx.split(model, nnx.Param)
     lr = optax.cosine_decay_schedule(args.lr, args.steps, alpha=0.1)
     tx = optax.adam(lr)

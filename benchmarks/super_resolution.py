@@ -193,7 +193,7 @@ def train(args: argparse.Namespace, data: dict, kind: str, sparsity: float,
     seed = args.seed if seed is None else seed
     model = CARN(args.channels, args.blocks, cascade=not args.no_cascade,
                  rngs=nnx.Rngs(seed))
-    groups = model.groups()
+    groups = hj.discover_groups(model, jnp.zeros((1, 8, 8, 1)))
     graphdef, params = nnx.split(model, nnx.Param)
     tx = make_tx(args, groups, kind, sparsity, cric_lr)
     cric_lr = (cric_lr or args.cric_lr) if kind == "cric" else None

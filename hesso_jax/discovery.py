@@ -1374,13 +1374,24 @@ def _analyse(closed: Any, paths: list[Path], trainable: list[bool],
         members.sort(key=lambda t: (tr.first_use.get(t[0], 1 << 30), t[0], t[1]))
         dependents.sort(key=lambda t: (tr.first_use.get(t[0], 1 << 30), t[0], t[1]))
         order = min(tr.first_use.get(leaf, 1 << 30) for leaf, _a, _m in members)
-        first = members[0][2].path
-        name = format_path(first[:-1] if len(first) > 1 else first)
+        name = _family_name([m.path for _l, _a, m in members],
+                            [len(shapes[leaf]) for leaf, _a, _m in members])
         families.append((order, name, GroupFamily(
             sp.node_len[space], tuple(m for _l, _a, m in members),
             tuple(m for _l, _a, m in dependents), name)))
     families.sort(key=lambda t: (t[0], t[1]))
     return [f for _o, _n, f in families]
+
+
+def _family_name(paths: list[Path], ndims: list[int]) -> str:
+    """The modules of a family's kernels (members with 2+ axes), e.g. ``'stem+block/conv2'``."""
+    kernels = [p for p, n in zip(paths, ndims, strict=True) if n >= 2] or paths[:1]
+    modules: list[str] = []
+    for p in kernels:
+        name = format_path(p[:-1] if len(p) > 1 else p)
+        if name not in modules:
+            modules.append(name)
+    return "+".join(modules[:3]) + ("+…" if len(modules) > 3 else "")
 
 
 def discover_groups(model_or_fn: Any, *args: Any, trainable: Callable[[Path], bool] | None
