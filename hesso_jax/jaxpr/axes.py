@@ -1,0 +1,895 @@
+"""Axis tracking over a jaxpr: stage 1 of group discovery (see `hesso_jax.discovery`).
+
+`AxisTracer` is a client of `hesso_jax.jaxpr.interpreter.Interpreter` whose abstract
+value (`Value`) names every axis of a traced value by a node id. Each primitive's rule
+
+* joins, in a union-find, the axes that share one channel index (the aligned axes of
+  elementwise ops, free/batch axes of ``dot_general``/``conv``, contracted pairs, ...);
+* records the other index maps: ``embeds`` (a segment of a concatenation or a slice)
+  and ``products`` (a reshape that merges or splits axes);
+* *blocks* the axes it treats non-uniformly (convolution windows, max/argmax/sort/cumsum
+  axes, indexed gather axes, constants, anything without a rule);
+* records which parameter axes are contracted and which are used otherwise (through
+  views such as transposes and reshapes);
+* appends an *event*: a closure that, given the zero analysis of stage 3
+  (`hesso_jax.discovery`), computes which channel slices of the outputs are exactly zero
+  from those of the inputs, and checks every contraction.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+import jax
+import numpy as np
+
+from hesso_jax.jaxpr.interpreter import Interpreter
+
+if TYPE_CHECKING:
+    from hesso_jax.discovery import ZeroAnalysis
+
+__all__ = ["AxisTracer", "Event", "UnionFind", "Value"]
+
+@dataclasses.dataclass(eq=False)
+class Value:
+    """Abstract value: one node id per axis, plus what is known statically."""
+
+    id: int
+    shape: tuple[int, ...]
+    dims: tuple[int, ...]
+    literal: float | None = None  # scalar literal / constant value
+    allzero: bool = False  # statically all zeros (literal 0, zero constant)
+    # per axis, the (leaf, axis) pairs of the parameter this value is a view of
+    pdims: tuple[frozenset, ...] | None = None
+
+
+class UnionFind:
+    """Disjoint sets over integer ids."""
+
+    def __init__(self) -> None:
+        self.parent: list[int] = []
+
+    def add(self) -> int:
+        """A new singleton set; returns its id."""
+        self.parent.append(len(self.parent))
+        return len(self.parent) - 1
+
+    def find(self, a: int) -> int:
+        """Representative of ``a``'s set (with path compression)."""
+        root = a
+        while self.parent[root] != root:
+            root = self.parent[root]
+        while self.parent[a] != root:
+            self.parent[a], a = root, self.parent[a]
+        return root
+
+    def union(self, a: int, b: int) -> None:
+        """Joins the sets of ``a`` and ``b``."""
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[max(ra, rb)] = min(ra, rb)
+
+
+Event = Callable[["ZeroAnalysis"], None]
+
+# primitives by zero behaviour (all are elementwise with numpy-style size-1 broadcasting)
+_ZERO_FIRST = {
+    "neg", "abs", "sign", "sin", "tan", "tanh", "atan", "asin", "sinh", "asinh", "atanh",
+    "erf", "sqrt", "cbrt", "expm1", "log1p", "square", "real", "conj", "copy", "copy_p",
+    "convert_element_type", "reduce_precision", "stop_gradient", "floor", "ceil", "round",
+    "div", "rem", "imag",
+}
+_ZERO_NONE = {
+    "exp", "exp2", "log", "cos", "cosh", "acos", "logistic", "rsqrt", "erf_inv", "erfc",
+    "lgamma", "digamma", "is_finite", "not", "pow", "atan2", "eq", "ne", "lt", "gt", "le",
+    "ge", "nextafter", "population_count", "clz", "shift_left", "shift_right_logical",
+    "shift_right_arithmetic", "or", "xor", "igamma", "igammac", "random_gamma_grad",
+    "bessel_i0e", "bessel_i1e", "regularized_incomplete_beta", "polygamma", "zeta", "clamp",
+    "complex",
+}
+_ZERO_ANY = {"mul", "and"}
+_ZERO_ALL = {"add", "sub", "max", "min", "add_any", "select_n"}
+_TRANSPARENT = {"convert_element_type", "reshape", "transpose", "broadcast_in_dim", "squeeze",
+                "copy", "copy_p", "reduce_precision", "mul", "div", "sharding_constraint"}
+_VIEW = {"convert_element_type", "reshape", "transpose", "broadcast_in_dim", "squeeze",
+         "copy", "copy_p", "reduce_precision", "slice", "sharding_constraint", "mesh_cast",
+         "reshard", "pvary"}
+_IDENTITY = {"sharding_constraint", "mesh_cast", "reshard", "pvary", "optimization_barrier"}
+_RANDOM = {"random_bits", "random_seed", "random_wrap", "random_unwrap", "random_split",
+           "random_fold_in", "threefry2x32", "rng_bit_generator", "rng_uniform",
+           "random_clone"}
+_BLOCK_REDUCED = {"reduce_max", "reduce_min", "reduce_prod", "reduce_and", "reduce_or",
+                  "reduce_xor", "argmax", "argmin"}
+_CUMULATIVE = {"cumsum", "cumprod", "cummax", "cummin", "cumlogsumexp"}
+
+
+class AxisTracer(Interpreter):
+    """Builds the axis classes, relations, blocks and the zero-analysis event list."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.uf = UnionFind()
+        self.size: list[int] = []
+        self.n_vals = 0
+        self.blocked: dict[int, tuple[str, str | None]] = {}  # dim -> (reason, primitive)
+        self.embeds: list[tuple[int, int, int]] = []  # (small dim, big dim, offset)
+        self.products: list[tuple[int, list[int]]] = []  # (merged dim, factor dims)
+        self.events: list[Event] = []
+        self.contracted: set[tuple[int, int]] = set()  # (leaf, axis) used as contraction
+        self.produced: set[tuple[int, int]] = set()  # (leaf, axis) used otherwise
+        self.first_use: dict[int, int] = {}
+        self.n_uses = 0
+        self.unknown: dict[str, set[int]] = {}  # primitive -> dims it blocked
+
+    # -- values
+    def new_dim(self, n: int) -> int:
+        """A new axis node of length ``n``."""
+        self.size.append(int(n))
+        return self.uf.add()
+
+    def new_val(self, shape: Sequence[int], dims: Sequence[int] | None = None,
+                **kw: Any) -> Value:
+        """A new value with fresh axis nodes (or the given ones)."""
+        shape = tuple(int(s) for s in shape)
+        if dims is None:
+            dims = tuple(self.new_dim(s) for s in shape)
+        self.n_vals += 1
+        return Value(self.n_vals, shape, tuple(dims), **kw)
+
+    def out_val(self, eqn: Any, i: int = 0) -> Value:
+        """A fresh value for output ``i`` of ``eqn``."""
+        return self.new_val(eqn.outvars[i].aval.shape)
+
+    def literal(self, value: Any, aval: Any) -> Value:
+        """Literals and constants: their non-trivial axes are blocked."""
+        shape = tuple(getattr(aval, "shape", ()))
+        arr = np.asarray(value)
+        val = self.new_val(shape, allzero=bool(arr.size) and not np.any(arr))
+        if not shape and arr.dtype.kind in "biuf":
+            val.literal = float(arr)
+        for d in val.dims:
+            self.block(d, "a constant array has this axis")
+        return val
+
+    def const(self, value: Any) -> Value:
+        """A closed-over constant, treated as a literal."""
+        return self.literal(value, jax.typeof(value) if hasattr(jax, "typeof") else value)
+
+    # -- relations
+    def union(self, a: int, b: int) -> None:
+        """Joins two axes of equal length into one class."""
+        if self.size[a] != self.size[b]:
+            raise RuntimeError(f"internal: joining axes of sizes {self.size[a]}, {self.size[b]}")
+        self.uf.union(a, b)
+
+    def block(self, dim: int, reason: str, primitive: str | None = None) -> None:
+        """Marks an axis as not prunable (the first reason is kept)."""
+        if dim not in self.blocked:
+            self.blocked[dim] = (reason, primitive)
+
+    def event(self, fn: Event) -> None:
+        """Appends a zero-analysis event."""
+        self.events.append(fn)
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[list[Event]]:
+        """Collects the events emitted inside the block (control-flow bodies)."""
+        saved, self.events = self.events, []
+        try:
+            yield self.events
+        finally:
+            self.events = saved
+
+    # -- parameter uses
+    def use(self, v: Value, contracted_axes: Sequence[int] = ()) -> None:
+        """Records a non-view use of ``v``; ``contracted_axes`` are summed over."""
+        if v.pdims is None:
+            return
+        self.n_uses += 1
+        for axis, pairs in enumerate(v.pdims):
+            for leaf, pax in pairs:
+                self.first_use.setdefault(leaf, self.n_uses)
+                if axis in contracted_axes:
+                    self.contracted.add((leaf, pax))
+                else:
+                    self.produced.add((leaf, pax))
+
+    def fallback(self, eqn: Any, invals: list[Value]) -> Any:
+        """No rule: every axis of the inputs and outputs is blocked, with the reason."""
+        name = eqn.primitive.name
+        dims = self.unknown.setdefault(name, set())
+        for v in invals:
+            self.use(v)
+            for d in v.dims:
+                self.block(d, f"primitive {name!r} has no discovery rule", name)
+                dims.add(d)
+        outs = [self.new_val(o.aval.shape) if hasattr(o.aval, "shape") else self.new_val(())
+                for o in eqn.outvars]
+        for v in outs:
+            for d in v.dims:
+                self.block(d, f"primitive {name!r} has no discovery rule", name)
+        return outs if eqn.primitive.multiple_results else outs[0]
+
+    def on_eqn(self, eqn: Any, invals: list[Value], outvals: list[Value]) -> None:
+        """A view of a parameter (transpose, reshape, cast, ...) stays a view of it."""
+        name = eqn.primitive.name
+        src = invals[0] if invals else None
+        if name not in _VIEW or src is None or src.pdims is None:
+            return
+        out = outvals[0]
+        pd: list[frozenset] = [frozenset()] * len(out.shape)
+        if name == "reshape":
+            for ins, outs in _reshape_groups(src.shape, out.shape):
+                pairs = frozenset().union(*(src.pdims[i] for i in ins))
+                for o in outs:
+                    pd[o] = pairs
+        elif name == "transpose":
+            pd = [src.pdims[p] for p in eqn.params["permutation"]]
+        elif name == "broadcast_in_dim":
+            for i, o in enumerate(eqn.params["broadcast_dimensions"]):
+                pd[o] = src.pdims[i]
+        elif name == "squeeze":
+            dropped = {d % len(src.shape) for d in eqn.params["dimensions"]}
+            pd = [p for i, p in enumerate(src.pdims) if i not in dropped]
+        elif len(out.shape) == len(src.shape):
+            pd = list(src.pdims)
+        out.pdims = tuple(pd)
+
+
+_RULES: dict[str, Callable[[AxisTracer, Any, list[Value]], Any]] = {}
+
+
+def _rule(*names: str) -> Callable:
+    def register(fn: Callable) -> Callable:
+        for n in names:
+            _RULES[n] = fn
+        return fn
+
+    return register
+
+
+AxisTracer.rules = _RULES
+
+
+def _reshape_groups(src: Sequence[int], dst: Sequence[int]) -> list[tuple[list[int], list[int]]]:
+    """Pairs of axis lists with equal products (size-1 axes skipped); [] if none exist."""
+    a = [i for i, s in enumerate(src) if s != 1]
+    b = [i for i, s in enumerate(dst) if s != 1]
+    out: list[tuple[list[int], list[int]]] = []
+    i = j = 0
+    while i < len(a) and j < len(b):
+        ga, gb = [a[i]], [b[j]]
+        pa, pb = src[a[i]], dst[b[j]]
+        i, j = i + 1, j + 1
+        while pa != pb:
+            if pa < pb:
+                if i >= len(a):
+                    return []
+                ga.append(a[i])
+                pa *= src[a[i]]
+                i += 1
+            else:
+                if j >= len(b):
+                    return []
+                gb.append(b[j])
+                pb *= dst[b[j]]
+                j += 1
+        out.append((ga, gb))
+    return out if i == len(a) and j == len(b) else []
+
+
+# -- elementwise
+def _elementwise(tr: AxisTracer, eqn: Any, ins: list[Value]) -> Value:
+    name = eqn.primitive.name
+    out = tr.out_val(eqn)
+    arrays = [v for v in ins if len(v.shape) == len(out.shape) and v.shape]
+    for v in ins:
+        tr.use(v)
+    for v in arrays:
+        for i, d in enumerate(v.dims):
+            if v.shape[i] == out.shape[i]:
+                tr.union(d, out.dims[i])
+    if name in _ZERO_ANY:
+        kind = "any"
+    elif name in _ZERO_ALL:
+        kind = "all"
+    elif name in _ZERO_FIRST or (name == "integer_pow" and eqn.params["y"] > 0):
+        kind = "first"
+    else:
+        kind = "none"
+    operands = ins[1:] if name == "select_n" else ins
+    tr.event(lambda z: z.elementwise(kind, name, operands, out))
+    return out
+
+
+for _name in (_ZERO_FIRST | _ZERO_NONE | _ZERO_ANY | _ZERO_ALL | {"integer_pow"}):
+    _RULES[_name] = _elementwise
+
+
+@_rule("bitcast_convert_type")
+def _bitcast(tr: AxisTracer, eqn: Any, ins: list[Value]) -> Any:
+    if tuple(eqn.outvars[0].aval.shape) != ins[0].shape:
+        return tr.fallback(eqn, ins)
+    return _elementwise(tr, eqn, ins)
+
+
+@_rule(*_IDENTITY)
+def _identity(tr: AxisTracer, eqn: Any, ins: list[Value]) -> Any:
+    outs = []
+    for v in ins:
+        o = tr.new_val(v.shape)
+        for a, b in zip(v.dims, o.dims, strict=True):
+            tr.union(a, b)
+        outs.append(o)
+        tr.event(lambda z, v=v, o=o: z.copy(v, o))
+    return outs if eqn.primitive.multiple_results else outs[0]
+
+
+@_rule(*_RANDOM, "iota")
+def _source(tr: AxisTracer, eqn: Any, ins: list[Value]) -> Any:
+    outs = [tr.out_val(eqn, i) for i in range(len(eqn.outvars))]
+    if eqn.primitive.name == "iota":
+        d = eqn.params["dimension"]
+        tr.block(outs[0].dims[d], "iota (values depend on the index)")
+    return outs if eqn.primitive.multiple_results else outs[0]
+
+
+@_rule("broadcast_in_dim")
+def _broadcast(tr: AxisTracer, eqn: Any, ins: list[Value]) -> Value:
+    v, out = ins[0], tr.out_val(eqn)
+    bd = eqn.params["broadcast_dimensions"]
+    for i, o in enumerate(bd):
+        if v.shape[i] == out.shape[o]:
+            tr.union(v.dims[i], out.dims[o])
+
+    def zero(z: ZeroAnalysis) -> None:
+        if z.is_allzero(v):
+            z.set_allzero(out)
+            return
+        src = z.get(v)
+        sets = [frozenset()] * len(out.shape)
+        for i, o in enumerate(bd):
+            if v.shape[i] == out.shape[o]:
+                sets[o] = src[i]
+        z.put(out, sets)
+        z.contracted[out.id] = z.contracted.get(v.id, frozenset())
+
+    tr.event(zero)
+    return out
+
+
+@_rule("reshape")
+def _reshape(tr: AxisTracer, eqn: Any, ins: list[Value]) -> Value:
+    v, out = ins[0], tr.out_val(eqn)
+    groups = _reshape_groups(v.shape, out.shape)
+    if eqn.params.get("dimensions") is not None or (not groups and v.shape and out.shape):
+        for d in (*v.dims, *out.dims):
+            tr.block(d, "reshape that reorders axes")
+        groups = []
+    for gi, go in groups:
+        if len(gi) == 1 and len(go) == 1:
+            tr.union(v.dims[gi[0]], out.dims[go[0]])
+        elif len(gi) == 1:
+            tr.products.append((v.dims[gi[0]], [out.dims[o] for o in go]))
+        elif len(go) == 1:
+            tr.products.append((out.dims[go[0]], [v.dims[i] for i in gi]))
+        else:
+            for d in [v.dims[i] for i in gi] + [out.dims[o] for o in go]:
+                tr.block(d, "reshape mixing several axes into several axes")
+
+    def zero(z: ZeroAnalysis) -> None:
+        if z.is_allzero(v):
+            z.set_allzero(out)
+            return
+        src = z.get(v)
+        sets = [frozenset()] * len(out.shape)
+        for gi, go in groups:
+            joined = frozenset().union(*(src[i] for i in gi))
+            for o in go:
+                sets[o] = joined & z.spaces(out.dims[o])
+        z.put(out, sets)
+        z.contracted[out.id] = z.contracted.get(v.id, frozenset())
+
+    tr.event(zero)
+    return out
+
+
+@_rule("transpose")
+def _transpose(tr: AxisTracer, eqn: Any, ins: list[Value]) -> Value:
+    v, out = ins[0], tr.out_val(eqn)
+    perm = eqn.params["permutation"]
+    for i, p in enumerate(perm):
+        tr.union(v.dims[p], out.dims[i])
+
+    def zero(z: ZeroAnalysis) -> None:
+        src = z.get(v)
+        z.put(out, [src[p] for p in perm], allzero=z.is_allzero(v))
+        z.contracted[out.id] = z.contracted.get(v.id, frozenset())
+
+    tr.event(zero)
+    return out
+
+
+def _keep_axes(tr: AxisTracer, v: Value, out: Value, dropped: Sequence[int]) -> list[int]:
+    kept = [i for i in range(len(v.shape)) if i not in dropped]
+    for i, o in zip(kept, out.dims, strict=True):
+        tr.union(v.dims[i], o)
+    return kept
+
+
+@_rule("squeeze")
+def _squeeze(tr: AxisTracer, eqn: Any, ins: list[Value]) -> Value:
+    v, out = ins[0], tr.out_val(eqn)
+    dims = [d % len(v.shape) for d in eqn.params["dimensions"]]
+    kept = _keep_axes(tr, v, out, dims)
+    tr.event(lambda z: z.map_axes(v, out, kept, transparent=True))
+    return out
+
+
+@_rule("reduce_sum", *_BLOCK_REDUCED)
+def _reduce(tr: AxisTracer, eqn: Any, ins: list[Value]) -> Value:
+    name = eqn.primitive.name
+    v, out = ins[0], tr.out_val(eqn)
+    axes = tuple(eqn.params["axes"])
+    kept = _keep_axes(tr, v, out, axes)
+    tr.use(v, axes if name == "reduce_sum" else ())
+    if name != "reduce_sum":
+        for a in axes:
+            tr.block(v.dims[a], f"{name} over this axis")
+
+    def zero(z: ZeroAnalysis) -> None:
+        z.map_axes(v, out, kept)
+        if name == "reduce_sum":
+            z.contract(f"reduce_sum over axes {axes}", [(v, list(axes))], out)
+        elif name in ("argmax", "argmin"):
+            z.put(out, [frozenset()] * len(out.shape))
+
+    tr.event(zero)
+    return out
+
+
+@_rule(*_CUMULATIVE, "rev")
+def _along_axis(tr: AxisTracer, eqn: Any, ins: list[Value]) -> Value:
+    name = eqn.primitive.name
+    v, out = ins[0], tr.out_val(eqn)
+    axes = eqn.params.get("dimensions") or (eqn.params.get("axis"),)
+    for i in range(len(v.shape)):
+        tr.union(v.dims[i], out.dims[i])
+    tr.use(v)
+    for a in axes:
+        tr.block(v.dims[a], f"{name} along this axis")
+    tr.event(lambda z: z.map_axes(v, out, list(range(len(v.shape)))))
+    return out
+
+
+@_rule("sort")
+def _sort(tr: AxisTracer, eqn: Any, ins: list[Value]) -> list[Value]:
+    d = eqn.params["dimension"]
+    outs = []
+    for v in ins:
+        tr.use(v)
+        o = tr.new_val(v.shape)
+        for i in range(len(v.shape)):
+            tr.union(v.dims[i], o.dims[i])
+        tr.block(v.dims[d], "sort along this axis")
+        outs.append(o)
+    tr.event(lambda z: [z.put(o, [frozenset()] * len(o.shape)) for o in outs])
+    return outs
+
+
+@_rule("top_k")
+def _top_k(tr: AxisTracer, eqn: Any, ins: list[Value]) -> list[Value]:
+    v = ins[0]
+    tr.use(v)
+    outs = [tr.out_val(eqn, i) for i in range(len(eqn.outvars))]
+    for o in outs:
+        for i in range(len(v.shape) - 1):
+            tr.union(v.dims[i], o.dims[i])
+    tr.block(v.dims[-1], "top_k along this axis")
+    return outs
+
+
+@_rule("reduce_window_sum", "reduce_window_max", "reduce_window_min", "reduce_window")
+def _reduce_window(tr: AxisTracer, eqn: Any, ins: list[Value]) -> Any:
+    p = eqn.params
+    n_in = len(ins) // 2 if eqn.primitive.name == "reduce_window" else len(ins)
+    outs = [tr.out_val(eqn, i) for i in range(len(eqn.outvars))]
+    kept = []
+    for i in range(len(outs[0].shape)):
+        plain = (p["window_dimensions"][i] == 1 and p["window_strides"][i] == 1
+                 and tuple(p["padding"][i]) == (0, 0) and p["base_dilation"][i] == 1
+                 and p["window_dilation"][i] == 1)
+        for v in ins[:n_in]:
+            if plain:
+                tr.union(v.dims[i], outs[0].dims[i])
+            else:
+                tr.block(v.dims[i], "pooling window along this axis")
+        if plain:
+            kept.append(i)
+            for o in outs[1:]:
+                tr.union(outs[0].dims[i], o.dims[i])
+        else:
+            for o in outs:
+                tr.block(o.dims[i], "pooling window along this axis")
+    for v in ins:
+        tr.use(v)
+    generic = eqn.primitive.name == "reduce_window"
+
+    def zero(z: ZeroAnalysis) -> None:
+        for v, o in zip(ins, outs, strict=False):
+            if generic:
+                z.put(o, [frozenset()] * len(o.shape))
+            else:
+                src = z.get(v)
+                z.put(o, [src[i] if i in kept else frozenset() for i in range(len(o.shape))])
+
+    tr.event(zero)
+    return outs if eqn.primitive.multiple_results else outs[0]
+
+
+@_rule("slice")
+def _slice(tr: AxisTracer, eqn: Any, ins: list[Value]) -> Value:
+    v, out = ins[0], tr.out_val(eqn)
+    p = eqn.params
+    strides = p["strides"] or (1,) * len(v.shape)
+    for i in range(len(v.shape)):
+        lo, hi, st = p["start_indices"][i], p["limit_indices"][i], strides[i]
+        if lo == 0 and hi == v.shape[i] and st == 1:
+            tr.union(v.dims[i], out.dims[i])
+        elif st == 1:
+            tr.embeds.append((out.dims[i], v.dims[i], lo))
+        else:
+            tr.block(v.dims[i], "strided slice along this axis")
+            tr.block(out.dims[i], "strided slice along this axis")
+    tr.event(lambda z: z.map_axes(v, out, list(range(len(v.shape))), filtered=True,
+                                  transparent=True))
+    return out
+
+
+@_rule("split")
+def _split(tr: AxisTracer, eqn: Any, ins: list[Value]) -> list[Value]:
+    v = ins[0]
+    axis = eqn.params["axis"] % len(v.shape)
+    outs = [tr.out_val(eqn, i) for i in range(len(eqn.outvars))]
+    offset = 0
+    for o in outs:
+        for i in range(len(v.shape)):
+            if i == axis:
+                tr.embeds.append((o.dims[i], v.dims[i], offset))
+            else:
+                tr.union(v.dims[i], o.dims[i])
+        offset += o.shape[axis]
+    tr.use(v)
+
+    def zero(z: ZeroAnalysis) -> None:
+        for o in outs:
+            z.map_axes(v, o, list(range(len(v.shape))), filtered=True)
+
+    tr.event(zero)
+    return outs
+
+
+@_rule("concatenate")
+def _concatenate(tr: AxisTracer, eqn: Any, ins: list[Value]) -> Value:
+    out = tr.out_val(eqn)
+    axis = eqn.params["dimension"]
+    offset = 0
+    for v in ins:
+        tr.use(v)
+        for i in range(len(out.shape)):
+            if i == axis:
+                tr.embeds.append((v.dims[i], out.dims[i], offset))
+            else:
+                tr.union(v.dims[i], out.dims[i])
+        offset += v.shape[axis]
+
+    def zero(z: ZeroAnalysis) -> None:
+        sets = []
+        for i in range(len(out.shape)):
+            if i != axis:
+                sets.append(frozenset.intersection(*(z.get(v)[i] for v in ins)))
+                continue
+            ok = set(z.spaces(out.dims[i]))
+            for v in ins:
+                carried = z.spaces(v.dims[i])
+                ok -= carried - z.get(v)[i]
+            sets.append(frozenset(ok))
+        z.put(out, sets, allzero=all(z.is_allzero(v) for v in ins))
+
+    tr.event(zero)
+    return out
+
+
+@_rule("pad")
+def _pad(tr: AxisTracer, eqn: Any, ins: list[Value]) -> Value:
+    v, padval = ins
+    out = tr.out_val(eqn)
+    kept = []
+    for i, cfg in enumerate(eqn.params["padding_config"]):
+        if tuple(cfg) == (0, 0, 0):
+            tr.union(v.dims[i], out.dims[i])
+            kept.append(i)
+        else:
+            tr.block(v.dims[i], "padding along this axis")
+            tr.block(out.dims[i], "padding along this axis")
+    tr.use(v)
+
+    def zero(z: ZeroAnalysis) -> None:
+        if z.is_allzero(padval):
+            z.map_axes(v, out, kept)
+        else:
+            z.put(out, [frozenset()] * len(out.shape))
+
+    tr.event(zero)
+    return out
+
+
+@_rule("dynamic_slice")
+def _dynamic_slice(tr: AxisTracer, eqn: Any, ins: list[Value]) -> Value:
+    v, out = ins[0], tr.out_val(eqn)
+    kept = []
+    for i in range(len(v.shape)):
+        if out.shape[i] == v.shape[i]:
+            tr.union(v.dims[i], out.dims[i])
+            kept.append(i)
+        else:
+            tr.block(v.dims[i], "dynamic slice along this axis")
+            tr.block(out.dims[i], "dynamic slice along this axis")
+    tr.use(v)
+    tr.event(lambda z: z.map_axes(v, out, kept))
+    return out
+
+
+@_rule("dynamic_update_slice")
+def _dynamic_update_slice(tr: AxisTracer, eqn: Any, ins: list[Value]) -> Value:
+    v, upd = ins[0], ins[1]
+    out = tr.out_val(eqn)
+    for i in range(len(v.shape)):
+        tr.union(v.dims[i], out.dims[i])
+        if upd.shape[i] == v.shape[i]:
+            tr.union(upd.dims[i], out.dims[i])
+        else:
+            for d in (v.dims[i], upd.dims[i]):
+                tr.block(d, "dynamic update along this axis")
+    tr.use(v)
+    tr.use(upd)
+
+    def zero(z: ZeroAnalysis) -> None:
+        a, b = z.get(v), z.get(upd)
+        z.put(out, [a[i] & b[i] if upd.shape[i] == v.shape[i] else frozenset()
+                    for i in range(len(v.shape))])
+
+    tr.event(zero)
+    return out
+
+
+@_rule("gather")
+def _gather(tr: AxisTracer, eqn: Any, ins: list[Value]) -> Value:
+    operand, indices = ins[0], ins[1]
+    out = tr.out_val(eqn)
+    dn = eqn.params["dimension_numbers"]
+    sizes = eqn.params["slice_sizes"]
+    tr.use(operand)
+    skipped = set(dn.collapsed_slice_dims) | set(dn.operand_batching_dims)
+    window = [d for d in range(len(operand.shape)) if d not in skipped]
+    mapped = {}
+    for d, o in zip(window, dn.offset_dims, strict=True):
+        if sizes[d] == operand.shape[d] and d not in dn.start_index_map:
+            tr.union(operand.dims[d], out.dims[o])
+            mapped[o] = d
+        else:
+            tr.block(operand.dims[d], "gather indexes this axis")
+            tr.block(out.dims[o], "gather indexes this axis")
+    for d in skipped | set(dn.start_index_map):
+        tr.block(operand.dims[d], "gather indexes this axis")
+    batch_out = [o for o in range(len(out.shape)) if o not in dn.offset_dims]
+    idx_axes = list(range(len(indices.shape) - 1))
+    for o, i in zip(batch_out, idx_axes, strict=False):
+        if indices.shape[i] == out.shape[o] and i not in dn.start_indices_batching_dims:
+            tr.union(indices.dims[i], out.dims[o])
+        else:
+            tr.block(out.dims[o], "gather batch axis")
+    for i in dn.start_indices_batching_dims:
+        tr.block(indices.dims[i], "gather batch axis")
+
+    def zero(z: ZeroAnalysis) -> None:
+        if z.is_allzero(operand):
+            z.set_allzero(out)
+            return
+        src = z.get(operand)
+        z.put(out, [src[mapped[o]] if o in mapped else frozenset()
+                    for o in range(len(out.shape))])
+
+    tr.event(zero)
+    return out
+
+
+@_rule("dot_general")
+def _dot_general(tr: AxisTracer, eqn: Any, ins: list[Value]) -> Value:
+    lhs, rhs = ins
+    out = tr.out_val(eqn)
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    lf = [i for i in range(len(lhs.shape)) if i not in lc and i not in lb]
+    rf = [i for i in range(len(rhs.shape)) if i not in rc and i not in rb]
+    for k, (a, b) in enumerate(zip(lb, rb, strict=True)):
+        tr.union(lhs.dims[a], out.dims[k])
+        tr.union(rhs.dims[b], out.dims[k])
+    for k, a in enumerate(lf):
+        tr.union(lhs.dims[a], out.dims[len(lb) + k])
+    for k, b in enumerate(rf):
+        tr.union(rhs.dims[b], out.dims[len(lb) + len(lf) + k])
+    for a, b in zip(lc, rc, strict=True):
+        tr.union(lhs.dims[a], rhs.dims[b])
+    tr.use(lhs, lc)
+    tr.use(rhs, rc)
+
+    def zero(z: ZeroAnalysis) -> None:
+        if z.is_allzero(lhs) or z.is_allzero(rhs):
+            z.set_allzero(out)
+            return
+        zl, zr = z.get(lhs), z.get(rhs)
+        sets = [zl[a] | zr[b] for a, b in zip(lb, rb, strict=True)]
+        sets += [zl[a] for a in lf] + [zr[b] for b in rf]
+        z.put(out, sets)
+        z.contract_pairs("dot_general", lhs, rhs, list(zip(lc, rc, strict=True)), out)
+
+    tr.event(zero)
+    return out
+
+
+@_rule("conv_general_dilated")
+def _conv(tr: AxisTracer, eqn: Any, ins: list[Value]) -> Value:
+    lhs, rhs = ins
+    out = tr.out_val(eqn)
+    p = eqn.params
+    dn = p["dimension_numbers"]
+    lb, lfeat, *lsp = dn.lhs_spec
+    rout, rin, *rsp = dn.rhs_spec
+    ob, ofeat, *osp = dn.out_spec
+    tr.union(lhs.dims[lb], out.dims[ob])
+    for d in [lhs.dims[i] for i in lsp] + [rhs.dims[i] for i in rsp] + [out.dims[i] for i in osp]:
+        tr.block(d, "convolution window axis")
+    fg, bg = p["feature_group_count"], p["batch_group_count"]
+    c_in, k_in, c_out = lhs.shape[lfeat], rhs.shape[rin], rhs.shape[rout]
+    mode = "dense" if fg == 1 and bg == 1 else (
+        "depthwise" if bg == 1 and fg == c_in and k_in == 1 and c_out == c_in else "grouped")
+    if mode == "dense":
+        tr.union(lhs.dims[lfeat], rhs.dims[rin])
+        tr.union(rhs.dims[rout], out.dims[ofeat])
+        tr.use(lhs, (lfeat,))
+        tr.use(rhs, (rin,))
+    elif mode == "depthwise":
+        tr.union(lhs.dims[lfeat], out.dims[ofeat])
+        tr.union(rhs.dims[rout], out.dims[ofeat])
+        tr.block(rhs.dims[rin], "in-channel axis of a depthwise kernel")
+        tr.use(lhs)
+        tr.use(rhs)
+    else:
+        for d in (lhs.dims[lfeat], rhs.dims[rin], rhs.dims[rout], out.dims[ofeat]):
+            tr.block(d, f"grouped convolution (feature_group_count={fg}, "
+                        f"batch_group_count={bg})", "conv_general_dilated")
+        tr.use(lhs)
+        tr.use(rhs)
+
+    def zero(z: ZeroAnalysis) -> None:
+        if z.is_allzero(lhs) or z.is_allzero(rhs):
+            z.set_allzero(out)
+            return
+        zl, zr = z.get(lhs), z.get(rhs)
+        sets = [frozenset()] * len(out.shape)
+        if mode == "dense":
+            sets[ofeat] = zr[rout]
+            z.put(out, sets)
+            z.contract_pairs("conv_general_dilated", lhs, rhs, [(lfeat, rin)], out)
+        elif mode == "depthwise":
+            sets[ofeat] = zl[lfeat] | zr[rout]
+            z.put(out, sets)
+        else:
+            z.put(out, sets)
+
+    tr.event(zero)
+    return out
+
+
+@_rule("cond")
+def _cond(tr: AxisTracer, eqn: Any, ins: list[Value]) -> list[Value]:
+    ops = ins[1:]
+    outs = [tr.out_val(eqn, i) for i in range(len(eqn.outvars))]
+    branches = []
+    for k, br in enumerate(eqn.params["branches"]):
+        with tr.recording() as events:
+            res = tr.enter(f"cond branch {k}", br, ops)
+        branches.append((events, res))
+        for r, o in zip(res, outs, strict=True):
+            for a, b in zip(r.dims, o.dims, strict=True):
+                tr.union(a, b)
+
+    def zero(z: ZeroAnalysis) -> None:
+        per_branch = []
+        for events, res in branches:
+            z.run(events)
+            per_branch.append([(z.get(r), z.is_allzero(r)) for r in res])
+        for i, o in enumerate(outs):
+            sets = [frozenset.intersection(*(pb[i][0][d] for pb in per_branch))
+                    for d in range(len(o.shape))]
+            z.put(o, sets, allzero=all(pb[i][1] for pb in per_branch))
+
+    tr.event(zero)
+    return outs
+
+
+def _loop_vals(tr: AxisTracer, init: Sequence[Value]) -> list[Value]:
+    """Loop-carried values: new values whose axes are joined with the initial ones."""
+    carry = []
+    for v in init:
+        c = tr.new_val(v.shape, pdims=v.pdims)
+        for a, b in zip(v.dims, c.dims, strict=True):
+            tr.union(a, b)
+        carry.append(c)
+    return carry
+
+
+@_rule("scan")
+def _scan(tr: AxisTracer, eqn: Any, ins: list[Value]) -> list[Value]:
+    p = eqn.params
+    nc, nk = p["num_consts"], p["num_carry"]
+    consts, init, xs = ins[:nc], ins[nc:nc + nk], ins[nc + nk:]
+    carry = _loop_vals(tr, init)
+    slices = []
+    for x in xs:
+        s = tr.new_val(x.shape[1:], dims=x.dims[1:],
+                       pdims=None if x.pdims is None else x.pdims[1:])
+        tr.block(x.dims[0], "scan axis")
+        slices.append(s)
+    with tr.recording() as events:
+        res = tr.enter("scan body", p["jaxpr"], [*consts, *carry, *slices])
+    outs = [tr.out_val(eqn, i) for i in range(len(eqn.outvars))]
+    for r, c, o in zip(res[:nk], carry, outs[:nk], strict=True):
+        for a, b, d in zip(r.dims, c.dims, o.dims, strict=True):
+            tr.union(a, b)
+            tr.union(a, d)
+    for r, o in zip(res[nk:], outs[nk:], strict=True):
+        tr.block(o.dims[0], "scan axis")
+        for a, b in zip(r.dims, o.dims[1:], strict=True):
+            tr.union(a, b)
+
+    def zero(z: ZeroAnalysis) -> None:
+        for x, s in zip(xs, slices, strict=True):
+            z.put(s, z.get(x)[1:], allzero=z.is_allzero(x))
+        z.fixpoint(init, carry, events, res[:nk])
+        for r, o in zip(res, outs, strict=True):
+            src = z.get(r)
+            if len(o.shape) == len(r.shape):
+                z.put(o, src, allzero=z.is_allzero(r))
+            else:
+                z.put(o, [frozenset(), *src], allzero=z.is_allzero(r))
+
+    tr.event(zero)
+    return outs
+
+
+@_rule("while")
+def _while(tr: AxisTracer, eqn: Any, ins: list[Value]) -> list[Value]:
+    p = eqn.params
+    cn, bn = p["cond_nconsts"], p["body_nconsts"]
+    cconsts, bconsts, init = ins[:cn], ins[cn:cn + bn], ins[cn + bn:]
+    carry = _loop_vals(tr, init)
+    with tr.recording() as events:
+        tr.enter("while cond", p["cond_jaxpr"], [*cconsts, *carry])
+        res = tr.enter("while body", p["body_jaxpr"], [*bconsts, *carry])
+    outs = [tr.out_val(eqn, i) for i in range(len(eqn.outvars))]
+    for r, c, o in zip(res, carry, outs, strict=True):
+        for a, b, d in zip(r.dims, c.dims, o.dims, strict=True):
+            tr.union(a, b)
+            tr.union(a, d)
+
+    def zero(z: ZeroAnalysis) -> None:
+        z.fixpoint(init, carry, events, res)
+        for r, o in zip(res, outs, strict=True):
+            z.put(o, z.get(r), allzero=z.is_allzero(r))
+
+    tr.event(zero)
+    return outs
