@@ -1,0 +1,106 @@
+"""One-shot structured pruning baselines over the same `Groups` (for benchmarks).
+
+What a Torch-Pruning user would do: train, score every group once, remove the ``K``
+lowest-scoring groups, fine-tune with the same optimizer for the rest of the step budget.
+Two scores (Torch-Pruning's group importances, over the members of each group):
+
+* ``'magnitude'``: ``s_g = ‖x_g‖₂`` (the group's L2 norm);
+* ``'taylor'``: ``s_g = Σ_{i∈g} |x_i · ∂L/∂x_i|`` (first-order Taylor estimate of the loss
+  change when the group is removed, taken elementwise then summed, averaged over the
+  gradient batches given).
+
+The pruned groups are set to exactly ``0.0`` and `keep_pruned` wraps the fine-tuning
+optimizer so their updates are zero: they stay removed and `hesso_jax.shrink` deletes them.
+These are comparison points for HESSO, not a second pruning product.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from hesso_jax.groups import Groups, resolve_count
+from hesso_jax.projection import bottom_k
+
+__all__ = ["Criterion", "group_scores", "keep_pruned", "one_shot_prune"]
+
+Criterion = Literal["magnitude", "taylor"]
+
+
+def group_scores(groups: Groups, params: Any, criterion: Criterion = "magnitude",
+                 grads: Sequence[Any] = ()) -> jax.Array:
+    """``float32[G]`` importance of every group (lowest = pruned first).
+
+    Args:
+      groups: the groups.
+      params: the trained parameters.
+      criterion: ``'magnitude'`` or ``'taylor'``.
+      grads: for ``'taylor'``, one or more gradient trees (e.g. of a few batches); the
+        scores are averaged over them.
+
+    Raises:
+      ValueError: for an unknown criterion, or ``'taylor'`` without gradients.
+    """
+    if criterion == "magnitude":
+        return jnp.sqrt(groups.sq_norms(params))
+    if criterion == "taylor":
+        if not grads:
+            raise ValueError("criterion='taylor' needs at least one gradient tree in grads=")
+        total = sum(groups.reduce(lambda x, g: jnp.abs(x.astype(jnp.float32)
+                                                       * g.astype(jnp.float32)), params, g)
+                    for g in grads)
+        return total / len(grads)
+    raise ValueError(f"criterion must be 'magnitude' or 'taylor', got {criterion!r}")
+
+
+def one_shot_prune(params: Any, groups: Groups, K: int | float,
+                   criterion: Criterion = "magnitude",
+                   grads: Sequence[Any] = ()) -> tuple[Any, np.ndarray]:
+    """Zeroes the ``K`` lowest-scoring groups at once.
+
+    Args:
+      params: the trained parameters.
+      groups: the groups.
+      K: int count or fraction in (0, 1) of the groups, as for `hesso_jax.hesso`.
+      criterion: see `group_scores`.
+      grads: gradient trees for ``'taylor'``.
+
+    Returns:
+      ``(pruned_params, keep)``: the parameters with every member of the pruned groups at
+      exactly 0.0, and the ``bool[G]`` keep mask (exactly ``K`` False entries).
+    """
+    groups.validate(params, dependents="present")
+    k = resolve_count(K, groups.num_groups)
+    scores = group_scores(groups, params, criterion, grads)
+    drop = np.asarray(bottom_k(scores, jnp.ones(groups.num_groups, bool), k))
+    keep = ~drop
+    mask = groups.broadcast(jnp.asarray(keep, jnp.float32), params, fill=1.0)
+    pruned = jax.tree.map(lambda x, m: (x * m).astype(x.dtype), params, mask)
+    return pruned, keep
+
+
+def keep_pruned(groups: Groups, keep: np.ndarray) -> optax.GradientTransformation:
+    """A transformation (put last in a chain) that zeroes the updates of pruned groups.
+
+    With the pruned parameters at 0.0 and their updates 0.0, fine-tuning keeps them
+    exactly zero.
+    """
+    keep_vec = jnp.asarray(np.asarray(keep, bool), jnp.float32)
+    if keep_vec.shape != (groups.num_groups,):
+        raise ValueError(f"keep has shape {keep_vec.shape}, expected ({groups.num_groups},)")
+
+    def init(params: Any) -> optax.EmptyState:
+        groups.validate(params, dependents="present")
+        return optax.EmptyState()
+
+    def update(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
+        del params
+        mask = groups.broadcast(keep_vec, updates, fill=1.0)
+        return jax.tree.map(lambda u, m: (u * m).astype(u.dtype), updates, mask), state
+
+    return optax.GradientTransformation(init, update)
