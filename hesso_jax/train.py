@@ -36,7 +36,12 @@ def demo_schedule(steps: int, periods: int) -> tuple[int, int]:
 
 
 def make_step(graphdef: Any, tx: optax.GradientTransformation) -> Callable:
-    """Jitted ``step(params, rest, opt_state, x, y) -> (params, rest, opt_state, loss)``."""
+    """Jitted ``step(params, rest, opt_state, x, y) -> (params, rest, opt_state, loss)``.
+
+    The batch loss is passed to ``tx`` as the optax extra argument ``value_fn(params)``
+    (HESSO-CRIC's trial steps need it; other transformations ignore it).
+    """
+    tx = optax.with_extra_args_support(tx)
 
     def loss_fn(params: Any, rest: Any, x: jax.Array, y: jax.Array) -> tuple:
         # Fresh Variable objects for `rest` at this trace level, so BatchNorm may update it.
@@ -48,7 +53,10 @@ def make_step(graphdef: Any, tx: optax.GradientTransformation) -> Callable:
     @jax.jit
     def step(params: Any, rest: Any, opt_state: Any, x: jax.Array, y: jax.Array) -> tuple:
         (loss, rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, rest, x, y)
-        updates, opt_state = tx.update(grads, opt_state, params)
+        def value_fn(p: Any) -> jax.Array:
+            return loss_fn(p, rest, x, y)[0]
+
+        updates, opt_state = tx.update(grads, opt_state, params, value_fn=value_fn)
         return optax.apply_updates(params, updates), rest, opt_state, loss
 
     return step
