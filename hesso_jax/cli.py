@@ -117,20 +117,45 @@ def _latency_ratio(small_fn: Any, small_state: Any, dense_fn: Any, dense_state: 
 
 
 def _save_checkpoint(out: Path, state: Any) -> Path:
-    """Writes ``state`` with orbax into a temporary folder, then renames it into place."""
+    """Writes ``state`` with orbax into a temporary folder, then renames it into place.
+
+    An interruption (Ctrl-C, pre-emption, a full disk) while writing leaves the previous
+    ``shrunk_checkpoint`` (if any) untouched and removes the temporary folder: there is never
+    a half-written checkpoint under the final name. The swap is two renames on the same file
+    system (the old checkpoint is moved aside first, then deleted).
+    """
     import shutil
 
     import orbax.checkpoint as ocp
 
     final = out / "shrunk_checkpoint"
     tmp = out / ".shrunk_checkpoint.tmp"
+    old = out / ".shrunk_checkpoint.old"
     shutil.rmtree(tmp, ignore_errors=True)
-    with ocp.StandardCheckpointer() as ckpt:
-        ckpt.save(tmp, state)
-        ckpt.wait_until_finished()
-    shutil.rmtree(final, ignore_errors=True)
+    try:
+        with ocp.StandardCheckpointer() as ckpt:
+            ckpt.save(tmp, state)
+            ckpt.wait_until_finished()
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
     os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _write_atomic(path: Path, write: Any) -> None:
+    """Calls ``write(tmp_path)`` for a temporary file next to ``path``, then renames it."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _plot(path: Path, dense: Any, pruned: Any, num_groups: int, target: int,
@@ -159,7 +184,7 @@ def _plot(path: Path, dense: Any, pruned: Any, num_groups: int, target: int,
     ax2.grid(alpha=0.3)
     fig.suptitle("hesso-jax demo: digits CNN")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
 
 
@@ -191,11 +216,13 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
 
     dense = CNN(rngs=nnx.Rngs(args.seed))
     pruned = CNN(rngs=nnx.Rngs(args.seed))  # identical initialisation
-    groups = pruned.groups()
+    # zero-invariant groups found from the model's jaxpr (no hand-written groups)
+    groups = hj.discover_groups(pruned, data.x_train[:1])
     tx_dense = optax.adam(args.lr)
     tx_hesso = optax.chain(
         optax.adam(args.lr),
-        hj.hesso(groups, args.sparsity, args.periods, period_len, warmup_steps=warmup))
+        hj.hesso(groups, args.sparsity, args.periods, period_len, warmup_steps=warmup,
+                 total_steps=args.steps))
     common = dict(steps=args.steps, batch_size=args.batch_size, seed=args.seed,
                   eval_every=max(1, args.steps // 60), progress=progress)
     _, _, h_dense = train_classifier(dense, tx_dense, data, desc="dense ", **common)
@@ -208,12 +235,8 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
                            f"{int(zero.sum())} (state says {status.num_pruned})")
 
     # Surgery: a physically smaller model computing what the masked one does.
-    pruned.eval()
-    graphdef = nnx.graphdef(pruned)
-    small_state, plan = hj.shrink(nnx.state(pruned), groups)
-    small = nnx.merge(graphdef, small_state)
-    pruned.train()
-    small.train()
+    small = hj.shrink_model(pruned, groups)
+    plan = hj.KeepPlan.from_mask(groups, ~zero)
 
     x_test = jax.numpy.asarray(data.x_test)
     acc_dense = evaluate(dense, data.x_test, data.y_test)
@@ -230,8 +253,8 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         make_eval(small), nnx.state(small), make_eval(dense), nnx.state(dense), x_test)
 
     ckpt = _save_checkpoint(out, nnx.state(small))
-    (out / "groups.json").write_text(groups.to_json(indent=1))
-    (out / "keep_plan.json").write_text(plan.to_json(indent=1))
+    _write_atomic(out / "groups.json", lambda p: p.write_text(groups.to_json(indent=1)))
+    _write_atomic(out / "keep_plan.json", lambda p: p.write_text(plan.to_json(indent=1)))
     _plot(out / "training.png", h_dense, h_hesso, groups.num_groups, status.target,
           (warmup, args.periods, period_len))
     results = {
@@ -248,7 +271,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         "wall_seconds": time.perf_counter() - t_start,
         "checkpoint": str(ckpt),
     }
-    (out / "results.json").write_text(json.dumps(results, indent=1))
+    _write_atomic(out / "results.json", lambda p: p.write_text(json.dumps(results, indent=1)))
 
     rows = [
         ("test accuracy (%)", f"{100 * acc_dense:.2f}", f"{100 * acc_small:.2f}"),
@@ -269,15 +292,41 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
+def _schedule_fits(steps: int, periods: int) -> str | None:
+    """None if the demo's HESSO schedule fits in ``steps``, else the reason (one line)."""
+    from hesso_jax.train import demo_schedule
+
+    warmup, period_len = demo_schedule(steps, periods)
+    if warmup + periods * period_len <= steps:
+        return None
+    return (f"--periods {periods} does not fit in --steps {steps}: warm-up {warmup} + "
+            f"{periods} periods x {period_len} step(s) = {warmup + periods * period_len} > "
+            f"{steps}")
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``hesso-jax``."""
-    args = build_parser().parse_args(argv)
+    """Entry point of ``hesso-jax``.
+
+    Bad arguments exit with status 2 and one line on stderr; an output folder that cannot
+    be written (at the start or later) exits with status 1 and one line; Ctrl-C exits with
+    130 and leaves no half-written output file or checkpoint.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.command == "demo":
+        reason = _schedule_fits(args.steps, args.periods)
+        if reason is not None:
+            parser.error(reason)
         try:
             run_demo(args)
         except KeyboardInterrupt:
             sys.stderr.write("hesso-jax: interrupted\n")
             return 130
+        except OSError as err:
+            where = f" {err.filename}" if err.filename else ""
+            sys.stderr.write(f"hesso-jax: error: cannot write output{where}: "
+                             f"{err.strerror or err}\n")
+            return 1
     return 0
 
 

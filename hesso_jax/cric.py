@@ -27,6 +27,13 @@ Memory: one working copy of the parameters (the trial iterate ``x``; ``x⁰`` is
 itself, never copied) plus the transient gradient and length-``G`` vectors. The PyTorch
 reference keeps two copies. The cycle loop is a ``lax.while_loop`` and the trial a
 ``lax.fori_loop``, so `cric` is pure and jittable.
+
+Sharding: the trial iterate keeps the parameters' sharding through the ``fori_loop``
+(``x + u'`` of two arrays sharded like the parameters), and every length-``G`` carry of the
+``while_loop`` (violating and tested sets, accumulated scores) is replicated, since the
+scores come from `hesso_jax.saliency.evaluate` and the sets from
+`hesso_jax.projection.bottom_k`; so both loops keep identical carry shardings on Auto and
+Explicit meshes.
 """
 
 from __future__ import annotations

@@ -32,6 +32,24 @@ next update arrives. The first update after every period end verifies that each 
 group is exactly zero in ``params`` and raises a ``ValueError`` otherwise (from a
 ``jax.pure_callback`` that runs only on those steps under ``jit``): misuse is reported at
 the end of the first period at the latest, never left as a silently unpruned model.
+
+Sharding. Under ``jax.jit`` with ``NamedSharding`` parameters (data parallel or FSDP, on
+``AxisType.Auto`` or ``AxisType.Explicit`` meshes) the per-group vectors (scores, masks,
+``γ``) are replicated (`hesso_jax.saliency.replicate`) before any sort, so every device
+selects the same groups; parameter-shaped arrays (the rewritten update) keep the
+parameters' sharding, and so does the base optimizer's state. The ``lax.cond`` branches
+return replicated vectors on both sides.
+
+Checkpoints. The state is arrays only: ``optax.chain``'s whole state (base optimizer, period
+state, masks, scores) round-trips through orbax restored against
+``jax.eval_shape(tx.init, params)``, and a restored run continues bit for bit (the state
+machine reads nothing but ``count`` and the masks).
+
+Non-finite gradients. Wrap the *whole* chain, ``optax.apply_if_finite(optax.chain(base,
+hesso(...)), max_consecutive_errors)``: a skipped step then leaves HESSO's state (step
+counter, masks) and the parameters unchanged, so the pruning schedule neither advances nor
+projects on it. Wrapping only the base optimizer would feed HESSO zero updates that still
+count as steps (and still shrink the redundant groups).
 """
 
 from __future__ import annotations
@@ -43,11 +61,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import PartitionSpec
 
 from hesso_jax.cric import CricConfig, cric_select
 from hesso_jax.groups import Groups, check_int, format_path, resolve_count, tree_paths
 from hesso_jax.projection import bottom_k, gamma, project
-from hesso_jax.saliency import evaluate, resolve_saliency
+from hesso_jax.saliency import evaluate, nonzero_counts, replicate, resolve_saliency
 
 __all__ = ["HessoState", "HessoStatus", "hesso", "hesso_status", "resolve_count",
            "schedule_counts"]
@@ -93,6 +112,42 @@ def _check_updates(updates: Any, params: Any) -> None:
                 f"parameter has shape {jnp.shape(p)}")
 
 
+Signature = tuple[tuple[tuple[int, ...], str], ...]
+
+
+def _signature(params: Any) -> Signature:
+    """Static ``(shape, dtype)`` of every leaf (arrays, tracers or ShapeDtypeStructs)."""
+    return tuple((tuple(jnp.shape(x)), str(getattr(x, "dtype", type(x).__name__)))
+                 for x in jax.tree.leaves(params))
+
+
+def _check_signature(seen: list[Signature], params: Any) -> None:
+    """Raises a ValueError if ``params`` differs from every tree given to ``init``.
+
+    Compared: number of leaves, each leaf's shape and dtype. No check when the
+    transformation never saw an init (e.g. a checkpoint restored into a fresh process
+    without ``eval_shape(tx.init, ...)``).
+    """
+    if not seen:
+        return
+    sig = _signature(params)
+    if sig in seen:
+        return
+    ref = seen[-1]
+    if len(sig) != len(ref):
+        raise ValueError(
+            f"hesso: params have {len(sig)} leaves but the tree given to init had "
+            f"{len(ref)}; params must keep their structure between init and update")
+    for path, (shape, dtype), (ref_shape, ref_dtype) in zip(tree_paths(params), sig, ref,
+                                                             strict=True):
+        if (shape, dtype) != (ref_shape, ref_dtype):
+            raise ValueError(
+                f"hesso: parameter {format_path(path)!r} is {dtype}{list(shape)} but was "
+                f"{ref_dtype}{list(ref_shape)} at init; params must keep their shapes and "
+                "dtypes between init and update (re-create the optimizer state after "
+                "surgery or a dtype cast)")
+
+
 def _concrete(*trees: Any) -> bool:
     """True when no leaf is a tracer (the update runs eagerly, outside jit/scan)."""
     return not any(isinstance(x, jax.core.Tracer) for t in trees for x in jax.tree.leaves(t))
@@ -112,6 +167,44 @@ def _misplaced(bad: np.ndarray) -> np.ndarray:
     return np.zeros((), np.int32)
 
 
+def _mesh_of(params: Any) -> Any:
+    """The abstract mesh the update runs on.
+
+    ``jax.set_mesh``'s mesh, else the one carried by an explicitly sharded parameter's type;
+    an empty mesh when neither says (one device, or Auto-sharded arrays without a mesh
+    context).
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty:
+        return mesh
+    for leaf in jax.tree.leaves(params):
+        leaf_mesh = getattr(getattr(jax.typeof(leaf), "sharding", None), "mesh", None)
+        if leaf_mesh is not None and not leaf_mesh.empty:
+            return leaf_mesh
+    return mesh
+
+
+def _placement_check(bad: jax.Array, params: Any) -> jax.Array:
+    """Runs `_misplaced` on the host from inside a jitted update; returns ``int32[] 0``.
+
+    Without a mesh a ``pure_callback`` runs once (on device 0). On a multi-device mesh
+    (set with ``jax.set_mesh``, or carried by Explicit-sharded parameters) it runs inside a
+    ``jax.shard_map`` over every mesh axis with the replicated ``bad`` vector, i.e. once
+    *per device*, so a misuse raises on every device at the same point of the program. (A
+    callback pinned to device 0 that raised would leave the other devices waiting in the
+    next collective until XLA aborts the process.)
+    """
+
+    def call(b: jax.Array) -> jax.Array:
+        return jax.pure_callback(_misplaced, jax.ShapeDtypeStruct((), jnp.int32), b)
+
+    mesh = _mesh_of(params)
+    if mesh.empty or mesh.size == 1:
+        return call(bad)
+    return jax.shard_map(call, mesh=mesh, in_specs=PartitionSpec(), out_specs=PartitionSpec(),
+                         check_vma=False)(replicate(bad))
+
+
 def hesso(
     groups: Groups,
     K: int | float,
@@ -121,6 +214,7 @@ def hesso(
     warmup_steps: int = 0,
     saliency: Any = None,
     cric: Any = None,
+    total_steps: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """HESSO (Algorithm 1): progressive projection of the least salient groups to zero.
 
@@ -139,13 +233,20 @@ def hesso(
         keyword-only extra argument ``value_fn`` (``params -> scalar`` loss on the current
         batch), e.g. ``tx.update(grads, state, params, value_fn=loss)`` or
         ``nnx.Optimizer.update(model, grads, value_fn=...)``.
+      total_steps: optional step budget of the run (HESSO updates, i.e. optimizer steps
+        actually applied). When given, the schedule must fit in it:
+        ``warmup_steps + P * Tp <= total_steps``, otherwise the last groups would never
+        reach exactly zero (or, with a warm-up longer than the budget, none would) and
+        a ValueError is raised here instead of a silently under-pruned model.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``. ``update`` requires ``params``;
       unknown extra keyword arguments are ignored. Place it last in ``optax.chain``.
 
     Raises:
-      TypeError / ValueError: on bad arguments, before any tracing.
+      TypeError / ValueError: on bad arguments, before any tracing; at ``update`` (at trace
+        time) when the params' leaves changed shape or dtype since ``init``, do not match
+        the groups, or the updates do not match the params.
     """
     if not isinstance(groups, Groups):
         raise TypeError(f"groups must be a hesso_jax.Groups, got {type(groups).__name__}")
@@ -156,6 +257,17 @@ def hesso(
     P = check_int("P (number of pruning periods)", P, 1)
     Tp = check_int("Tp (steps per pruning period)", Tp, 1)
     Tw = check_int("warmup_steps", warmup_steps, 0)
+    if total_steps is not None:
+        total = check_int("total_steps", total_steps, 1)
+        if Tw >= total:
+            raise ValueError(
+                f"warmup_steps={Tw} is not shorter than total_steps={total}: the run would "
+                "end before the first pruning period starts")
+        if Tw + P * Tp > total:
+            raise ValueError(
+                f"the pruning schedule ends at step warmup_steps + P * Tp = {Tw} + {P} * {Tp} "
+                f"= {Tw + P * Tp}, after total_steps={total}: the last period's groups would "
+                "never reach exactly zero; shorten warmup_steps, P or Tp")
     if cric is not None and not isinstance(cric, CricConfig):
         raise TypeError(f"cric must be None or a hesso_jax.CricConfig, got {cric!r}")
     score_fn = resolve_saliency(saliency)
@@ -164,9 +276,13 @@ def hesso(
         cric_score = score_fn if cric.saliency is None else resolve_saliency(cric.saliency)
         cric_cap = cric.cycle_cap(G, int(per_period.max()))
     schedule = np.asarray([Tw, P, Tp, k_total], np.int32)
+    seen: list[Signature] = []  # leaf shapes/dtypes of the trees given to init
 
     def init_fn(params: Any) -> HessoState:
         groups.validate(params, dependents="present")
+        sig = _signature(params)
+        if sig not in seen:
+            seen.append(sig)
         return HessoState(
             count=jnp.zeros([], jnp.int32),
             redundant=jnp.zeros([G], bool),
@@ -184,11 +300,16 @@ def hesso(
         if not isinstance(state, HessoState):
             raise TypeError(f"hesso: expected a HessoState, got {type(state).__name__}")
         layout = groups.layout(params, dependents="present")
+        _check_signature(seen, params)
         _check_updates(updates, params)
-        if state.redundant.shape != (G,):
+        if jnp.shape(state.redundant) != (G,):
             raise ValueError(
-                f"hesso: state has {state.redundant.shape[0]} groups but groups has {G}; "
-                "was the state created for other groups?")
+                f"hesso: the state's masks have shape {jnp.shape(state.redundant)} but groups "
+                f"has {G} groups; was the state created for other groups?")
+        # Per-group vectors stay replicated, so both lax.cond branches agree on sharding.
+        state = state._replace(redundant=replicate(state.redundant),
+                               pruned=replicate(state.pruned),
+                               scores=replicate(state.scores))
 
         k = state.count - Tw
         in_prune = (k >= 0) & (k < P * Tp)
@@ -200,7 +321,7 @@ def hesso(
         after_end = (k >= Tp) & (k <= P * Tp) & (k % Tp == 0)
 
         def misplaced() -> jax.Array:
-            return state.pruned & (groups.nonzero_counts(params) > 0)
+            return state.pruned & (nonzero_counts(groups, params) > 0)
 
         if _concrete(state.count, params):  # eager call: a plain ValueError
             if bool(after_end):
@@ -210,11 +331,8 @@ def hesso(
             # pure_callback carries no side effect, so the step keeps JAX's fast dispatch
             # path (a debug.callback anywhere in the program costs every step ~0.1 ms);
             # its result (always 0) feeds the counter so it cannot be optimised away.
-            check = jax.lax.cond(
-                after_end,
-                lambda: jax.pure_callback(_misplaced, jax.ShapeDtypeStruct((), jnp.int32),
-                                          misplaced()),
-                lambda: jnp.zeros([], jnp.int32))
+            check = jax.lax.cond(after_end, lambda: _placement_check(misplaced(), params),
+                                 lambda: jnp.zeros([], jnp.int32))
 
         if cric is not None and not callable(value_fn):
             raise ValueError(

@@ -18,10 +18,29 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 from hesso_jax.groups import Layout
+from hesso_jax.saliency import replicate
 
 __all__ = ["bottom_k", "gamma", "project"]
+
+
+def _shard_like(v: jax.Array, leaf: jax.Array, axis: int) -> jax.Array:
+    """``v`` (size 1 except along ``axis``) sharded like ``leaf`` along ``axis``.
+
+    Under an ``AxisType.Explicit`` mesh ``select`` needs its mask and cases sharded alike;
+    the per-channel mask/coefficient is a replicated gather of a length-``G`` vector, so it
+    is resharded to the leaf's mesh axis on ``axis`` (a local slice, no communication).
+    A no-op when ``leaf``'s type carries no mesh axes (Auto meshes, one device).
+    """
+    sharding = getattr(jax.typeof(leaf), "sharding", None)
+    spec = getattr(sharding, "spec", None)
+    if spec is None or all(entry is None for entry in spec):
+        return v
+    entry = spec[axis] if axis < len(spec) else None
+    target = PartitionSpec(*[entry if a == axis else None for a in range(v.ndim)])
+    return jax.sharding.reshard(v, sharding.update(spec=target))
 
 
 def bottom_k(scores: jax.Array, candidates: jax.Array, k: jax.Array | int) -> jax.Array:
@@ -30,8 +49,10 @@ def bottom_k(scores: jax.Array, candidates: jax.Array, k: jax.Array | int) -> ja
     Exactly ``min(k, #candidates)`` groups are returned whatever the scores hold: the sort
     key is (not a candidate, score) with NaN read as +inf, so a NaN or infinite score (a
     diverged CRIC trial, say) ranks last among the candidates, never behind a
-    non-candidate.
+    non-candidate. Both vectors are made replicated first (`replicate`), so the sort runs
+    on the whole vector on every device of a mesh.
     """
+    scores, candidates = replicate(scores), replicate(candidates)
     clean = jnp.where(jnp.isnan(scores), jnp.inf, scores)
     order = jnp.lexsort((clean, ~candidates))
     rank = jnp.zeros(scores.shape, jnp.int32).at[order].set(
@@ -67,7 +88,8 @@ def project(layout: Layout, updates: Any, params: Any, active: jax.Array,
     out = list(u_leaves)
     for m in layout.members:
         u, x = u_leaves[m.leaf], x_leaves[m.leaf]
-        c = m.expand(coef_ext).astype(u.dtype)
+        c = _shard_like(m.expand(coef_ext).astype(u.dtype), u, m.axis)
+        mask = _shard_like(m.expand(active_ext), u, m.axis)
         projected = c * (x + u) - x
-        out[m.leaf] = jnp.where(m.expand(active_ext), projected, u).astype(u.dtype)
+        out[m.leaf] = jnp.where(mask, projected, u).astype(u.dtype)
     return jax.tree_util.tree_unflatten(treedef, out)

@@ -29,6 +29,13 @@ Mixing (as in the reference): each score vector ``s`` is divided by its Euclidea
 over the live groups (``x_g ≠ 0``), then the normalised vectors are mixed with weights
 ``w`` (default 0.2 each): ``score = Σ_k w_k s_k / ‖s_k‖``. Groups that are already exactly
 zero keep the raw mix; HESSO never re-selects them.
+
+Sharding. Every per-group vector is *replicated*: a member leaf sharded along a mesh axis
+(FSDP) is first reduced over its non-channel axes to one value per channel (``O(channels)``,
+sharded like the channel axis), that channel vector is resharded to replicated
+(`replicate`, ``jax.sharding.reshard`` under an ``AxisType.Explicit`` mesh; a no-op
+otherwise), and only then segment-summed into ``G`` groups. Sorting and selection
+(`hesso_jax.projection.bottom_k`) therefore run on replicated vectors on every device.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec
 
 from hesso_jax.groups import Groups
 
@@ -53,8 +61,57 @@ SCORES = (
 SaliencyFn = Callable[[Any, Any, Groups], jax.Array]
 """``fn(params, direction, groups) -> float32[G]``; lowest = most redundant."""
 
-__all__ = ["SCORES", "GroupStats", "SaliencyFn", "evaluate", "group_stats", "raw_scores",
-           "resolve_saliency", "weighted"]
+__all__ = ["SCORES", "GroupStats", "SaliencyFn", "evaluate", "group_reduce", "group_stats",
+           "raw_scores", "replicate", "resolve_saliency", "weighted"]
+
+
+def replicate(x: jax.Array) -> jax.Array:
+    """``x`` resharded to fully replicated when its type carries explicit mesh axes.
+
+    Under an ``AxisType.Explicit`` mesh the sharding is part of the array's type, and a
+    scatter (``segment_sum``), ``concatenate`` or sort of differently sharded operands is a
+    type error; ``jax.sharding.reshard(x, P())`` all-gathers the (small) vector first. Under
+    ``AxisType.Auto`` meshes and on one device the type has no mesh axes and ``x`` is
+    returned unchanged (the compiler chooses the layout).
+    """
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    spec = getattr(sharding, "spec", None)
+    if spec is None or all(entry is None for entry in spec):
+        return x
+    return jax.sharding.reshard(x, sharding.update(spec=PartitionSpec()))
+
+
+def group_reduce(groups: Groups, fn: Callable[..., jax.Array], *trees: Any) -> jax.Array:
+    """``float32[G]`` (replicated): per group ``g``, ``Σ_{e ∈ g} fn(*trees)_e``.
+
+    Same sum as `Groups.reduce` (one reduction over the non-channel axes and one
+    ``segment_sum`` per member leaf, no loop over groups), with every per-channel partial
+    sum made replicated (`replicate`) before the segment sum, so it also runs on leaves
+    sharded under an ``AxisType.Explicit`` mesh.
+    """
+    layout = groups.layout(trees[0], dependents="present")
+    leaves = [jax.tree.leaves(t) for t in trees]
+    if not layout.members:
+        return jnp.zeros((groups.num_groups,), jnp.float32)
+    parts = [replicate(m.channel_sum(fn(*(lv[m.leaf] for lv in leaves))))
+             for m in layout.members]
+    index = np.concatenate([m.index for m in layout.members])
+    sums = jax.ops.segment_sum(jnp.concatenate(parts), index,
+                               num_segments=groups.num_groups + 1)
+    return sums[: groups.num_groups]
+
+
+def _sq(x: jax.Array) -> jax.Array:
+    return jnp.square(x.astype(jnp.float32))
+
+
+def _mul(x: jax.Array, y: jax.Array) -> jax.Array:
+    return x.astype(jnp.float32) * y.astype(jnp.float32)
+
+
+def nonzero_counts(groups: Groups, tree: Any) -> jax.Array:
+    """``float32[G]`` (replicated): member elements of each group that are not exactly 0."""
+    return group_reduce(groups, lambda x: (x != 0).astype(jnp.float32), tree)
 
 
 class GroupStats(NamedTuple):
@@ -67,10 +124,14 @@ class GroupStats(NamedTuple):
 
 
 def group_stats(groups: Groups, params: Any, direction: Any) -> GroupStats:
-    """Three per-group reductions over the member elements of ``params`` and ``direction``."""
+    """Per-group sufficient statistics of ``params`` ``x`` and ``direction`` ``d``.
+
+    ``‖x_g‖²``, ``‖d_g‖²``, ``⟨x_g, d_g⟩`` (float32 accumulation, replicated, via
+    `group_reduce`) and the static element count ``|g|``.
+    """
     count = jnp.asarray(groups.counts(params), jnp.float32)
-    return GroupStats(groups.sq_norms(params), groups.sq_norms(direction),
-                      groups.dots(params, direction), count)
+    return GroupStats(group_reduce(groups, _sq, params), group_reduce(groups, _sq, direction),
+                      group_reduce(groups, _mul, params, direction), count)
 
 
 def _safe_div(num: jax.Array, den: jax.Array) -> jax.Array:
@@ -136,8 +197,12 @@ def weighted(weights: Mapping[str, float] | None = None) -> SaliencyFn:
 
 
 def evaluate(fn: SaliencyFn, params: Any, direction: Any, groups: Groups) -> jax.Array:
-    """``fn(params, direction, groups)`` as ``float32[G]``; ValueError on any other shape."""
-    scores = jnp.asarray(fn(params, direction, groups), jnp.float32)
+    """``fn(params, direction, groups)`` as a replicated ``float32[G]``.
+
+    Raises:
+      ValueError: if the scores do not have shape ``(G,)``.
+    """
+    scores = replicate(jnp.asarray(fn(params, direction, groups), jnp.float32))
     if scores.shape != (groups.num_groups,):
         raise ValueError(
             f"saliency returned shape {scores.shape}, expected ({groups.num_groups},)")

@@ -1,0 +1,258 @@
+"""Faults and bad input: non-finite gradients with optax.apply_if_finite, schedules that do
+not fit the run, parameters that change between init and update, and the CLI's handling of
+bad schedules, unwritable outputs and interrupted checkpoint writes."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+
+import hesso_jax as hj
+from hesso_jax import cli
+from hesso_jax.hesso import HessoState
+
+D_IN, HIDDEN, D_OUT = 6, 12, 3
+K, PERIODS, TP, TW = 6, 2, 3, 2
+
+
+def make_params(dtype=jnp.float32):
+    k1, k2 = jax.random.split(jax.random.key(0))
+    return {"l1": {"kernel": jax.random.normal(k1, (D_IN, HIDDEN), dtype),
+                   "bias": jnp.full((HIDDEN,), 0.1, dtype)},
+            "l2": {"kernel": jax.random.normal(k2, (HIDDEN, D_OUT), dtype),
+                   "bias": jnp.zeros((D_OUT,), dtype)}}
+
+
+def make_groups():
+    return hj.Groups.from_families([hj.GroupFamily(
+        HIDDEN, (hj.Member(("l1", "kernel"), 1), hj.Member(("l1", "bias"), 0)),
+        (hj.Member(("l2", "kernel"), 0),))])
+
+
+X = jax.random.normal(jax.random.key(1), (32, D_IN))
+Y = jax.random.normal(jax.random.key(2), (32, D_OUT))
+
+
+def loss(params):
+    h = jax.nn.relu(X @ params["l1"]["kernel"] + params["l1"]["bias"])
+    return jnp.mean((h @ params["l2"]["kernel"] + params["l2"]["bias"] - Y) ** 2)
+
+
+# ---------------------------------------------------------------- non-finite gradients
+def guarded_tx():
+    return optax.apply_if_finite(
+        optax.chain(optax.adam(1e-2), hj.hesso(make_groups(), K, PERIODS, TP,
+                                               warmup_steps=TW)),
+        max_consecutive_errors=5)
+
+
+def run_with_faults(tx, steps, bad_steps, bad_value):
+    @jax.jit
+    def step(params, state, poison):
+        grads = jax.grad(loss)(params)
+        grads = jax.tree.map(lambda g: jnp.where(poison, bad_value, g), grads)
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    params = make_params()
+    state = tx.init(params)
+    for t in range(steps):
+        params, state = step(params, state, jnp.asarray(t in bad_steps))
+    return jax.device_get(params), jax.device_get(state)
+
+
+@pytest.mark.parametrize("bad_value", [jnp.nan, jnp.inf], ids=["nan", "inf"])
+def test_apply_if_finite_skips_steps_without_touching_the_schedule(bad_value):
+    """A skipped step is invisible: same parameters and inner state, bit for bit, as the
+    run that never saw it. Faults hit the warm-up, a period start, the middle and the last
+    step of a period, and the placement-check step."""
+    clean_steps = TW + PERIODS * TP + 2
+    bad = {1, TW + 1, TW + 3, TW + 5, TW + 7, TW + 9, TW + 10}  # positions in the faulty run
+    tx = guarded_tx()
+    ref_params, ref_state = run_with_faults(tx, clean_steps, set(), 0.0)
+    params, state = run_with_faults(tx, clean_steps + len(bad), bad, bad_value)
+
+    jax.tree.map(np.testing.assert_array_equal, params, ref_params)
+    jax.tree.map(np.testing.assert_array_equal, state.inner_state, ref_state.inner_state)
+    assert int(state.total_notfinite) == len(bad)
+    status = hj.hesso_status(state)
+    assert status.step == clean_steps  # skipped steps did not advance the schedule
+    assert status.num_pruned == K
+    np.testing.assert_array_equal(make_groups().zero_groups(params), status.pruned)
+    assert np.all(np.isfinite(np.concatenate([np.ravel(x) for x in jax.tree.leaves(params)])))
+
+
+def test_skipped_step_at_period_start_keeps_old_masks():
+    """The identification of a skipped period-start step is discarded with the step."""
+    tx = guarded_tx()
+    params, state = run_with_faults(tx, TW + 1, {TW}, jnp.nan)
+    hs = state.inner_state[1]
+    assert isinstance(hs, HessoState)
+    assert int(hs.count) == TW and not hs.redundant.any() and not hs.scores.any()
+
+
+# ---------------------------------------------------------------- schedule vs. step budget
+@pytest.mark.parametrize("kwargs,exc,msg", [
+    (dict(warmup_steps=10, total_steps=10), ValueError,
+     "warmup_steps=10 is not shorter than total_steps=10"),
+    (dict(warmup_steps=30, total_steps=10), ValueError, "before the first pruning period"),
+    (dict(warmup_steps=4, total_steps=9), ValueError,
+     re.escape("ends at step warmup_steps + P * Tp = 4 + 2 * 3 = 10, after total_steps=9")),
+    (dict(total_steps=0), ValueError, "total_steps must be >= 1"),
+    (dict(total_steps=5.0), TypeError, "total_steps must be an int"),
+])
+def test_schedule_longer_than_the_run_is_rejected(kwargs, exc, msg):
+    with pytest.raises(exc, match=msg):
+        hj.hesso(make_groups(), K, PERIODS, TP, **kwargs)
+
+
+def test_schedule_that_exactly_fits_the_run_prunes_k():
+    total = TW + PERIODS * TP
+    tx = optax.chain(optax.adam(1e-2), hj.hesso(make_groups(), K, PERIODS, TP,
+                                                warmup_steps=TW, total_steps=total))
+    params = make_params()
+    state = tx.init(params)
+    step = jax.jit(lambda p, s: tx.update(jax.grad(loss)(p), s, p))
+    for _ in range(total):
+        updates, state = step(params, state)
+        params = optax.apply_updates(params, updates)
+    assert make_groups().zero_groups(params).sum() == K
+
+
+# ---------------------------------------------------------------- params changed after init
+def changed_dtype(params):
+    params["l1"]["kernel"] = params["l1"]["kernel"].astype(jnp.bfloat16)
+    return params
+
+
+def changed_shape(params):  # still fits the groups: only the init record can tell
+    params["l1"]["kernel"] = jnp.ones((D_IN + 1, HIDDEN))
+    return params
+
+
+def dependent_shape(params):  # a dependent leaf (not a member) changed
+    params["l2"]["kernel"] = jnp.ones((HIDDEN, D_OUT + 2))
+    return params
+
+
+def extra_leaf(params):
+    params["l3"] = {"kernel": jnp.ones((2, 2))}
+    return params
+
+
+@pytest.mark.parametrize("change,fragment", [
+    (changed_dtype, "'l1/kernel' is bfloat16[6, 12] but was float32[6, 12] at init"),
+    (changed_shape, "'l1/kernel' is float32[7, 12] but was float32[6, 12] at init"),
+    (dependent_shape, "'l2/kernel' is float32[12, 5] but was float32[12, 3] at init"),
+    (extra_leaf, "params have 5 leaves but the tree given to init had 4"),
+], ids=["dtype", "member-shape", "dependent-shape", "extra-leaf"])
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_params_changed_between_init_and_update(change, fragment, jit):
+    tx = hj.hesso(make_groups(), K, PERIODS, TP)
+    state = tx.init(make_params())
+    params = change(make_params())
+    update = jax.jit(tx.update) if jit else tx.update
+    # A plain ValueError raised while tracing, before anything is compiled or run.
+    with pytest.raises(ValueError, match=re.escape(fragment)):
+        update(params, state, params)
+
+
+def test_no_false_alarm_for_restored_state_or_several_inits():
+    """A transformation that never ran init (state restored from a checkpoint) skips the
+    check; one initialised for two trees accepts both."""
+    # eval_shape traces update (where the check runs) without compiling or running it.
+    fresh = hj.hesso(make_groups(), K, PERIODS, TP)
+    state = hj.hesso(make_groups(), K, PERIODS, TP).init(make_params())
+    params = changed_dtype(make_params())
+    jax.eval_shape(fresh.update, params, state, params)
+    tx = hj.hesso(make_groups(), K, PERIODS, TP)
+    tx.init(make_params())
+    with pytest.raises(ValueError, match="is bfloat16"):
+        jax.eval_shape(tx.update, params, state, params)
+    tx.init(params)
+    jax.eval_shape(tx.update, params, state, params)
+    jax.eval_shape(tx.update, make_params(), state, make_params())
+
+
+def test_state_for_other_groups_is_rejected():
+    tx = hj.hesso(make_groups(), K, PERIODS, TP)
+    other = hj.Groups.from_families([hj.GroupFamily(
+        HIDDEN // 2, (hj.Member(("l1", "bias"), 0),))])
+    state = hj.hesso(other, 2, 1, 1).init(make_params())
+    with pytest.raises(ValueError,
+                       match=re.escape("masks have shape (6,) but groups has 12 groups")):
+        tx.update(make_params(), state, make_params())
+
+
+# ---------------------------------------------------------------- CLI
+def test_cli_schedule_that_does_not_fit_is_a_one_line_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["demo", "--steps", "20", "--periods", "50"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err
+    assert "--periods 50 does not fit in --steps 20" in err
+
+
+def test_cli_output_folder_that_is_a_file(tmp_path, capsys):
+    target = tmp_path / "taken"
+    target.write_text("x")
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["demo", "--steps", "20", "--out", str(target), "--no-progress"])
+    assert "cannot write to output folder" in str(exc.value.code)
+    assert "\n" not in str(exc.value.code)
+
+
+def test_interrupted_checkpoint_write_leaves_previous_checkpoint_intact(tmp_path, monkeypatch):
+    old_state = {"w": np.arange(4.0, dtype=np.float32)}
+    final = cli._save_checkpoint(tmp_path, old_state)
+    real_save = ocp.StandardCheckpointer.save
+
+    def save_then_die(self, path, state, *args, **kwargs):
+        real_save(self, path, state, *args, **kwargs)  # part of the work is on disk
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ocp.StandardCheckpointer, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        cli._save_checkpoint(tmp_path, {"w": np.full(4, 7.0, np.float32)})
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shrunk_checkpoint"]
+    with ocp.StandardCheckpointer() as ckpt:
+        restored = ckpt.restore(final, {"w": jax.ShapeDtypeStruct((4,), jnp.float32)})
+    np.testing.assert_array_equal(restored["w"], old_state["w"])
+
+    # An uninterrupted save replaces it, leaving nothing else behind.
+    cli._save_checkpoint(tmp_path, {"w": np.full(4, 7.0, np.float32)})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shrunk_checkpoint"]
+    with ocp.StandardCheckpointer() as ckpt:
+        restored = ckpt.restore(final, {"w": jax.ShapeDtypeStruct((4,), jnp.float32)})
+    np.testing.assert_array_equal(restored["w"], np.full(4, 7.0, np.float32))
+
+
+def test_interrupted_file_write_leaves_no_partial_file(tmp_path):
+    path = tmp_path / "results.json"
+    path.write_text('{"old": true}')
+
+    def write_half(p):
+        p.write_text('{"new": ')
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        cli._write_atomic(path, write_half)
+    assert path.read_text() == '{"old": true}'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
+
+
+def test_cli_write_error_later_in_the_run_is_one_line(monkeypatch, capsys, tmp_path):
+    def fail(args):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "results.json"))
+
+    monkeypatch.setattr(cli, "run_demo", fail)
+    assert cli.main(["demo", "--steps", "20", "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err
+    assert err.startswith("hesso-jax: error: cannot write output") and "Permission denied" in err
