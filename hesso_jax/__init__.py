@@ -9,6 +9,7 @@ from hesso_jax.discovery import DiscoveryWarning, discover_groups
 from hesso_jax.groups import GroupFamily, Groups, Member, tree_paths
 from hesso_jax.hesso import HessoState, HessoStatus, hesso, hesso_status
 from hesso_jax.saliency import SCORES
+from hesso_jax.snows import GroupMask, SnowsReport, snows
 from hesso_jax.surgery import (
     KeepPlan,
     apply_plan,
@@ -26,10 +27,12 @@ __all__ = [
     "CricResult",
     "DiscoveryWarning",
     "GroupFamily",
+    "GroupMask",
     "Groups",
     "HessoState",
     "HessoStatus",
     "KeepPlan",
+    "SnowsReport",
     "Member",
     "apply_plan",
     "cric",
@@ -40,5 +43,6 @@ __all__ = [
     "shrink_groups",
     "shrink_model",
     "shrink_opt_state",
+    "snows",
     "tree_paths",
 ]
