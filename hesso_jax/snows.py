@@ -35,13 +35,19 @@ The mean is over the elements of each op's output and over calibration batches.
 GELU/softmax models whose exact Hessian may be indefinite. The damping is relative to the
 curvature along the gradient, ``λ = damping · |gᵀHg| / gᵀg``. Conjugate gradient runs from
 0 until ``‖r‖ ≤ cg_tol · ‖g‖``, ``cg_max_iters`` iterations or a direction of non-positive
-curvature (then it keeps its last iterate, or ``−g`` on the first iteration); it is a
-``lax.while_loop`` of our own rather than ``jax.scipy.sparse.linalg.cg`` because the report
-needs the iteration count and the negative-curvature exit. The step length follows Armijo
-backtracking ``L(w + t d) ≤ L(w) + c t gᵀd`` (``t = 1, ½, ¼, …``); the Newton loop stops
+curvature (then it keeps its last iterate, or ``−g`` on the first iteration); it is our
+own loop rather than ``jax.scipy.sparse.linalg.cg`` because the report needs the iteration
+count and the negative-curvature exit. The step length follows Armijo backtracking
+``L(w + t d) ≤ L(w) + c t gᵀd`` (``c = 1e-4``, ``t = 1, ½, ¼, …``); the Newton loop stops
 early when no step decreases ``L``. The returned weights are never worse than the masked
-start ``W_dense ⊙ m``. Everything for one layer (all Newton steps, CG and the line search)
-is one jitted call.
+start ``W_dense ⊙ m``.
+
+Two drivers run the same iteration. ``loop="jit"`` (`newton_solve`): one jitted call per
+layer, Newton steps, CG and line search as nested ``lax.while_loop`` and the calibration
+batches in a ``lax.map``. ``loop="host"`` (default): the loss, gradient and HVP are jitted
+top-level functions of one calibration batch, and Python drives batches, CG and the line
+search. XLA:CPU runs convolution gradients inside loop bodies ~35× slower than at the top
+level (measured on the digits CNN: 0.33 s vs 9 ms per HVP), hence the default.
 
 **Masks.**
 * ``sparsity="N:M"``: N weights kept in every M consecutive weights along the reduction
