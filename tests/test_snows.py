@@ -261,3 +261,25 @@ def test_group_mask_validation():
     groups = Groups.from_families([GroupFamily(3, (Member(("w",), 1),))])
     with pytest.raises(ValueError, match="bool"):
         GroupMask(groups, np.ones(4, bool))
+
+
+def test_structured_snows_after_hesso():
+    import optax
+
+    from hesso_jax.data import load_digits_split
+    from hesso_jax.train import train_classifier
+
+    data = load_digits_split(0)
+    model = MLP(64, (16,), 10, rngs=nnx.Rngs(0))
+    groups = model.groups()
+    tx = optax.chain(optax.adam(1e-2), hj.hesso(groups, 8, 2, 5, warmup_steps=5))
+    _, opt_state, _ = train_classifier(model, tx, data, steps=20, progress=False)
+    gm = GroupMask.from_hesso(groups, opt_state)
+    assert (~gm.keep).sum() == 8
+    np.testing.assert_array_equal(gm.keep, ~groups.zero_groups(nnx.state(model, nnx.Param)))
+    x = jnp.asarray(data.x_train[:64])
+    pruned, rep = hj.snows(model, x, sparsity=gm, K=1, newton_steps=2, cg_max_iters=10)
+    # the consumer (head) is refined on its remaining input rows; removed rows stay zero
+    assert [lr.path for lr in rep.layers] == [("layers", 0, "kernel"), ("head", "kernel")]
+    assert not np.asarray(pruned.head.kernel[...])[~gm.keep].any()
+    assert all(lr.objective_after <= lr.objective_before for lr in rep.layers)
