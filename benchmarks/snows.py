@@ -195,7 +195,7 @@ def markdown(args: argparse.Namespace, res: dict, summ: dict, command: str,
         f"{jax.devices()[0].platform.upper()}; load average {load[0]:.1f}/{load[1]:.1f} at "
         f"the start and {load[2]:.1f}/{load[3]:.1f} at the end (1/5 min; other processes "
         "share the CPU, so seconds are only comparable within this table).",
-        f"- jax {jax.__version__}; {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC.",
+        f"- jax {jax.__version__}; run finished {res['date']}.",
         f"- Models: MLP(64, {tuple(args.mlp_hidden)}, 10) ({len(args.mlp_hidden) + 1} linear "
         f"ops), CNN(c1={args.cnn[0]}, c2={args.cnn[1]}) with BatchNorm in eval mode (5 linear "
         "ops), TinyTransformer() (d=32, 4 heads, 2 blocks, GELU/LayerNorm/softmax, 14 linear "
@@ -323,7 +323,7 @@ def main(argv: list[str] | None = None) -> None:
         for k, v in saved["args"].items():
             if k not in ("out", "from_json", "no_write"):
                 setattr(args, k, v)
-        res = {k: saved[k] for k in ("rows", "dense", "budget") if k in saved}
+        res = {k: saved[k] for k in ("rows", "dense", "budget", "date") if k in saved}
         command, wall, load = saved["command"], saved["wall_seconds"], saved["load"]
     else:
         load0 = os.getloadavg()
@@ -332,6 +332,7 @@ def main(argv: list[str] | None = None) -> None:
         wall = time.perf_counter() - t0
         load1 = os.getloadavg()
         load = [load0[0], load0[1], load1[0], load1[1]]
+        res["date"] = f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC"
         command = command.strip()
     summ = summarise(res)
     body = markdown(args, res, summ, command, wall, tuple(load))
