@@ -5,15 +5,15 @@ the graph, and returns the `Groups` whose removal provably leaves the outputs un
 
 The analysis has three stages, all on the traced jaxpr (`hesso_jax.jaxpr.Interpreter`):
 
-1. **Structure** (`hesso_jax.jaxpr.axes`). Each axis of each value is a node. Index-preserving operations (the
-   aligned axes of elementwise ops, residual adds, per-channel BatchNorm, bias adds, the
-   free and batch axes of ``dot_general``/``conv``, the pairs of contracted axes,
-   transposes, pooling over other axes) join nodes in a union-find: a *class* is a set of
-   axes that share one channel index. Other index maps are recorded as relations between
-   classes: ``concatenate``/``split``/``slice`` embed one class into a segment of
-   another, and a ``reshape`` that merges (or splits) axes makes a class the row-major
-   *product* of its factor classes. Axes that an operation treats non-uniformly (model
-   inputs and outputs, convolution windows, ``max``/``argmax``/``sort``/``cumsum``
+1. **Structure** (`hesso_jax.jaxpr.axes`). Each axis of each value is a node. Index-
+   preserving operations (the aligned axes of elementwise ops, residual adds, per-channel
+   BatchNorm, bias adds, the free and batch axes of ``dot_general``/``conv``, the pairs of
+   contracted axes, transposes, pooling over other axes) join nodes in a union-find: a
+   *class* is a set of axes that share one channel index. Other index maps are recorded as
+   relations between classes: ``concatenate``/``split``/``slice`` embed one class into a
+   segment of another, and a ``reshape`` that merges (or splits) axes makes a class the
+   row-major *product* of its factor classes. Axes that an operation treats non-uniformly
+   (model inputs and outputs, convolution windows, ``max``/``argmax``/``sort``/``cumsum``
    reductions, indexed gather axes, constants, primitives without a rule) are *blocked*.
 2. **Channel spaces.** Embeddings are resolved by interval refinement: every class is cut
    at the boundaries of every segment embedded in it (and vice versa) until stable, and
@@ -222,6 +222,13 @@ class _Spaces:
 
 
 # ---------------------------------------------------------------------------- stage 3
+def _neutral(name: str, v: Value) -> bool:
+    """A constant that leaves a zero at zero under ``name`` (max with c ≤ 0, min with c ≥ 0)."""
+    if v.literal is None:
+        return False
+    return (name == "max" and v.literal <= 0) or (name == "min" and v.literal >= 0)
+
+
 class ZeroAnalysis:
     """Stage 3: which spaces are exactly zero on which axes, with members zeroed."""
 
@@ -280,10 +287,16 @@ class ZeroAnalysis:
             self.contracted[out.id] = self.contracted.get(v.id, frozenset())
 
     def elementwise(self, kind: str, name: str, ins: Sequence[Value], out: Value) -> None:
+        """Zero slices of an elementwise op's output (``kind``: any/all/first/none).
+
+        ``any``: zero where some input is (``x·y``); ``all``: zero where every input is
+        (``x+y``, ``max``, ``select``); ``first``: zero where the first input is (``x/y``,
+        ``f(x)`` with ``f(0) = 0``). For ``max``/``min`` a constant ``c`` counts as zero
+        when ``max(0, c) = 0`` (``c ≤ 0``) / ``min(0, c) = 0`` (``c ≥ 0``): relu6.
+        """
         nd = len(out.shape)
         arrays = [v for v in ins if len(v.shape) == nd and nd]
-        scalars = [v for v in ins if not (len(v.shape) == nd and nd)]
-        zero = [self.is_allzero(v) for v in ins]
+        zero = [self.is_allzero(v) or _neutral(name, v) for v in ins]
         if kind == "any" and any(zero):
             self.set_allzero(out)
             return
@@ -299,7 +312,7 @@ class ZeroAnalysis:
             if kind == "any":
                 s = frozenset().union(*(self.get(v)[i] for v in full))
             elif kind == "all":
-                others = [v for v in ins if v not in full and not self.is_allzero(v)]
+                others = [v for v, z in zip(ins, zero, strict=True) if v not in full and not z]
                 s = frozenset() if others else frozenset.intersection(
                     *(self.get(v)[i] for v in full)) if full else frozenset()
             elif kind == "first":
@@ -310,19 +323,18 @@ class ZeroAnalysis:
             sets.append(s)
         self.put(out, sets)
         if name in ("mul", "div", "convert_element_type", "reduce_precision", "copy"):
-            self._scale_check(name, ins, scalars, out)
+            self._scale_check(name, ins, out)
 
-    def _scale_check(self, name: str, ins: Sequence[Value], scalars: Sequence[Value],
-                     out: Value) -> None:
+    def _scale_check(self, name: str, ins: Sequence[Value], out: Value) -> None:
         """A mean or RMS over a space changes when it shrinks: see the module docstring."""
         carried = frozenset().union(*(self.contracted.get(v.id, frozenset()) for v in ins))
         if name in ("mul", "div"):
-            nonscalar = [v for v in ins if v.shape]
-            if len(nonscalar) > 1:
+            constants = [v for v in ins if v.literal is not None]
+            if len(ins) - len(constants) > 1:
                 return
-            for s in scalars:
-                c = s.literal
-                if c is None or c == 0 or not math.isfinite(c):
+            for const in constants:
+                c = const.literal
+                if c == 0 or not math.isfinite(c):
                     continue
                 for space, n in carried:
                     if any(math.isclose(abs(c), t, rel_tol=1e-5)

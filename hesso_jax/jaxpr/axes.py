@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -292,6 +293,8 @@ def _elementwise(tr: AxisTracer, eqn: Any, ins: list[Value]) -> Value:
         for i, d in enumerate(v.dims):
             if v.shape[i] == out.shape[i]:
                 tr.union(d, out.dims[i])
+            else:
+                tr.block(d, "size-1 axis broadcast against a longer one")
     if name in _ZERO_ANY:
         kind = "any"
     elif name in _ZERO_ALL:
@@ -302,7 +305,36 @@ def _elementwise(tr: AxisTracer, eqn: Any, ins: list[Value]) -> Value:
         kind = "none"
     operands = ins[1:] if name == "select_n" else ins
     tr.event(lambda z: z.elementwise(kind, name, operands, out))
+    out.literal = _fold(eqn, ins)
     return out
+
+
+_FOLD: dict[str, Callable[..., float]] = {
+    "neg": lambda a: -a, "sqrt": math.sqrt, "rsqrt": lambda a: 1 / math.sqrt(a),
+    "convert_element_type": lambda a: a, "mul": lambda a, b: a * b,
+    "div": lambda a, b: a / b, "add": lambda a, b: a + b, "sub": lambda a, b: a - b,
+    "max": max, "min": min, "exp": math.exp, "log": math.log,
+}
+
+
+def _fold(eqn: Any, ins: list[Value]) -> float | None:
+    """The value of an op on constants that are uniform over their shape (else None).
+
+    Lets the mean/RMS check see divisors computed in the trace, e.g.
+    ``jnp.sqrt(jnp.asarray(q.shape[-1], q.dtype))``.
+    """
+    name = eqn.primitive.name
+    if any(v.literal is None for v in ins):
+        return None
+    if name == "integer_pow":
+        return float(ins[0].literal) ** eqn.params["y"]
+    fn = _FOLD.get(name)
+    if fn is None:
+        return None
+    try:
+        return float(fn(*(v.literal for v in ins)))
+    except (ArithmeticError, ValueError):
+        return None
 
 
 for _name in (_ZERO_FIRST | _ZERO_NONE | _ZERO_ANY | _ZERO_ALL | {"integer_pow"}):
@@ -344,6 +376,9 @@ def _broadcast(tr: AxisTracer, eqn: Any, ins: list[Value]) -> Value:
     for i, o in enumerate(bd):
         if v.shape[i] == out.shape[o]:
             tr.union(v.dims[i], out.dims[o])
+        else:
+            tr.block(v.dims[i], "size-1 axis broadcast against a longer one")
+    out.literal = v.literal  # a broadcast constant stays uniform
 
     def zero(z: ZeroAnalysis) -> None:
         if z.is_allzero(v):
@@ -369,6 +404,15 @@ def _reshape(tr: AxisTracer, eqn: Any, ins: list[Value]) -> Value:
         for d in (*v.dims, *out.dims):
             tr.block(d, "reshape that reorders axes")
         groups = []
+    # size-1 axes are dropped or inserted: their class cannot be followed through
+    grouped_in = {i for gi, _ in groups for i in gi}
+    grouped_out = {o for _, go in groups for o in go}
+    for i, d in enumerate(v.dims):
+        if i not in grouped_in:
+            tr.block(d, "size-1 axis dropped by a reshape")
+    for o, d in enumerate(out.dims):
+        if o not in grouped_out:
+            tr.block(d, "size-1 axis inserted by a reshape")
     for gi, go in groups:
         if len(gi) == 1 and len(go) == 1:
             tr.union(v.dims[gi[0]], out.dims[go[0]])
@@ -425,6 +469,8 @@ def _squeeze(tr: AxisTracer, eqn: Any, ins: list[Value]) -> Value:
     v, out = ins[0], tr.out_val(eqn)
     dims = [d % len(v.shape) for d in eqn.params["dimensions"]]
     kept = _keep_axes(tr, v, out, dims)
+    for d in dims:
+        tr.block(v.dims[d], "squeezed axis")
     tr.event(lambda z: z.map_axes(v, out, kept, transparent=True))
     return out
 

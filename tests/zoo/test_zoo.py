@@ -223,14 +223,28 @@ def test_shrink_matches_masked(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_rediscover_shrunk(name):
     """Discovery is shape-generic: on the shrunk model it finds the kept groups, family by
-    family (several families are down to a single group here: size-1 axes included)."""
+    family. A family left with a single group is the exception: JAX squeezes, broadcasts
+    and reshapes size-1 axes freely, so discovery blocks a class of length 1 wherever its
+    axis is dropped or broadcast (conservative, never a wrong group); such a family may
+    or may not be found again, and may leave room for a family it used to win the
+    outer-axis tie-break against (the value projection's head_dim once one head is left:
+    exact, since only query/key head_dim enter the 1/sqrt(d) scale)."""
     groups, _ = discovered(name)
     _, small, keep, args = shrunk(name)
     small_groups, caught = discover(name, small, args)
     kept = [int(keep[s:s + f.size].sum())
             for f, s in zip(groups.families, groups.starts, strict=True)]
     got = sorted(f.size for f in small_groups.families)
-    assert got == sorted(kept), (
+    singles = [k for k in kept if k == 1]
+    extra = list(got)
+    for k in kept:
+        if k > 1:
+            assert k in extra, (
+                f"{name}: kept per family {kept}, rediscovered:\n{describe(small_groups)}\n"
+                f"original:\n{describe(groups)}\nwarnings: {caught}")
+            extra.remove(k)
+    # each family left with one group may vanish and make room for at most one other
+    assert len(extra) <= len(singles), (
         f"{name}: kept per family {kept}, rediscovered:\n{describe(small_groups)}\n"
         f"original:\n{describe(groups)}\nwarnings: {caught}")
 
