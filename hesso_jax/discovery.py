@@ -271,6 +271,18 @@ class ZeroAnalysis:
         self.put(out, self.get(v), allzero=self.is_allzero(v))
         self.contracted[out.id] = self.contracted.get(v.id, frozenset())
 
+    def remap(self, v: Value, out: Value,
+              per_axis: Callable[[Sequence[frozenset]], list[frozenset]]) -> None:
+        """Zero slices of a view ``out`` of ``v`` (broadcast, reshape, transpose).
+
+        They are ``per_axis(zero slices of v)``; ``out`` carries ``v``'s contractions along.
+        """
+        if self.is_allzero(v):
+            self.set_allzero(out)
+        else:
+            self.put(out, per_axis(self.get(v)))
+        self.contracted[out.id] = self.contracted.get(v.id, frozenset())
+
     def map_axes(self, v: Value, out: Value, kept: Sequence[int], *, filtered: bool = False,
                  transparent: bool = False) -> None:
         """``out``'s axes are ``v``'s axes ``kept`` (in order); others are not zero."""

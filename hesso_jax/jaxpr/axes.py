@@ -380,19 +380,14 @@ def _broadcast(tr: AxisTracer, eqn: Any, ins: list[Value]) -> Value:
             tr.block(v.dims[i], "size-1 axis broadcast against a longer one")
     out.literal = v.literal  # a broadcast constant stays uniform
 
-    def zero(z: ZeroAnalysis) -> None:
-        if z.is_allzero(v):
-            z.set_allzero(out)
-            return
-        src = z.get(v)
+    def per_axis(src: Sequence[frozenset]) -> list[frozenset]:
         sets = [frozenset()] * len(out.shape)
         for i, o in enumerate(bd):
             if v.shape[i] == out.shape[o]:
                 sets[o] = src[i]
-        z.put(out, sets)
-        z.contracted[out.id] = z.contracted.get(v.id, frozenset())
+        return sets
 
-    tr.event(zero)
+    tr.event(lambda z: z.remap(v, out, per_axis))
     return out
 
 
@@ -425,17 +420,15 @@ def _reshape(tr: AxisTracer, eqn: Any, ins: list[Value]) -> Value:
                 tr.block(d, "reshape mixing several axes into several axes")
 
     def zero(z: ZeroAnalysis) -> None:
-        if z.is_allzero(v):
-            z.set_allzero(out)
-            return
-        src = z.get(v)
-        sets = [frozenset()] * len(out.shape)
-        for gi, go in groups:
-            joined = frozenset().union(*(src[i] for i in gi))
-            for o in go:
-                sets[o] = joined & z.spaces(out.dims[o])
-        z.put(out, sets)
-        z.contracted[out.id] = z.contracted.get(v.id, frozenset())
+        def per_axis(src: Sequence[frozenset]) -> list[frozenset]:
+            sets = [frozenset()] * len(out.shape)
+            for gi, go in groups:
+                joined = frozenset().union(*(src[i] for i in gi))
+                for o in go:
+                    sets[o] = joined & z.spaces(out.dims[o])
+            return sets
+
+        z.remap(v, out, per_axis)
 
     tr.event(zero)
     return out
@@ -448,12 +441,7 @@ def _transpose(tr: AxisTracer, eqn: Any, ins: list[Value]) -> Value:
     for i, p in enumerate(perm):
         tr.union(v.dims[p], out.dims[i])
 
-    def zero(z: ZeroAnalysis) -> None:
-        src = z.get(v)
-        z.put(out, [src[p] for p in perm], allzero=z.is_allzero(v))
-        z.contracted[out.id] = z.contracted.get(v.id, frozenset())
-
-    tr.event(zero)
+    tr.event(lambda z: z.remap(v, out, lambda src: [src[p] for p in perm]))
     return out
 
 
