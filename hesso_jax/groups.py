@@ -44,6 +44,7 @@ from typing import Any, Literal
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec
 
 PathKey = str | int
 Path = tuple[PathKey, ...]
@@ -57,6 +58,7 @@ __all__ = [
     "Member",
     "Path",
     "format_path",
+    "replicate",
     "tree_paths",
 ]
 
@@ -97,6 +99,22 @@ def _shape(x: Any) -> tuple[int, ...]:
     """Shape of an array, tracer or ShapeDtypeStruct without materialising it."""
     shape = getattr(x, "shape", None)
     return tuple(shape) if shape is not None else tuple(np.shape(x))
+
+
+def replicate(x: jax.Array) -> jax.Array:
+    """``x`` resharded to fully replicated when its type carries explicit mesh axes.
+
+    Under an ``AxisType.Explicit`` mesh the sharding is part of the array's type, and a
+    scatter (``segment_sum``), ``concatenate`` or sort of differently sharded operands is a
+    type error; ``jax.sharding.reshard(x, P())`` all-gathers the (small) vector first. Under
+    ``AxisType.Auto`` meshes and on one device the type has no mesh axes and ``x`` is
+    returned unchanged (the compiler chooses the layout).
+    """
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    spec = getattr(sharding, "spec", None)
+    if spec is None or all(entry is None for entry in spec):
+        return x
+    return jax.sharding.reshard(x, sharding.update(spec=PartitionSpec()))
 
 
 def format_path(path: Path) -> str:
@@ -484,13 +502,17 @@ class Groups:
         """``float32[G]``: per group, the sum of ``fn(*leaves)`` over its member elements.
 
         ``fn`` is elementwise (e.g. ``lambda x: x * x``); the trees share one structure.
-        Computed as one reduction and one ``segment_sum`` per member leaf.
+        Computed as one reduction and one ``segment_sum`` per member leaf. Every
+        per-channel partial sum is made replicated (`replicate`) before the segment sum,
+        so the result is replicated and leaves sharded on an ``AxisType.Explicit`` mesh
+        work too.
         """
         layout = self.layout(trees[0], dependents="present")
         leaves = [jax.tree.leaves(t) for t in trees]
         if not layout.members:
             return jnp.zeros((self._num_groups,), jnp.float32)
-        parts = [m.channel_sum(fn(*(lv[m.leaf] for lv in leaves))) for m in layout.members]
+        parts = [replicate(m.channel_sum(fn(*(lv[m.leaf] for lv in leaves))))
+                 for m in layout.members]
         index = np.concatenate([m.index for m in layout.members])
         sums = jax.ops.segment_sum(jnp.concatenate(parts), index,
                                    num_segments=self._num_groups + 1)

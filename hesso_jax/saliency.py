@@ -46,9 +46,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import PartitionSpec
 
-from hesso_jax.groups import Groups
+from hesso_jax.groups import Groups, replicate
 
 SCORES = (
     "magnitude",
@@ -65,40 +64,13 @@ __all__ = ["SCORES", "GroupStats", "SaliencyFn", "evaluate", "group_reduce", "gr
            "raw_scores", "replicate", "resolve_saliency", "weighted"]
 
 
-def replicate(x: jax.Array) -> jax.Array:
-    """``x`` resharded to fully replicated when its type carries explicit mesh axes.
-
-    Under an ``AxisType.Explicit`` mesh the sharding is part of the array's type, and a
-    scatter (``segment_sum``), ``concatenate`` or sort of differently sharded operands is a
-    type error; ``jax.sharding.reshard(x, P())`` all-gathers the (small) vector first. Under
-    ``AxisType.Auto`` meshes and on one device the type has no mesh axes and ``x`` is
-    returned unchanged (the compiler chooses the layout).
-    """
-    sharding = getattr(jax.typeof(x), "sharding", None)
-    spec = getattr(sharding, "spec", None)
-    if spec is None or all(entry is None for entry in spec):
-        return x
-    return jax.sharding.reshard(x, sharding.update(spec=PartitionSpec()))
-
-
 def group_reduce(groups: Groups, fn: Callable[..., jax.Array], *trees: Any) -> jax.Array:
     """``float32[G]`` (replicated): per group ``g``, ``Σ_{e ∈ g} fn(*trees)_e``.
 
-    Same sum as `Groups.reduce` (one reduction over the non-channel axes and one
-    ``segment_sum`` per member leaf, no loop over groups), with every per-channel partial
-    sum made replicated (`replicate`) before the segment sum, so it also runs on leaves
-    sharded under an ``AxisType.Explicit`` mesh.
+    `Groups.reduce`: one reduction over the non-channel axes and one ``segment_sum`` per
+    member leaf, with the per-channel partial sums replicated first (`replicate`).
     """
-    layout = groups.layout(trees[0], dependents="present")
-    leaves = [jax.tree.leaves(t) for t in trees]
-    if not layout.members:
-        return jnp.zeros((groups.num_groups,), jnp.float32)
-    parts = [replicate(m.channel_sum(fn(*(lv[m.leaf] for lv in leaves))))
-             for m in layout.members]
-    index = np.concatenate([m.index for m in layout.members])
-    sums = jax.ops.segment_sum(jnp.concatenate(parts), index,
-                               num_segments=groups.num_groups + 1)
-    return sums[: groups.num_groups]
+    return groups.reduce(fn, *trees)
 
 
 def _sq(x: jax.Array) -> jax.Array:

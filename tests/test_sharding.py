@@ -174,3 +174,19 @@ def test_placement_check_fires_under_fsdp(axis_type):
         # First period ends at step TW + TP; the check runs on the next update.
         with pytest.raises(Exception, match="must be the LAST transformation"):
             jax.block_until_ready(train(tx, params, x, y, steps=TW + TP + 1))
+
+
+@pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit], ids=["auto", "explicit"])
+def test_group_reductions_on_sharded_params(axis_type):
+    """`Groups.reduce` (and zero_groups / sq_norms) runs on FSDP-sharded leaves, jitted."""
+    groups = make_groups()
+    host = make_params()
+    host["l1"]["kernel"] = host["l1"]["kernel"].at[:, :5].set(0.0)
+    host["l1"]["bias"] = host["l1"]["bias"].at[:5].set(0.0)
+    mesh = mesh_of(axis_type)
+    with jax.set_mesh(mesh):
+        params = put(mesh, host, FSDP)
+        norms = jax.jit(groups.sq_norms)(params)
+        zero = groups.zero_groups(params)
+    np.testing.assert_allclose(norms, groups.sq_norms(host), rtol=1e-6)
+    np.testing.assert_array_equal(zero, np.arange(HIDDEN) < 5)
