@@ -1,0 +1,257 @@
+"""Digits Pareto front: HESSO, HESSO-CRIC and one-shot baselines at equal step budgets.
+
+For each architecture (the demo CNN and a wider ResNet-style net), seed and group sparsity
+(30/50/70/90%):
+
+* **dense**: Adam for ``--steps`` steps;
+* **HESSO** / **HESSO-CRIC**: the demo recipe (warm-up 20%, P periods over 50%,
+  fine-tune 30%) with ``optax.chain(adam, hj.hesso(...))``;
+* **magnitude + FT** / **Taylor + FT** (`hesso_jax.baselines`): Adam for 70% of the steps,
+  one-shot removal of the K lowest-scoring groups (L2 norm, or Σ|x·∂L/∂x| over 4 batches),
+  then fine-tuning with a fresh Adam for the remaining 30% — what a Torch-Pruning user does.
+
+Every pruned model is shrunk with `hj.shrink_model`; the table reports test accuracy (mean
+± std over seeds), parameters, FLOPs per example and the shrunk/dense latency ratio on the
+test set (interleaved medians, same run). Groups come from `hj.discover_groups`.
+
+    python benchmarks/pareto_digits.py                       # full grid, 3 seeds
+    python benchmarks/pareto_digits.py --seeds 1 --steps 600 --archs cnn   # quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from tqdm.auto import tqdm
+
+import hesso_jax as hj
+from hesso_jax.baselines import keep_pruned, one_shot_prune
+from hesso_jax.data import load_digits_split
+from hesso_jax.models import CNN, ResNet
+from hesso_jax.train import (
+    count_params,
+    demo_schedule,
+    evaluate,
+    forward_flops,
+    make_eval,
+    train_classifier,
+)
+
+sys.path.insert(0, str(Path(__file__).parent))
+from results_md import upsert_section  # noqa: E402
+
+HERE = Path(__file__).parent
+SECTION = "## Digits Pareto front: HESSO vs one-shot baselines"
+ARCHS = {
+    "cnn": ("CNN(48, 96)", lambda seed: CNN(rngs=nnx.Rngs(seed))),
+    "resnet": ("ResNet(32-64-128, 1-1-1)",
+               lambda seed: ResNet((32, 64, 128), (1, 1, 1), in_channels=1,
+                                   rngs=nnx.Rngs(seed))),
+}
+METHODS = ("hesso", "hesso_cric", "magnitude", "taylor")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--archs", default="cnn,resnet")
+    p.add_argument("--sparsities", default="0.3,0.5,0.7,0.9")
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--periods", type=int, default=5)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--no-write", action="store_true", help="do not touch RESULTS.md")
+    p.add_argument("--merge", action="store_true",
+                   help="add these runs to the rows already in pareto_digits.json "
+                        "(same arch/method/sparsity/seed replaced)")
+    return p.parse_args(argv)
+
+
+def _latency_ratio(small: nnx.Module, dense: nnx.Module, x: jax.Array,
+                   rounds: int = 20) -> float:
+    fs, fd = make_eval(small), make_eval(dense)
+    ss, sd = nnx.state(small), nnx.state(dense)
+    fs(ss, x).block_until_ready()
+    fd(sd, x).block_until_ready()
+    ts, td = [], []
+    for _ in range(rounds):
+        for fn, st, acc in ((fs, ss, ts), (fd, sd, td)):
+            t0 = time.perf_counter()
+            fn(st, x).block_until_ready()
+            acc.append(time.perf_counter() - t0)
+    return statistics.median(ts) / statistics.median(td)
+
+
+def _taylor_grads(model: nnx.Module, data: Any, seed: int, batches: int = 4,
+                  batch: int = 64) -> list[Any]:
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def loss(p: Any, x: jax.Array, y: jax.Array) -> jax.Array:
+        logits = nnx.merge(graphdef, p, jax.tree.map(lambda v: v, rest))(x)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    rng = np.random.default_rng(seed + 10_000)
+    grad = jax.jit(jax.grad(loss))
+    out = []
+    for _ in range(batches):
+        idx = rng.choice(len(data.x_train), batch, replace=False)
+        out.append(grad(params, data.x_train[idx], data.y_train[idx]))
+    return out
+
+
+def run_one(args: argparse.Namespace, arch: str, method: str, sparsity: float, seed: int,
+            data: Any, dense: nnx.Module) -> dict[str, Any]:
+    model = ARCHS[arch][1](seed)
+    groups = hj.discover_groups(model, data.x_train[:1])
+    warmup, period_len = demo_schedule(args.steps, args.periods)
+    common = dict(batch_size=args.batch_size, seed=seed, eval_every=args.steps,
+                  progress=False)
+    t0 = time.perf_counter()
+    if method in ("hesso", "hesso_cric"):
+        cric = (hj.CricConfig(sample_steps=5, learning_rate=args.lr * 10)
+                if method == "hesso_cric" else None)
+        tx = optax.chain(optax.adam(args.lr),
+                         hj.hesso(groups, sparsity, args.periods, period_len,
+                                  warmup_steps=warmup, cric=cric))
+        train_classifier(model, tx, data, steps=args.steps, **common)
+    else:
+        pre = warmup + args.periods * period_len  # when HESSO finishes pruning
+        train_classifier(model, optax.adam(args.lr), data, steps=pre, **common)
+        grads = _taylor_grads(model, data, seed) if method == "taylor" else ()
+        params = nnx.state(model, nnx.Param)
+        pruned, keep = one_shot_prune(params, groups, sparsity, method, grads)
+        nnx.update(model, pruned)
+        tx = optax.chain(optax.adam(args.lr), keep_pruned(groups, keep))
+        train_classifier(model, tx, data, steps=args.steps - pre, **common)
+    seconds = time.perf_counter() - t0
+    zero = groups.zero_groups(nnx.state(model, nnx.Param))
+    k = hj.groups.resolve_count(sparsity, groups.num_groups)
+    if int(zero.sum()) < k:
+        raise RuntimeError(f"{method}: {int(zero.sum())} zero groups, expected {k}")
+    small = hj.shrink_model(model, groups)
+    x_test = jnp.asarray(data.x_test)
+    acc = evaluate(small, data.x_test, data.y_test)
+    masked = evaluate(model, data.x_test, data.y_test)
+    return {"arch": arch, "method": method, "sparsity": sparsity, "seed": seed,
+            "acc": acc, "acc_masked": masked, "params": count_params(small),
+            "flops": forward_flops(small, data.x_test[:1]),
+            "latency_ratio": _latency_ratio(small, dense, x_test), "seconds": seconds}
+
+
+def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    keys = sorted({(r["arch"], r["method"], r["sparsity"]) for r in rows},
+                  key=lambda k: (k[0], k[2], k[1]))
+    out = []
+    for key in keys:
+        sel = [r for r in rows if (r["arch"], r["method"], r["sparsity"]) == key]
+        accs = [100 * r["acc"] for r in sel]
+        out.append({"arch": key[0], "method": key[1], "sparsity": key[2], "n": len(sel),
+                    "acc_mean": statistics.mean(accs),
+                    "acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+                    "params": statistics.mean(r["params"] for r in sel),
+                    "flops": statistics.mean(r["flops"] for r in sel),
+                    "latency_ratio": statistics.median(r["latency_ratio"] for r in sel),
+                    "seconds": statistics.mean(r["seconds"] for r in sel)})
+    return out
+
+
+def plot(summary: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    archs = sorted({s["arch"] for s in summary})
+    fig, axes = plt.subplots(1, len(archs), figsize=(6 * len(archs), 4.2), squeeze=False)
+    for ax, arch in zip(axes[0], archs, strict=True):
+        for method in ("dense", *METHODS):
+            pts = sorted((s["flops"], s["acc_mean"], s["acc_std"]) for s in summary
+                         if s["arch"] == arch and s["method"] == method)
+            if pts:
+                f, a, e = zip(*pts, strict=True)
+                ax.errorbar(np.asarray(f) / 1e6, a, yerr=e, marker="o", capsize=3,
+                            label=method, linestyle="-" if method != "dense" else "none")
+        ax.set_xscale("log")
+        ax.set_xlabel("FLOPs per example (M, shrunk model)")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(ARCHS[arch][0])
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    archs = args.archs.split(",")
+    sparsities = [float(s) for s in args.sparsities.split(",")]
+    methods = args.methods.split(",")
+    rows: list[dict[str, Any]] = []
+    jobs = [(a, s) for a in archs for s in range(args.seeds)]
+    bar = tqdm(total=len(jobs) * (1 + len(methods) * len(sparsities)), desc="runs")
+    for arch, seed in jobs:
+        data = load_digits_split(seed)
+        dense = ARCHS[arch][1](seed)
+        t0 = time.perf_counter()
+        train_classifier(dense, optax.adam(args.lr), data, steps=args.steps,
+                         batch_size=args.batch_size, seed=seed, eval_every=args.steps,
+                         progress=False)
+        rows.append({"arch": arch, "method": "dense", "sparsity": 0.0, "seed": seed,
+                     "acc": evaluate(dense, data.x_test, data.y_test), "acc_masked": None,
+                     "params": count_params(dense),
+                     "flops": forward_flops(dense, data.x_test[:1]), "latency_ratio": 1.0,
+                     "seconds": time.perf_counter() - t0})
+        bar.update()
+        for sparsity in sparsities:
+            for method in methods:
+                rows.append(run_one(args, arch, method, sparsity, seed, data, dense))
+                bar.set_postfix(arch=arch, m=method, s=sparsity,
+                                acc=f"{100 * rows[-1]['acc']:.1f}")
+                bar.update()
+    bar.close()
+    out_json = HERE / "pareto_digits.json"
+    commands = [" ".join(["python benchmarks/pareto_digits.py", *(argv or sys.argv[1:])])]
+    if args.merge and out_json.exists():
+        old = json.loads(out_json.read_text())
+        key = lambda r: (r["arch"], r["method"], r["sparsity"], r["seed"])  # noqa: E731
+        new_keys = {key(r) for r in rows}
+        rows = [r for r in old["rows"] if key(r) not in new_keys] + rows
+        commands = old.get("commands", []) + commands
+    summary = summarize(rows)
+    lines = ["| arch | method | group sparsity | test acc % (mean ± std) | params | "
+             "FLOPs/example | latency shrunk/dense | train s |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for s in summary:
+        lines.append(f"| {ARCHS[s['arch']][0]} | {s['method']} | {100 * s['sparsity']:.0f}% | "
+                     f"{s['acc_mean']:.2f} ± {s['acc_std']:.2f} | {s['params']:,.0f} | "
+                     f"{s['flops'] / 1e6:.2f} M | {s['latency_ratio']:.2f} | "
+                     f"{s['seconds']:.0f} |")
+    table = "\n".join(lines)
+    print(table)
+    out_json.write_text(json.dumps({"commands": commands, "rows": rows, "summary": summary},
+                                   indent=1))
+    plot(summary, HERE / "pareto_digits.png")
+    if not args.no_write:
+        cmd = "`, then `".join(c.strip() for c in commands)
+        body = (f"Commands: `{cmd}` ({args.seeds} seed(s), {args.steps} steps, Adam "
+                f"lr {args.lr}, batch {args.batch_size}, P={args.periods}; 2 CPU cores "
+                "shared with other jobs, so `train s` and latency are only comparable "
+                "within the table). Accuracy is the shrunk model's; every pruned run has "
+                "exactly K groups at 0.0. Plot: `benchmarks/pareto_digits.png`.\n\n" + table)
+        upsert_section(HERE / "RESULTS.md", SECTION, body)
+
+
+if __name__ == "__main__":
+    main()
