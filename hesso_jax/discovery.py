@@ -222,6 +222,12 @@ class _Spaces:
 
 
 # ---------------------------------------------------------------------------- stage 3
+def _shape_constant(c: float, n: int) -> bool:
+    """Whether ``|c|`` is ``n``, ``√n``, ``1/n`` or ``1/√n`` (a length-derived constant)."""
+    return any(math.isclose(abs(c), t, rel_tol=1e-5)
+               for t in (n, math.sqrt(n), 1 / n, 1 / math.sqrt(n)))
+
+
 def _neutral(name: str, v: Value) -> bool:
     """A constant that leaves a zero at zero under ``name`` (max with c ≤ 0, min with c ≥ 0)."""
     if v.literal is None:
@@ -238,6 +244,7 @@ class ZeroAnalysis:
         self.sets: dict[int, tuple[frozenset, ...]] = {}
         self.zero_vals: set[int] = set()
         self.contracted: dict[int, frozenset] = {}
+        self.scaled: dict[int, frozenset] = {}
         self.invalid: dict[int, str] = {}
         self.scratch: dict[int, str] | None = None
 
@@ -269,7 +276,7 @@ class ZeroAnalysis:
 
     def copy(self, v: Value, out: Value) -> None:
         self.put(out, self.get(v), allzero=self.is_allzero(v))
-        self.contracted[out.id] = self.contracted.get(v.id, frozenset())
+        self.carry(v, out)
 
     def remap(self, v: Value, out: Value,
               per_axis: Callable[[Sequence[frozenset]], list[frozenset]]) -> None:
@@ -281,7 +288,7 @@ class ZeroAnalysis:
             self.set_allzero(out)
         else:
             self.put(out, per_axis(self.get(v)))
-        self.contracted[out.id] = self.contracted.get(v.id, frozenset())
+        self.carry(v, out)
 
     def map_axes(self, v: Value, out: Value, kept: Sequence[int], *, filtered: bool = False,
                  transparent: bool = False) -> None:
@@ -296,7 +303,7 @@ class ZeroAnalysis:
         sets += [frozenset()] * (len(out.shape) - len(sets))
         self.put(out, sets)
         if transparent:
-            self.contracted[out.id] = self.contracted.get(v.id, frozenset())
+            self.carry(v, out)
 
     def elementwise(self, kind: str, name: str, ins: Sequence[Value], out: Value) -> None:
         """Zero slices of an elementwise op's output (``kind``: any/all/first/none).
@@ -337,9 +344,24 @@ class ZeroAnalysis:
         if name in ("mul", "div", "convert_element_type", "reduce_precision", "copy"):
             self._scale_check(name, ins, out)
 
+    def carry(self, v: Value, out: Value) -> None:
+        """``out`` is ``v`` seen through a view: it keeps ``v``'s contraction/scale marks."""
+        self.contracted[out.id] = self.contracted.get(v.id, frozenset())
+        self.scaled[out.id] = self.scaled.get(v.id, frozenset())
+
     def _scale_check(self, name: str, ins: Sequence[Value], out: Value) -> None:
-        """A mean or RMS over a space changes when it shrinks: see the module docstring."""
+        """A mean, RMS or 1/√d scale over a space changes when it shrinks.
+
+        A constant ``c ∈ {n, √n, 1/n, 1/√n}`` multiplying (or dividing) the result of a
+        contraction over a space of length ``n`` (``Σ x / n``: a mean; LayerNorm/RMSNorm
+        statistics) fails that space here; the same constant applied to an activation
+        *before* it is contracted with another activation (``(q / √d) · k``, attention) is
+        recorded in ``scaled`` and checked by `contract_pairs`. (Pre-scaled inputs of a
+        layer with a parameter kernel are not checked: a mean-pooling divisor that happens
+        to equal the channel count must not block the channels.)
+        """
         carried = frozenset().union(*(self.contracted.get(v.id, frozenset()) for v in ins))
+        scaled = frozenset().union(*(self.scaled.get(v.id, frozenset()) for v in ins))
         if name in ("mul", "div"):
             constants = [v for v in ins if v.literal is not None]
             if len(ins) - len(constants) > 1:
@@ -348,12 +370,19 @@ class ZeroAnalysis:
                 c = const.literal
                 if c == 0 or not math.isfinite(c):
                     continue
+                scaled |= {abs(c)}
                 for space, n in carried:
-                    if any(math.isclose(abs(c), t, rel_tol=1e-5)
-                           for t in (n, math.sqrt(n), 1 / n, 1 / math.sqrt(n))):
+                    if _shape_constant(c, n):
                         self.fail(space, f"scaled by the constant {c:g}, a function of its "
                                          f"length {n} (a mean or RMS over the axis)")
         self.contracted[out.id] = carried
+        self.scaled[out.id] = scaled
+
+    def _prescaled(self, v: Value, space: int, n: int, what: str) -> None:
+        for c in self.scaled.get(v.id, ()):
+            if _shape_constant(c, n):
+                self.fail(space, f"{what} contracts it after a scale by {c:g}, a function "
+                                 f"of its length {n}")
 
     def contract(self, what: str, operands: Sequence[tuple[Value, Sequence[int]]],
                  out: Value) -> None:
@@ -375,6 +404,9 @@ class ZeroAnalysis:
         for a, b in pairs:
             for space in self.spaces(lhs.dims[a]):
                 record.add((space, lhs.shape[a]))
+                if lhs.pdims is None and rhs.pdims is None:  # activation · activation
+                    self._prescaled(lhs, space, lhs.shape[a], what)
+                    self._prescaled(rhs, space, lhs.shape[a], what)
                 if space not in zl[a] and space not in zr[b]:
                     self.fail(space, f"{what} contracts it where neither operand is zero")
         self.contracted[out.id] = frozenset(record)

@@ -158,6 +158,19 @@ def mean_channels(p, x):
     return h @ p["w2"] + h.mean(-1, keepdims=True)
 
 
+def prescaled_attention(p, x):
+    """One head; the query is scaled by 1/sqrt(head_dim) *before* q·k (nnx's layout)."""
+    q = x @ p["wq"]
+    q = q / jnp.sqrt(q.shape[-1]).astype(q.dtype)
+    att = jax.nn.softmax(jnp.einsum("bqd,bkd->bqk", q, x @ p["wk"]), axis=-1)
+    return jnp.einsum("bqk,bkd->bqd", att, x @ p["wv"]) @ p["wo"]
+
+
+def pool_then_dense(p, x):
+    """4x4 mean pooling divides by 16, which is also the channel count (not a 1/n scale)."""
+    return jax.nn.relu(_conv(x, p["k"])).mean(axis=(1, 2)) @ p["w"]
+
+
 CASES = {
     # name: (fn, param shapes, input, expected family sizes in order)
     "mlp_gelu": (mlp_gelu, {"w1": (6, 5), "b1": (5,), "w2": (5, 3), "b2": (3,)},
@@ -196,6 +209,11 @@ CASES = {
     "softmax_hidden": (softmax_hidden, {"w1": (6, 5), "w2": (5, 3)}, (4, 6), []),
     # embedding features and hidden neurons
     "embedding": (embedding, {"embed": (11, 6), "w1": (6, 5), "w2": (5, 3)}, None, [6, 5]),
+    # q/k head_dim feeds the 1/sqrt(d) scale (not prunable); v's head_dim is exact
+    "prescaled_attention": (prescaled_attention, {"wq": (8, 4), "wk": (8, 4), "wv": (8, 4),
+                                                  "wo": (4, 8)}, (2, 5, 8), [4]),
+    "pool_then_dense": (pool_then_dense, {"k": (3, 3, 2, 16), "w": (16, 3)}, (2, 4, 4, 2),
+                        [16]),
     "mean_channels": (mean_channels, {"w1": (6, 5), "w2": (5, 3)}, (4, 6), []),
 }
 
