@@ -3,7 +3,9 @@
 Names follow the usual BERT checkpoint layout so pretrained weights map one to one:
 ``embeddings.{word,position,token_type}`` + ``embeddings.norm``; per layer ``attention.
 {query,key,value,output}`` (``nnx.Linear``, heads folded into the feature axis),
-``attention_norm``, ``intermediate``, ``output``, ``output_norm``.
+``attention_norm``, ``intermediate``, ``output``, ``output_norm``. `SentenceEncoder` adds
+the sentence-transformers head (masked mean pooling, optionally L2-normalised);
+`hesso_jax.models.minilm` loads the pretrained all-MiniLM-L6-v2 weights into it.
 """
 
 from __future__ import annotations
@@ -113,6 +115,45 @@ class BertEncoder(nnx.Module):
 
 
 def mean_pool(states: jax.Array, mask: jax.Array) -> jax.Array:
-    """Sentence embedding: mean of the token states where ``mask`` is True."""
+    """Sentence embedding: mean of the token states where ``mask`` is True.
+
+    ``e_b = Σ_t m_bt h_bt / max(Σ_t m_bt, 1e-9)`` (the sentence-transformers clamp).
+    """
     w = mask.astype(states.dtype)[..., None]
     return (states * w).sum(1) / jnp.maximum(w.sum(1), 1e-9)
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+    """``x / max(‖x‖₂, eps)`` along the last axis (``torch.nn.functional.normalize``)."""
+    norm = jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True))
+    return x / jnp.maximum(norm, eps)
+
+
+class SentenceEncoder(nnx.Module):
+    """A `BertEncoder` with the sentence-transformers pooling head.
+
+    ``e = normalize(mean_pool(encoder(ids, mask), mask))``: the masked mean of the last
+    layer's token states, divided by its L2 norm when ``normalize`` (all-MiniLM-L6-v2's
+    ``Normalize`` module). The encoder lives in ``self.encoder`` (parameter paths
+    ``encoder/embeddings/...``, ``encoder/layers/i/...``).
+
+    Args:
+      vocab_size, max_len, d_model, num_heads, mlp_dim, depth, eps: see `BertEncoder`.
+      normalize: L2-normalise the pooled embedding.
+      rngs: NNX random streams.
+    """
+
+    def __init__(self, vocab_size: int = 1000, max_len: int = 128, d_model: int = 384,
+                 num_heads: int = 12, mlp_dim: int = 1536, depth: int = 6, *,
+                 eps: float = 1e-12, normalize: bool = True, rngs: nnx.Rngs):
+        self.encoder = BertEncoder(vocab_size, max_len, d_model, num_heads, mlp_dim, depth,
+                                   eps=eps, rngs=rngs)
+        self.normalize = normalize
+
+    def __call__(self, ids: jax.Array, mask: jax.Array) -> jax.Array:
+        """Sentence embeddings ``(batch, d_model)`` of ``int[batch, tokens]`` ids.
+
+        ``mask`` is ``bool[batch, tokens]``, True on real tokens (attention and pooling).
+        """
+        pooled = mean_pool(self.encoder(ids, mask), mask)
+        return l2_normalize(pooled) if self.normalize else pooled
