@@ -1,7 +1,8 @@
 """hesso_jax: train and structurally prune any JAX/Flax network in one run.
 
-Public API (see ``shared/design.md``): `Groups`, `GroupFamily`, `Member`, `hesso`,
-`hesso_status`, `cric`, `CricConfig`, `shrink`, `shrink_opt_state`, `KeepPlan`.
+Public API (see ``shared/design.md``): `discover_groups`, `Groups`, `GroupFamily`,
+`Member`, `hesso`, `hesso_status`, `cric`, `CricConfig`, `shrink`, `shrink_model`,
+`shrink_opt_state`, `KeepPlan`, `snows`, `GroupMask`.
 """
 
 from hesso_jax.cric import CricConfig, CricResult, cric
