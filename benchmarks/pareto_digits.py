@@ -199,6 +199,22 @@ def main(argv: list[str] | None = None) -> None:
     sparsities = [float(s) for s in args.sparsities.split(",")]
     methods = args.methods.split(",")
     rows: list[dict[str, Any]] = []
+    out_json = HERE / "pareto_digits.json"
+    commands = [" ".join(["python benchmarks/pareto_digits.py", *(argv or sys.argv[1:])])]
+    old_rows: list[dict[str, Any]] = []
+    if args.merge and out_json.exists():
+        old = json.loads(out_json.read_text())
+        old_rows, commands = old["rows"], old.get("commands", []) + commands
+
+    def merged() -> list[dict[str, Any]]:
+        key = lambda r: (r["arch"], r["method"], r["sparsity"], r["seed"])  # noqa: E731
+        new_keys = {key(r) for r in rows}
+        return [r for r in old_rows if key(r) not in new_keys] + rows
+
+    def save() -> None:  # after every run, so an interrupted grid keeps what it measured
+        out_json.write_text(json.dumps({"commands": commands, "rows": merged(),
+                                        "summary": summarize(merged())}, indent=1))
+
     jobs = [(a, s) for a in archs for s in range(args.seeds)]
     bar = tqdm(total=len(jobs) * (1 + len(methods) * len(sparsities)), desc="runs")
     for arch, seed in jobs:
@@ -214,38 +230,33 @@ def main(argv: list[str] | None = None) -> None:
                      "flops": forward_flops(dense, data.x_test[:1]), "latency_ratio": 1.0,
                      "seconds": time.perf_counter() - t0})
         bar.update()
+        save()
         for sparsity in sparsities:
             for method in methods:
                 rows.append(run_one(args, arch, method, sparsity, seed, data, dense))
                 bar.set_postfix(arch=arch, m=method, s=sparsity,
                                 acc=f"{100 * rows[-1]['acc']:.1f}")
                 bar.update()
+                save()
     bar.close()
-    out_json = HERE / "pareto_digits.json"
-    commands = [" ".join(["python benchmarks/pareto_digits.py", *(argv or sys.argv[1:])])]
-    if args.merge and out_json.exists():
-        old = json.loads(out_json.read_text())
-        key = lambda r: (r["arch"], r["method"], r["sparsity"], r["seed"])  # noqa: E731
-        new_keys = {key(r) for r in rows}
-        rows = [r for r in old["rows"] if key(r) not in new_keys] + rows
-        commands = old.get("commands", []) + commands
+    rows = merged()
     summary = summarize(rows)
-    lines = ["| arch | method | group sparsity | test acc % (mean ± std) | params | "
+    lines = ["| arch | method | group sparsity | seeds | test acc % (mean ± std) | params | "
              "FLOPs/example | latency shrunk/dense | train s |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for s in summary:
         lines.append(f"| {ARCHS[s['arch']][0]} | {s['method']} | {100 * s['sparsity']:.0f}% | "
+                     f"{s['n']} | "
                      f"{s['acc_mean']:.2f} ± {s['acc_std']:.2f} | {s['params']:,.0f} | "
                      f"{s['flops'] / 1e6:.2f} M | {s['latency_ratio']:.2f} | "
                      f"{s['seconds']:.0f} |")
     table = "\n".join(lines)
     print(table)
-    out_json.write_text(json.dumps({"commands": commands, "rows": rows, "summary": summary},
-                                   indent=1))
+    save()
     plot(summary, HERE / "pareto_digits.png")
     if not args.no_write:
         cmd = "`, then `".join(c.strip() for c in commands)
-        body = (f"Commands: `{cmd}` ({args.seeds} seed(s), {args.steps} steps, Adam "
+        body = (f"Commands: `{cmd}` ({args.steps} steps, Adam "
                 f"lr {args.lr}, batch {args.batch_size}, P={args.periods}; 2 CPU cores "
                 "shared with other jobs, so `train s` and latency are only comparable "
                 "within the table). Accuracy is the shrunk model's; every pruned run has "
