@@ -44,6 +44,7 @@ from hesso_jax.train import (
     demo_schedule,
     evaluate,
     forward_flops,
+    latency_ratio,
     make_eval,
     train_classifier,
 )
@@ -72,26 +73,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--periods", type=int, default=5)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--no-write", action="store_true", help="do not touch RESULTS.md")
+    p.add_argument("--no-write", action="store_true",
+                   help="print only: do not write the JSON, the plot or RESULTS.md")
     p.add_argument("--merge", action="store_true",
                    help="add these runs to the rows already in pareto_digits.json "
                         "(same arch/method/sparsity/seed replaced)")
     return p.parse_args(argv)
-
-
-def _latency_ratio(small: nnx.Module, dense: nnx.Module, x: jax.Array,
-                   rounds: int = 20) -> float:
-    fs, fd = make_eval(small), make_eval(dense)
-    ss, sd = nnx.state(small), nnx.state(dense)
-    fs(ss, x).block_until_ready()
-    fd(sd, x).block_until_ready()
-    ts, td = [], []
-    for _ in range(rounds):
-        for fn, st, acc in ((fs, ss, ts), (fd, sd, td)):
-            t0 = time.perf_counter()
-            fn(st, x).block_until_ready()
-            acc.append(time.perf_counter() - t0)
-    return statistics.median(ts) / statistics.median(td)
 
 
 def _taylor_grads(model: nnx.Module, data: Any, seed: int, batches: int = 4,
@@ -147,7 +134,15 @@ def run_one(args: argparse.Namespace, arch: str, method: str, sparsity: float, s
     return {"arch": arch, "method": method, "sparsity": sparsity, "seed": seed,
             "acc": acc, "acc_masked": masked, "params": count_params(small),
             "flops": forward_flops(small, data.x_test[:1]),
-            "latency_ratio": _latency_ratio(small, dense, x_test), "seconds": seconds}
+            "latency_ratio": latency_ratio(make_eval(small), nnx.state(small),
+                                           make_eval(dense), nnx.state(dense), x_test,
+                                           rounds=20)[0],
+            "seconds": seconds}
+
+
+def _flops(flops: float) -> str:
+    """``'0.84 M'``, or ``'–'`` when a layer was removed entirely (XLA reports NaN)."""
+    return "–" if flops != flops else f"{flops / 1e6:.2f} M"
 
 
 def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -212,6 +207,8 @@ def main(argv: list[str] | None = None) -> None:
         return [r for r in old_rows if key(r) not in new_keys] + rows
 
     def save() -> None:  # after every run, so an interrupted grid keeps what it measured
+        if args.no_write:
+            return
         out_json.write_text(json.dumps({"commands": commands, "rows": merged(),
                                         "summary": summarize(merged())}, indent=1))
 
@@ -248,13 +245,13 @@ def main(argv: list[str] | None = None) -> None:
         lines.append(f"| {ARCHS[s['arch']][0]} | {s['method']} | {100 * s['sparsity']:.0f}% | "
                      f"{s['n']} | "
                      f"{s['acc_mean']:.2f} ± {s['acc_std']:.2f} | {s['params']:,.0f} | "
-                     f"{s['flops'] / 1e6:.2f} M | {s['latency_ratio']:.2f} | "
+                     f"{_flops(s['flops'])} | {s['latency_ratio']:.2f} | "
                      f"{s['seconds']:.0f} |")
     table = "\n".join(lines)
     print(table)
     save()
-    plot(summary, HERE / "pareto_digits.png")
     if not args.no_write:
+        plot(summary, HERE / "pareto_digits.png")
         cmd = "`, then `".join(c.strip() for c in commands)
         body = (f"Commands: `{cmd}` ({args.steps} steps, Adam "
                 f"lr {args.lr}, batch {args.batch_size}, P={args.periods}; 2 CPU cores "

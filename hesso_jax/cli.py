@@ -99,23 +99,6 @@ def _check_out_dir(out: Path) -> Path:
     return out
 
 
-def _latency_ratio(small_fn: Any, small_state: Any, dense_fn: Any, dense_state: Any,
-                   x: Any, rounds: int = 30) -> tuple[float, float, float]:
-    """Median forward time of the shrunk and dense models, interleaved; returns ratio."""
-    import numpy as np
-
-    for fn, st in ((small_fn, small_state), (dense_fn, dense_state)):
-        fn(st, x).block_until_ready()
-    t_small, t_dense = [], []
-    for _ in range(rounds):
-        for fn, st, acc in ((small_fn, small_state, t_small), (dense_fn, dense_state, t_dense)):
-            t0 = time.perf_counter()
-            fn(st, x).block_until_ready()
-            acc.append(time.perf_counter() - t0)
-    ms, md = float(np.median(t_small)), float(np.median(t_dense))
-    return ms / md, ms * 1e3, md * 1e3
-
-
 def _save_checkpoint(out: Path, state: Any) -> Path:
     """Writes ``state`` with orbax into a temporary folder, then renames it into place.
 
@@ -205,6 +188,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         demo_schedule,
         evaluate,
         forward_flops,
+        latency_ratio,
         make_eval,
         train_classifier,
     )
@@ -249,7 +233,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     params_dense, params_small = count_params(dense), count_params(small)
     flops_dense = forward_flops(dense, data.x_test[:1])
     flops_small = forward_flops(small, data.x_test[:1])
-    ratio, ms_small, ms_dense = _latency_ratio(
+    ratio, ms_small, ms_dense = latency_ratio(
         make_eval(small), nnx.state(small), make_eval(dense), nnx.state(dense), x_test)
 
     ckpt = _save_checkpoint(out, nnx.state(small))

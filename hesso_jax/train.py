@@ -9,6 +9,7 @@ and applies it; nothing in the loop depends on Python-side model state.
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -83,6 +84,27 @@ def evaluate(model: nnx.Module, x: np.ndarray, y: np.ndarray) -> float:
     """Accuracy of ``model`` (evaluation mode) on ``(x, y)``."""
     logits = make_eval(model)(nnx.state(model), jnp.asarray(x))
     return float(np.mean(np.asarray(logits).argmax(-1) == y))
+
+
+def latency_ratio(small_fn: Callable, small_state: Any, dense_fn: Callable, dense_state: Any,
+                  x: Any, rounds: int = 30) -> tuple[float, float, float]:
+    """Median forward time of two compiled models, measured interleaved in one run.
+
+    Returns ``(small / dense, small ms, dense ms)``; interleaving makes the ratio robust
+    to load that changes during the measurement (absolute times only mean something on
+    an idle machine).
+    """
+    for fn, st in ((small_fn, small_state), (dense_fn, dense_state)):
+        jax.block_until_ready(fn(st, x))
+    t_small: list[float] = []
+    t_dense: list[float] = []
+    for _ in range(rounds):
+        for fn, st, acc in ((small_fn, small_state, t_small), (dense_fn, dense_state, t_dense)):
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(st, x))
+            acc.append(time.perf_counter() - t0)
+    ms, md = float(np.median(t_small)), float(np.median(t_dense))
+    return ms / md, ms * 1e3, md * 1e3
 
 
 def count_params(model_or_state: Any) -> int:
