@@ -27,14 +27,9 @@ MODEL_SPECS = {
 }
 
 
-def make_model(name, seed=0):
-    """A reference model with random values in every variable (biases, BatchNorm included).
-
-    Built with ``nnx.eval_shape`` so no initialiser is compiled (each new kernel shape
-    costs seconds of XLA compile on a small CPU); random biases and statistics also make
-    every comparison stronger than the default zeros and ones.
-    """
-    graphdef, state = nnx.split(nnx.eval_shape(MODEL_SPECS[name]))
+def randomized(ctor, seed=0):
+    """``ctor()`` with random values in every variable, built without compiling initialisers."""
+    graphdef, state = nnx.split(nnx.eval_shape(ctor))
     rng = np.random.default_rng(seed)
     leaves, treedef = jax.tree_util.tree_flatten(state)
     new = []
@@ -50,6 +45,16 @@ def make_model(name, seed=0):
             v = 0.3 * v
         new.append(jnp.asarray(v, x.dtype))
     return nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, new))
+
+
+def make_model(name, seed=0):
+    """A reference model with random values in every variable (biases, BatchNorm included).
+
+    Built with ``nnx.eval_shape`` so no initialiser is compiled (each new kernel shape
+    costs seconds of XLA compile on a small CPU); random biases and statistics also make
+    every comparison stronger than the default zeros and ones.
+    """
+    return randomized(MODEL_SPECS[name], seed)
 
 
 def flat_leaves(tree, prefix=()):

@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_groups import make_model
+from test_groups import make_model, randomized
 from test_surgery import assert_close_rel, masked, random_keep
 
 import hesso_jax as hj
@@ -22,26 +22,6 @@ FEW = settings(max_examples=min(settings().max_examples, 6))
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def randomized(ctor, seed=0):
-    """``ctor()`` with random values in every variable, built without compiling initialisers."""
-    graphdef, state = nnx.split(nnx.eval_shape(ctor))
-    rng = np.random.default_rng(seed)
-    leaves, treedef = jax.tree_util.tree_flatten(state)
-    new = []
-    for path, x in zip(hj.tree_paths(state), leaves, strict=True):
-        v = rng.normal(size=x.shape)
-        if path[-1] == "var":
-            v = np.abs(v) + 0.5
-        elif path[-1] == "scale":
-            v = 1.0 + 0.2 * v
-        elif len(x.shape) >= 2:
-            v = v / np.sqrt(np.prod(x.shape[:-1]))
-        else:
-            v = 0.3 * v
-        new.append(jnp.asarray(v, x.dtype))
-    return nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, new))
 
 
 @nnx.jit

@@ -866,6 +866,15 @@ def _loop_vals(tr: AxisTracer, init: Sequence[Value]) -> list[Value]:
     return carry
 
 
+def _join_carry(tr: AxisTracer, res: Sequence[Value], carry: Sequence[Value],
+                outs: Sequence[Value]) -> None:
+    """A loop body's carried results share axes with the carry and the loop outputs."""
+    for r, c, o in zip(res, carry, outs, strict=True):
+        for a, b, d in zip(r.dims, c.dims, o.dims, strict=True):
+            tr.union(a, b)
+            tr.union(a, d)
+
+
 @_rule("scan")
 def _scan(tr: AxisTracer, eqn: Any, ins: list[Value]) -> list[Value]:
     p = eqn.params
@@ -881,10 +890,7 @@ def _scan(tr: AxisTracer, eqn: Any, ins: list[Value]) -> list[Value]:
     with tr.recording() as events:
         res = tr.enter("scan body", p["jaxpr"], [*consts, *carry, *slices])
     outs = [tr.out_val(eqn, i) for i in range(len(eqn.outvars))]
-    for r, c, o in zip(res[:nk], carry, outs[:nk], strict=True):
-        for a, b, d in zip(r.dims, c.dims, o.dims, strict=True):
-            tr.union(a, b)
-            tr.union(a, d)
+    _join_carry(tr, res[:nk], carry, outs[:nk])
     for r, o in zip(res[nk:], outs[nk:], strict=True):
         tr.block(o.dims[0], "scan axis")
         for a, b in zip(r.dims, o.dims[1:], strict=True):
@@ -915,10 +921,7 @@ def _while(tr: AxisTracer, eqn: Any, ins: list[Value]) -> list[Value]:
         tr.enter("while cond", p["cond_jaxpr"], [*cconsts, *carry])
         res = tr.enter("while body", p["body_jaxpr"], [*bconsts, *carry])
     outs = [tr.out_val(eqn, i) for i in range(len(eqn.outvars))]
-    for r, c, o in zip(res, carry, outs, strict=True):
-        for a, b, d in zip(r.dims, c.dims, o.dims, strict=True):
-            tr.union(a, b)
-            tr.union(a, d)
+    _join_carry(tr, res, carry, outs)
 
     def zero(z: ZeroAnalysis) -> None:
         z.fixpoint(init, carry, events, res)
