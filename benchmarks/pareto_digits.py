@@ -68,7 +68,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--archs", default="cnn,resnet")
     p.add_argument("--sparsities", default="0.3,0.5,0.7,0.9")
     p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--seeds", default="3",
+                   help="a count N (seeds 0..N-1) or a comma list of seeds, e.g. '1,2' or '2,'")
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--periods", type=int, default=5)
     p.add_argument("--lr", type=float, default=3e-3)
@@ -99,7 +100,8 @@ def _taylor_grads(model: nnx.Module, data: Any, seed: int, batches: int = 4,
 
 
 def run_one(args: argparse.Namespace, arch: str, method: str, sparsity: float, seed: int,
-            data: Any, dense: nnx.Module) -> dict[str, Any]:
+            data: Any, dense: nnx.Module, *, return_model: bool = False) -> Any:
+    """One pruned run: its row, or ``(row, shrunk model)`` with ``return_model``."""
     model = ARCHS[arch][1](seed)
     groups = hj.discover_groups(model, data.x_train[:1])
     warmup, period_len = demo_schedule(args.steps, args.periods)
@@ -131,13 +133,14 @@ def run_one(args: argparse.Namespace, arch: str, method: str, sparsity: float, s
     x_test = jnp.asarray(data.x_test)
     acc = evaluate(small, data.x_test, data.y_test)
     masked = evaluate(model, data.x_test, data.y_test)
-    return {"arch": arch, "method": method, "sparsity": sparsity, "seed": seed,
-            "acc": acc, "acc_masked": masked, "params": count_params(small),
-            "flops": forward_flops(small, data.x_test[:1]),
-            "latency_ratio": latency_ratio(make_eval(small), nnx.state(small),
-                                           make_eval(dense), nnx.state(dense), x_test,
-                                           rounds=20)[0],
-            "seconds": seconds}
+    row = {"arch": arch, "method": method, "sparsity": sparsity, "seed": seed,
+           "acc": acc, "acc_masked": masked, "params": count_params(small),
+           "flops": forward_flops(small, data.x_test[:1]),
+           "latency_ratio": latency_ratio(make_eval(small), nnx.state(small),
+                                          make_eval(dense), nnx.state(dense), x_test,
+                                          rounds=20)[0],
+           "seconds": seconds}
+    return (row, small) if return_model else row
 
 
 def _flops(flops: float) -> str:
@@ -212,7 +215,9 @@ def main(argv: list[str] | None = None) -> None:
         out_json.write_text(json.dumps({"commands": commands, "rows": merged(),
                                         "summary": summarize(merged())}, indent=1))
 
-    jobs = [(a, s) for a in archs for s in range(args.seeds)]
+    seeds = ([int(s) for s in args.seeds.split(",") if s] if "," in args.seeds
+             else list(range(int(args.seeds))))
+    jobs = [(a, s) for a in archs for s in seeds]
     bar = tqdm(total=len(jobs) * (1 + len(methods) * len(sparsities)), desc="runs")
     for arch, seed in jobs:
         data = load_digits_split(seed)
