@@ -25,7 +25,7 @@ import numpy as np
 import optax
 
 from hesso_jax.groups import Groups, resolve_count
-from hesso_jax.projection import bottom_k
+from hesso_jax.projection import FamilyFloor, bottom_k
 
 __all__ = ["Criterion", "group_scores", "keep_pruned", "one_shot_prune"]
 
@@ -60,7 +60,8 @@ def group_scores(groups: Groups, params: Any, criterion: Criterion = "magnitude"
 
 def one_shot_prune(params: Any, groups: Groups, K: int | float,
                    criterion: Criterion = "magnitude",
-                   grads: Sequence[Any] = ()) -> tuple[Any, np.ndarray]:
+                   grads: Sequence[Any] = (), *,
+                   min_keep: int | float = 0) -> tuple[Any, np.ndarray]:
     """Zeroes the ``K`` lowest-scoring groups at once.
 
     Args:
@@ -69,6 +70,8 @@ def one_shot_prune(params: Any, groups: Groups, K: int | float,
       K: int count or fraction in (0, 1) of the groups, as for `hesso_jax.hesso`.
       criterion: see `group_scores`.
       grads: gradient trees for ``'taylor'``.
+      min_keep: per-family floor, as for `hesso_jax.hesso`: each family keeps at least
+        its ``m_f`` highest-scoring groups.
 
     Returns:
       ``(pruned_params, keep)``: the parameters with every member of the pruned groups at
@@ -76,8 +79,12 @@ def one_shot_prune(params: Any, groups: Groups, K: int | float,
     """
     groups.validate(params, dependents="present")
     k = resolve_count(K, groups.num_groups)
+    floor = FamilyFloor.build(groups, min_keep, k, who="one_shot_prune")
     scores = group_scores(groups, params, criterion, grads)
-    drop = np.asarray(bottom_k(scores, jnp.ones(groups.num_groups, bool), k))
+    candidates = jnp.ones(groups.num_groups, bool)
+    if floor is not None:
+        candidates = floor.candidates(scores, candidates)
+    drop = np.asarray(bottom_k(scores, candidates, k))
     keep = ~drop
     mask = groups.broadcast(jnp.asarray(keep, jnp.float32), params, fill=1.0)
     pruned = jax.tree.map(lambda x, m: (x * m).astype(x.dtype), params, mask)

@@ -52,6 +52,7 @@ Path = tuple[PathKey, ...]
 __all__ = [
     "AxisMap",
     "resolve_count",
+    "resolve_min_keep",
     "GroupFamily",
     "Groups",
     "Layout",
@@ -608,3 +609,38 @@ def resolve_count(K: int | float, num_groups: int) -> int:
             f"K={count} must be smaller than the number of groups G={num_groups}: pruning "
             "every group would remove the whole network")
     return count
+
+
+def resolve_min_keep(min_keep: int | float, groups: Groups, k: int | None = None,
+                     who: str = "hesso") -> np.ndarray:
+    """``int32[F]``: the fewest groups each family keeps (its floor).
+
+    ``min_keep`` is an int count (a family smaller than it keeps all its groups) or a float
+    fraction in (0, 1) of each family's size, rounded up: ``m_f = min(m, n_f)`` or
+    ``⌈m · n_f⌉``. With ``k`` the number of groups to prune, checks that the floors leave
+    enough: ``k ≤ G − Σ_f m_f``.
+
+    Raises:
+      TypeError: if ``min_keep`` is neither an int nor a float.
+      ValueError: for a negative count, a fraction outside (0, 1), or a ``k`` the floors
+        do not leave room for (the message names the largest possible ``k``).
+    """
+    sizes = np.asarray([f.size for f in groups.families], np.int64)
+    if isinstance(min_keep, bool) or not isinstance(
+            min_keep, int | float | np.integer | np.floating):
+        raise TypeError(f"min_keep must be an int count or a float fraction, got {min_keep!r}")
+    if isinstance(min_keep, float | np.floating):
+        if not 0.0 < min_keep < 1.0:
+            raise ValueError(f"min_keep as a fraction must lie in (0, 1), got {min_keep}")
+        floors = np.ceil(float(min_keep) * sizes - 1e-9).astype(np.int64)
+    else:
+        if min_keep < 0:
+            raise ValueError(f"min_keep must be >= 0, got {min_keep}")
+        floors = np.minimum(int(min_keep), sizes)
+    if k is not None and k > groups.num_groups - int(floors.sum()):
+        raise ValueError(
+            f"{who}: K={k} groups cannot be pruned with min_keep={min_keep}: the "
+            f"{len(sizes)} families keep at least {int(floors.sum())} of the "
+            f"{groups.num_groups} groups, so K can be at most "
+            f"{groups.num_groups - int(floors.sum())}")
+    return floors.astype(np.int32)

@@ -65,7 +65,7 @@ from jax.sharding import PartitionSpec
 
 from hesso_jax.cric import CricConfig, cric_select
 from hesso_jax.groups import Groups, check_int, format_path, resolve_count, tree_paths
-from hesso_jax.projection import bottom_k, gamma, project
+from hesso_jax.projection import FamilyFloor, bottom_k, gamma, project
 from hesso_jax.saliency import evaluate, nonzero_counts, replicate, resolve_saliency
 
 __all__ = ["HessoState", "HessoStatus", "hesso", "hesso_status", "resolve_count",
@@ -215,6 +215,7 @@ def hesso(
     saliency: Any = None,
     cric: Any = None,
     total_steps: int | None = None,
+    min_keep: int | float = 0,
 ) -> optax.GradientTransformationExtraArgs:
     """HESSO (Algorithm 1): progressive projection of the least salient groups to zero.
 
@@ -238,6 +239,13 @@ def hesso(
         ``warmup_steps + P * Tp <= total_steps``, otherwise the last groups would never
         reach exactly zero (or, with a warm-up longer than the budget, none would) and
         a ValueError is raised here instead of a silently under-pruned model.
+      min_keep: per-family floor. Every family keeps at least ``m_f`` groups:
+        ``min(min_keep, n_f)`` for an int, ``⌈min_keep · n_f⌉`` for a fraction in (0, 1).
+        At each period start the ``m_f`` highest-scoring unpruned groups of every family
+        (by the greedy saliency, also under CRIC) are withdrawn from the selection, so a
+        high ``K`` cannot remove a whole layer (and with it every path through the
+        network). ``0`` (default) is Algorithm 1 as published. Raises a ValueError when
+        ``K > G − Σ_f m_f``.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``. ``update`` requires ``params``;
@@ -271,6 +279,7 @@ def hesso(
     if cric is not None and not isinstance(cric, CricConfig):
         raise TypeError(f"cric must be None or a hesso_jax.CricConfig, got {cric!r}")
     score_fn = resolve_saliency(saliency)
+    floor = FamilyFloor.build(groups, min_keep, k_total)
     per_period = np.asarray(schedule_counts(k_total, P), np.int32)
     if cric is not None:
         cric_score = score_fn if cric.saliency is None else resolve_saliency(cric.saliency)
@@ -342,12 +351,17 @@ def hesso(
         k_hat = jnp.asarray(per_period)[period]
 
         def select() -> tuple[jax.Array, jax.Array, jax.Array]:
+            candidates = ~state.pruned
+            scores = None
+            if floor is not None or cric is None:
+                scores = evaluate(score_fn, params, updates, groups)
+            if floor is not None:
+                candidates = floor.candidates(scores, candidates)
             if cric is not None:
-                res = cric_select(value_fn, params, groups, k_hat, ~state.pruned, cric,
+                res = cric_select(value_fn, params, groups, k_hat, candidates, cric,
                                   cric_score, cric_cap)
                 return res.redundant, res.scores, res.cycles
-            scores = evaluate(score_fn, params, updates, groups)
-            return bottom_k(scores, ~state.pruned, k_hat), scores, jnp.zeros([], jnp.int32)
+            return bottom_k(scores, candidates, k_hat), scores, jnp.zeros([], jnp.int32)
 
         redundant, scores, cycles = jax.lax.cond(
             start, select, lambda: (state.redundant, state.scores, state.cric_cycles))

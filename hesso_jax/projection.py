@@ -1,7 +1,9 @@
 """The two primitives HESSO and CRIC share: bottom-k selection and progressive projection.
 
 *Selection*: the ``k`` candidate groups with the lowest scores, ties broken by the lower
-global index (a stable sort), ``O(G log G)``.
+global index (a stable sort), ``O(G log G)``. An optional per-family floor (`FamilyFloor`)
+first withdraws from the candidates the ``m_f`` highest-scoring ones of every family ``f``,
+so no family can lose more than ``n_f − m_f`` groups (one more sort of length ``G``).
 
 *Projection* (HESSO Algorithm 1, the update of the redundant set): a group ``g`` with
 coefficient ``c_g`` moves to ``c_g · (x_g + u_g)`` instead of ``x_g + u_g``. With
@@ -14,16 +16,64 @@ coefficient ``c_g`` moves to ``c_g · (x_g + u_g)`` instead of ``x_g + u_g``. Wi
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import PartitionSpec
 
-from hesso_jax.groups import Layout
+from hesso_jax.groups import Groups, Layout, resolve_min_keep
 from hesso_jax.saliency import replicate
 
-__all__ = ["bottom_k", "gamma", "project"]
+__all__ = ["FamilyFloor", "bottom_k", "gamma", "project"]
+
+
+class FamilyFloor(NamedTuple):
+    """Static per-group vectors (numpy, length ``G``) of a per-family floor.
+
+    Attributes:
+      family: the family of each group.
+      start: global index of group 0 of that family.
+      keep: ``m_f``, the fewest groups that family keeps.
+    """
+
+    family: np.ndarray
+    start: np.ndarray
+    keep: np.ndarray
+
+    @classmethod
+    def build(cls, groups: Groups, min_keep: int | float, k: int | None = None,
+              who: str = "hesso") -> FamilyFloor | None:
+        """The floor of ``min_keep``, or ``None`` when no family has one.
+
+        See `hesso_jax.groups.resolve_min_keep` for ``min_keep``, ``k`` and the errors.
+        """
+        floors = resolve_min_keep(min_keep, groups, k, who)
+        if not floors.any():
+            return None
+        family = groups.family_index()
+        return cls(family, np.asarray(groups.starts, np.int32)[family], floors[family])
+
+    def protected(self, scores: jax.Array, alive: jax.Array) -> jax.Array:
+        """``bool[G]``: the ``m_f`` alive groups of every family with the highest scores.
+
+        One stable sort by (family, not alive, −score), NaN read as +inf like `bottom_k`
+        (so a NaN-scored group is kept, never pruned for it); a group's rank inside its
+        family is its sorted position minus the family's start. Families keep their groups
+        contiguous in the global order, so the first ``m_f`` of each family are its alive
+        groups with the highest scores (ties → lower index).
+        """
+        scores, alive = replicate(scores), replicate(alive)
+        clean = jnp.where(jnp.isnan(scores), jnp.inf, scores)
+        order = jnp.lexsort((-clean, ~alive, jnp.asarray(self.family)))
+        rank = jnp.zeros(scores.shape, jnp.int32).at[order].set(
+            jnp.arange(scores.shape[0], dtype=jnp.int32))
+        return alive & (rank - jnp.asarray(self.start) < jnp.asarray(self.keep))
+
+    def candidates(self, scores: jax.Array, alive: jax.Array) -> jax.Array:
+        """``alive`` without the protected groups: what a selection may take."""
+        return alive & ~self.protected(scores, alive)
 
 
 def _shard_like(v: jax.Array, leaf: jax.Array, axis: int) -> jax.Array:
