@@ -74,6 +74,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--periods", type=int, default=5)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--min-keep", type=float, default=0,
+                   help="per-family floor of every pruning method (hj.hesso(min_keep=...), "
+                        "one_shot_prune(min_keep=...)): an int count or a fraction in (0, 1)")
     p.add_argument("--no-write", action="store_true",
                    help="print only: do not write the JSON, the plot or RESULTS.md")
     p.add_argument("--merge", action="store_true",
@@ -104,6 +107,7 @@ def run_one(args: argparse.Namespace, arch: str, method: str, sparsity: float, s
     """One pruned run: its row, or ``(row, shrunk model)`` with ``return_model``."""
     model = ARCHS[arch][1](seed)
     groups = hj.discover_groups(model, data.x_train[:1])
+    min_keep = _min_keep(args)
     warmup, period_len = demo_schedule(args.steps, args.periods)
     common = dict(batch_size=args.batch_size, seed=seed, eval_every=args.steps,
                   progress=False)
@@ -113,14 +117,15 @@ def run_one(args: argparse.Namespace, arch: str, method: str, sparsity: float, s
                 if method == "hesso_cric" else None)
         tx = optax.chain(optax.adam(args.lr),
                          hj.hesso(groups, sparsity, args.periods, period_len,
-                                  warmup_steps=warmup, cric=cric))
+                                  warmup_steps=warmup, cric=cric, min_keep=min_keep))
         train_classifier(model, tx, data, steps=args.steps, **common)
     else:
         pre = warmup + args.periods * period_len  # when HESSO finishes pruning
         train_classifier(model, optax.adam(args.lr), data, steps=pre, **common)
         grads = _taylor_grads(model, data, seed) if method == "taylor" else ()
         params = nnx.state(model, nnx.Param)
-        pruned, keep = one_shot_prune(params, groups, sparsity, method, grads)
+        pruned, keep = one_shot_prune(params, groups, sparsity, method, grads,
+                                      min_keep=min_keep)
         nnx.update(model, pruned)
         tx = optax.chain(optax.adam(args.lr), keep_pruned(groups, keep))
         train_classifier(model, tx, data, steps=args.steps - pre, **common)
@@ -134,7 +139,7 @@ def run_one(args: argparse.Namespace, arch: str, method: str, sparsity: float, s
     acc = evaluate(small, data.x_test, data.y_test)
     masked = evaluate(model, data.x_test, data.y_test)
     row = {"arch": arch, "method": method, "sparsity": sparsity, "seed": seed,
-           "acc": acc, "acc_masked": masked, "params": count_params(small),
+           "min_keep": min_keep, "acc": acc, "acc_masked": masked, "params": count_params(small),
            "flops": forward_flops(small, data.x_test[:1]),
            "latency_ratio": latency_ratio(make_eval(small), nnx.state(small),
                                           make_eval(dense), nnx.state(dense), x_test,
@@ -143,19 +148,34 @@ def run_one(args: argparse.Namespace, arch: str, method: str, sparsity: float, s
     return (row, small) if return_model else row
 
 
+def _min_keep(args: argparse.Namespace) -> int | float:
+    """``--min-keep`` as hesso takes it: an int count, or a float fraction below 1."""
+    m = args.min_keep
+    return int(m) if float(m).is_integer() else float(m)
+
+
+def _key(r: dict[str, Any]) -> tuple:
+    """What distinguishes a configuration (rows before ``--min-keep`` existed had none)."""
+    return (r["arch"], r["method"], r["sparsity"], r.get("min_keep", 0))
+
+
+def _label(method: str, min_keep: int | float) -> str:
+    return f"{method} (min_keep={min_keep})" if min_keep else method
+
+
 def _flops(flops: float) -> str:
     """``'0.84 M'``, or ``'–'`` when a layer was removed entirely (XLA reports NaN)."""
     return "–" if flops != flops else f"{flops / 1e6:.2f} M"
 
 
 def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    keys = sorted({(r["arch"], r["method"], r["sparsity"]) for r in rows},
-                  key=lambda k: (k[0], k[2], k[1]))
+    keys = sorted({_key(r) for r in rows}, key=lambda k: (k[0], k[2], k[3], k[1]))
     out = []
     for key in keys:
-        sel = [r for r in rows if (r["arch"], r["method"], r["sparsity"]) == key]
+        sel = [r for r in rows if _key(r) == key]
         accs = [100 * r["acc"] for r in sel]
-        out.append({"arch": key[0], "method": key[1], "sparsity": key[2], "n": len(sel),
+        out.append({"arch": key[0], "method": key[1], "sparsity": key[2],
+                    "min_keep": key[3], "n": len(sel),
                     "acc_mean": statistics.mean(accs),
                     "acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
                     "params": statistics.mean(r["params"] for r in sel),
@@ -174,13 +194,18 @@ def plot(summary: list[dict[str, Any]], path: Path) -> None:
     archs = sorted({s["arch"] for s in summary})
     fig, axes = plt.subplots(1, len(archs), figsize=(6 * len(archs), 4.2), squeeze=False)
     for ax, arch in zip(axes[0], archs, strict=True):
-        for method in ("dense", *METHODS):
+        series = sorted({(s["method"], s.get("min_keep", 0)) for s in summary
+                         if s["arch"] == arch},
+                        key=lambda m: (("dense", *METHODS).index(m[0]), m[1]))
+        for method, min_keep in series:
             pts = sorted((s["flops"], s["acc_mean"], s["acc_std"]) for s in summary
-                         if s["arch"] == arch and s["method"] == method)
-            if pts:
-                f, a, e = zip(*pts, strict=True)
-                ax.errorbar(np.asarray(f) / 1e6, a, yerr=e, marker="o", capsize=3,
-                            label=method, linestyle="-" if method != "dense" else "none")
+                         if s["arch"] == arch and s["method"] == method
+                         and s.get("min_keep", 0) == min_keep)
+            f, a, e = zip(*pts, strict=True)
+            ax.errorbar(np.asarray(f) / 1e6, a, yerr=e, marker="o" if not min_keep else "s",
+                        capsize=3, label=_label(method, min_keep),
+                        linestyle="none" if method == "dense" else
+                        ("-" if not min_keep else ":"))
         ax.set_xscale("log")
         ax.set_xlabel("FLOPs per example (M, shrunk model)")
         ax.set_ylabel("test accuracy (%)")
@@ -205,7 +230,7 @@ def main(argv: list[str] | None = None) -> None:
         old_rows, commands = old["rows"], old.get("commands", []) + commands
 
     def merged() -> list[dict[str, Any]]:
-        key = lambda r: (r["arch"], r["method"], r["sparsity"], r["seed"])  # noqa: E731
+        key = lambda r: (*_key(r), r["seed"])  # noqa: E731
         new_keys = {key(r) for r in rows}
         return [r for r in old_rows if key(r) not in new_keys] + rows
 
@@ -227,7 +252,8 @@ def main(argv: list[str] | None = None) -> None:
                          batch_size=args.batch_size, seed=seed, eval_every=args.steps,
                          progress=False)
         rows.append({"arch": arch, "method": "dense", "sparsity": 0.0, "seed": seed,
-                     "acc": evaluate(dense, data.x_test, data.y_test), "acc_masked": None,
+                     "min_keep": 0, "acc": evaluate(dense, data.x_test, data.y_test),
+                     "acc_masked": None,
                      "params": count_params(dense),
                      "flops": forward_flops(dense, data.x_test[:1]), "latency_ratio": 1.0,
                      "seconds": time.perf_counter() - t0})
@@ -247,7 +273,8 @@ def main(argv: list[str] | None = None) -> None:
              "FLOPs/example | latency shrunk/dense | train s |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for s in summary:
-        lines.append(f"| {ARCHS[s['arch']][0]} | {s['method']} | {100 * s['sparsity']:.0f}% | "
+        lines.append(f"| {ARCHS[s['arch']][0]} | {_label(s['method'], s['min_keep'])} | "
+                     f"{100 * s['sparsity']:.0f}% | "
                      f"{s['n']} | "
                      f"{s['acc_mean']:.2f} ± {s['acc_std']:.2f} | {s['params']:,.0f} | "
                      f"{_flops(s['flops'])} | {s['latency_ratio']:.2f} | "
