@@ -62,6 +62,23 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _min_keep(text: str) -> int | float:
+    """An int count >= 0, or a fraction strictly between 0 and 1."""
+    try:
+        return _int_at_least(0)(text)
+    except argparse.ArgumentTypeError:
+        pass
+    try:
+        return _fraction(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"expected a count >= 0 or a fraction in (0, 1), got {text!r}") from None
+
+
+class _UsageError(Exception):
+    """Arguments that parse but do not fit together (reported like a parse error)."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface."""
     parser = _Parser(prog="hesso-jax", description="Train and structurally prune JAX "
@@ -83,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--lr", type=_positive_float, default=3e-3, help="Adam learning rate")
     demo.add_argument("--periods", type=_int_at_least(1), default=5,
                       help="HESSO pruning periods P (default 5)")
+    demo.add_argument("--min-keep", type=_min_keep, default=0,
+                      help="per-family floor: groups (int) or fraction of groups every "
+                           "family keeps (default 0, none)")
     demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return parser
 
@@ -203,10 +223,13 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     # zero-invariant groups found from the model's jaxpr (no hand-written groups)
     groups = hj.discover_groups(pruned, data.x_train[:1])
     tx_dense = optax.adam(args.lr)
-    tx_hesso = optax.chain(
-        optax.adam(args.lr),
-        hj.hesso(groups, args.sparsity, args.periods, period_len, warmup_steps=warmup,
-                 total_steps=args.steps))
+    try:
+        pruner = hj.hesso(groups, args.sparsity, args.periods, period_len,
+                          warmup_steps=warmup, total_steps=args.steps,
+                          min_keep=args.min_keep)
+    except ValueError as err:  # e.g. --sparsity too high for --min-keep
+        raise _UsageError(str(err)) from None
+    tx_hesso = optax.chain(optax.adam(args.lr), pruner)
     common = dict(steps=args.steps, batch_size=args.batch_size, seed=args.seed,
                   eval_every=max(1, args.steps // 60), progress=progress)
     _, _, h_dense = train_classifier(dense, tx_dense, data, desc="dense ", **common)
@@ -303,6 +326,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(reason)
         try:
             run_demo(args)
+        except _UsageError as err:
+            parser.error(str(err))
         except KeyboardInterrupt:
             sys.stderr.write("hesso-jax: interrupted\n")
             return 130

@@ -27,6 +27,8 @@ def test_help():
     (["demo", "--steps", "-3"], "must be >= 20"),
     (["demo", "--seed", "x"], "expected an integer"),
     (["demo", "--lr", "0"], "must be > 0"),
+    (["demo", "--min-keep", "-1"], "expected a count >= 0 or a fraction in (0, 1)"),
+    (["demo", "--min-keep", "2.5"], "expected a count >= 0 or a fraction in (0, 1)"),
     (["nonsense"], "invalid choice"),
 ])
 def test_bad_arguments_give_one_line_error(args, fragment, capsys):
@@ -36,6 +38,16 @@ def test_bad_arguments_give_one_line_error(args, fragment, capsys):
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "Traceback" not in err
     assert fragment in err
+
+
+def test_sparsity_beyond_the_floor_is_a_usage_error(tmp_path, capsys):
+    # 192 groups in 3 families; min_keep=0.5 keeps 96, so K = round(0.9 * 192) = 173 is refused.
+    with pytest.raises(SystemExit) as exc:
+        main(["demo", "--sparsity", "0.9", "--min-keep", "0.5", "--out", str(tmp_path),
+              "--no-progress"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "K=173" in err and "at most 96" in err
 
 
 def test_unwritable_output_folder(tmp_path, capsys):
