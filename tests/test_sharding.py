@@ -190,3 +190,24 @@ def test_group_reductions_on_sharded_params(axis_type):
         zero = groups.zero_groups(params)
     np.testing.assert_allclose(norms, groups.sq_norms(host), rtol=1e-6)
     np.testing.assert_array_equal(zero, np.arange(HIDDEN) < 5)
+
+
+@pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit], ids=["auto", "explicit"])
+def test_family_floor_under_fsdp_matches_single_device(axis_type):
+    # min_keep=20 of 32 leaves exactly K=12 candidates: the floor's sort decides them all.
+    def tx():
+        return optax.chain(optax.adam(1e-2), hj.hesso(make_groups(), K, PERIODS, TP,
+                                                      warmup_steps=TW, min_keep=20))
+
+    _, ref = train(tx(), make_params(), X, Y)
+    mesh = mesh_of(axis_type)
+    with jax.set_mesh(mesh):
+        params = put(mesh, make_params(), FSDP)
+        x = jax.device_put(X, NamedSharding(mesh, P("d")))
+        y = jax.device_put(Y, NamedSharding(mesh, P("d")))
+        params, state = train(tx(), params, x, y)
+    status, ref = hj.hesso_status(state), hj.hesso_status(ref)
+    assert status.num_pruned == K
+    np.testing.assert_array_equal(status.pruned, ref.pruned)
+    np.testing.assert_array_equal(make_groups().zero_groups(jax.device_get(params)),
+                                  ref.pruned)
