@@ -186,13 +186,16 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def plot(summary: list[dict[str, Any]], path: Path) -> None:
+    """Accuracy vs FLOPs per architecture: one colour per method, dotted for floors."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
+    colours = dict(zip(("dense", *METHODS), plt.get_cmap("tab10").colors, strict=False))
     archs = sorted({s["arch"] for s in summary})
-    fig, axes = plt.subplots(1, len(archs), figsize=(6 * len(archs), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(archs), figsize=(6.5 * len(archs), 4.6), squeeze=False)
     for ax, arch in zip(axes[0], archs, strict=True):
         series = sorted({(s["method"], s.get("min_keep", 0)) for s in summary
                          if s["arch"] == arch},
@@ -200,18 +203,23 @@ def plot(summary: list[dict[str, Any]], path: Path) -> None:
         for method, min_keep in series:
             pts = sorted((s["flops"], s["acc_mean"], s["acc_std"]) for s in summary
                          if s["arch"] == arch and s["method"] == method
-                         and s.get("min_keep", 0) == min_keep)
+                         and s.get("min_keep", 0) == min_keep
+                         and s["flops"] == s["flops"])  # a removed layer has no FLOPs
+            if not pts:
+                continue
             f, a, e = zip(*pts, strict=True)
-            ax.errorbar(np.asarray(f) / 1e6, a, yerr=e, marker="o" if not min_keep else "s",
-                        capsize=3, label=_label(method, min_keep),
-                        linestyle="none" if method == "dense" else
-                        ("-" if not min_keep else ":"))
+            # no floor: circles, solid; a count floor: squares, dotted; a fraction: triangles
+            kind = 0 if not min_keep else (1 if float(min_keep).is_integer() else 2)
+            style = "none" if method == "dense" else ("-", ":", "--")[kind]
+            ax.errorbar(np.asarray(f) / 1e6, a, yerr=e, capsize=3, color=colours[method],
+                        marker="os^"[kind], linestyle=style, label=_label(method, min_keep))
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("FLOPs per example (M, shrunk model)")
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(ARCHS[arch][0])
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
