@@ -24,7 +24,7 @@ of each framework's own model (interleaved medians on the test set).
 
 Needs the optional extra ``peers`` (PyTorch and Torch-Pruning)::
 
-    pip install torch==2.13.0            # CPU wheel; a bare 'torch' may pull CUDA packages
+    pip install torch --index-url https://download.pytorch.org/whl/cpu   # CPU-only machine
     pip install -e ".[peers]"
     python benchmarks/peers/torch_pruning_digits.py                  # 3 seeds, 30/50/70%
     python benchmarks/peers/torch_pruning_digits.py --seeds 1 --steps 300 --no-write
@@ -50,7 +50,9 @@ sys.path.insert(0, str(HERE.parent))
 SECTION = "## Peer side by side: Torch-Pruning on digits"
 MISSING = ("benchmarks/peers needs the optional extra 'peers' (PyTorch and Torch-Pruning), "
            "which is not installed here ({error}). Install it with "
-           "`pip install torch==2.13.0` (the CPU wheel) and `pip install -e \".[peers]\"`.")
+           "`pip install -e \".[peers]\"` (on a CPU-only machine install PyTorch's CPU "
+           "build first: `pip install torch --index-url "
+           "https://download.pytorch.org/whl/cpu`).")
 
 
 def _import_peers() -> tuple[Any, Any]:
