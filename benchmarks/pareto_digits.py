@@ -168,21 +168,22 @@ def _flops(flops: float) -> str:
     return "–" if flops != flops else f"{flops / 1e6:.2f} M"
 
 
+def aggregate(sel: list[dict[str, Any]]) -> dict[str, Any]:
+    """Seed statistics of one configuration's rows: accuracy in % (mean, sample std),
+    mean params/FLOPs/seconds, median latency ratio."""
+    accs = [100 * r["acc"] for r in sel]
+    return {"n": len(sel), "acc_mean": statistics.mean(accs),
+            "acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+            "params": statistics.mean(r["params"] for r in sel),
+            "flops": statistics.mean(r["flops"] for r in sel),
+            "latency_ratio": statistics.median(r["latency_ratio"] for r in sel),
+            "seconds": statistics.mean(r["seconds"] for r in sel)}
+
+
 def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     keys = sorted({_key(r) for r in rows}, key=lambda k: (k[0], k[2], k[3], k[1]))
-    out = []
-    for key in keys:
-        sel = [r for r in rows if _key(r) == key]
-        accs = [100 * r["acc"] for r in sel]
-        out.append({"arch": key[0], "method": key[1], "sparsity": key[2],
-                    "min_keep": key[3], "n": len(sel),
-                    "acc_mean": statistics.mean(accs),
-                    "acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
-                    "params": statistics.mean(r["params"] for r in sel),
-                    "flops": statistics.mean(r["flops"] for r in sel),
-                    "latency_ratio": statistics.median(r["latency_ratio"] for r in sel),
-                    "seconds": statistics.mean(r["seconds"] for r in sel)})
-    return out
+    return [{"arch": key[0], "method": key[1], "sparsity": key[2], "min_keep": key[3],
+             **aggregate([r for r in rows if _key(r) == key])} for key in keys]
 
 
 def plot(summary: list[dict[str, Any]], path: Path) -> None:

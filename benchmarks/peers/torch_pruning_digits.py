@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
 import sys
 import time
 from collections.abc import Iterator
@@ -302,21 +301,14 @@ LABELS = {("hesso_jax", "dense"): "hesso_jax dense", ("hesso_jax", "hesso"): "he
 
 
 def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    keys = sorted({(r["sparsity"], r["framework"], r["method"]) for r in rows},
+    """One line per (sparsity, framework, method), seed statistics as in the Pareto table."""
+    from pareto_digits import aggregate
+
+    key = lambda r: (r["sparsity"], r["framework"], r["method"])  # noqa: E731
+    keys = sorted({key(r) for r in rows},
                   key=lambda k: (k[0], list(LABELS).index((k[1], k[2]))))
-    out = []
-    for sparsity, framework, method in keys:
-        sel = [r for r in rows if (r["sparsity"], r["framework"], r["method"])
-               == (sparsity, framework, method)]
-        accs = [100 * r["acc"] for r in sel]
-        out.append({"sparsity": sparsity, "framework": framework, "method": method,
-                    "n": len(sel), "acc_mean": statistics.mean(accs),
-                    "acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
-                    "params": statistics.mean(r["params"] for r in sel),
-                    "flops": statistics.mean(r["flops"] for r in sel),
-                    "latency_ratio": statistics.median(r["latency_ratio"] for r in sel),
-                    "seconds": statistics.mean(r["seconds"] for r in sel)})
-    return out
+    return [{"sparsity": k[0], "framework": k[1], "method": k[2],
+             **aggregate([r for r in rows if key(r) == k])} for k in keys]
 
 
 def table(summary: list[dict[str, Any]]) -> str:
