@@ -66,9 +66,7 @@ class FamilyFloor(NamedTuple):
         """
         scores, alive = replicate(scores), replicate(alive)
         clean = jnp.where(jnp.isnan(scores), jnp.inf, scores)
-        order = jnp.lexsort((-clean, ~alive, jnp.asarray(self.family)))
-        rank = jnp.zeros(scores.shape, jnp.int32).at[order].set(
-            jnp.arange(scores.shape[0], dtype=jnp.int32))
+        rank = _positions(jnp.lexsort((-clean, ~alive, jnp.asarray(self.family))))
         return alive & (rank - jnp.asarray(self.start) < jnp.asarray(self.keep))
 
     def candidates(self, scores: jax.Array, alive: jax.Array) -> jax.Array:
@@ -104,10 +102,14 @@ def bottom_k(scores: jax.Array, candidates: jax.Array, k: jax.Array | int) -> ja
     """
     scores, candidates = replicate(scores), replicate(candidates)
     clean = jnp.where(jnp.isnan(scores), jnp.inf, scores)
-    order = jnp.lexsort((clean, ~candidates))
-    rank = jnp.zeros(scores.shape, jnp.int32).at[order].set(
-        jnp.arange(scores.shape[0], dtype=jnp.int32))
+    rank = _positions(jnp.lexsort((clean, ~candidates)))
     return candidates & (rank < k)
+
+
+def _positions(order: jax.Array) -> jax.Array:
+    """``int32[G]``: where each group landed in the sort ``order`` (its inverse)."""
+    return jnp.zeros(order.shape, jnp.int32).at[order].set(
+        jnp.arange(order.shape[0], dtype=jnp.int32))
 
 
 def gamma(s: jax.Array, T: int) -> jax.Array:
