@@ -163,7 +163,7 @@ def _label(method: str, min_keep: int | float) -> str:
     return f"{method} (min_keep={min_keep})" if min_keep else method
 
 
-def _flops(flops: float) -> str:
+def flops_text(flops: float) -> str:
     """``'0.84 M'``, or ``'–'`` when a layer was removed entirely (XLA reports NaN)."""
     return "–" if flops != flops else f"{flops / 1e6:.2f} M"
 
@@ -286,7 +286,7 @@ def main(argv: list[str] | None = None) -> None:
                      f"{100 * s['sparsity']:.0f}% | "
                      f"{s['n']} | "
                      f"{s['acc_mean']:.2f} ± {s['acc_std']:.2f} | {s['params']:,.0f} | "
-                     f"{_flops(s['flops'])} | {s['latency_ratio']:.2f} | "
+                     f"{flops_text(s['flops'])} | {s['latency_ratio']:.2f} | "
                      f"{s['seconds']:.0f} |")
     table = "\n".join(lines)
     print(table)

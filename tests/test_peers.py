@@ -73,7 +73,7 @@ def test_tp_prune_to_params_hits_the_target(peers, global_pruning):
     model = peers.torch_cnn(torch)
     example = torch.zeros(1, 1, 8, 8)
     target = 20_000
-    pruned, ratio = peers.tp_prune_to_params(torch, tp, model, example, target, global_pruning)
+    pruned, ratio = peers.tp_prune_to_params(tp, model, example, target, global_pruning)
     n = sum(p.numel() for p in pruned.parameters())
     assert 0.0 < ratio < 0.99
     assert abs(n - target) / target < 0.1

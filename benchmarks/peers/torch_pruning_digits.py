@@ -156,7 +156,7 @@ def torch_latency_ratio(torch: Any, small: Any, dense: Any, x: Any, rounds: int 
     return float(np.median(times[0]) / np.median(times[1]))
 
 
-def tp_prune(torch: Any, tp: Any, model: Any, example: Any, ratio: float,
+def tp_prune(tp: Any, model: Any, example: Any, ratio: float,
              global_pruning: bool) -> Any:
     """A pruned copy of ``model``: Torch-Pruning's group-L2 magnitude pruner at channel
     ratio ``ratio`` (the classifier head's outputs are kept)."""
@@ -168,7 +168,7 @@ def tp_prune(torch: Any, tp: Any, model: Any, example: Any, ratio: float,
     return model
 
 
-def tp_prune_to_params(torch: Any, tp: Any, model: Any, example: Any, target: int,
+def tp_prune_to_params(tp: Any, model: Any, example: Any, target: int,
                        global_pruning: bool, iters: int = 14) -> tuple[Any, float]:
     """Bisects the channel ratio so the pruned model's parameter count is the closest to
     ``target``; returns ``(pruned copy, ratio)``."""
@@ -176,7 +176,7 @@ def tp_prune_to_params(torch: Any, tp: Any, model: Any, example: Any, target: in
     best: tuple[int, Any, float] | None = None
     for _ in range(iters):
         mid = (lo + hi) / 2
-        pruned = tp_prune(torch, tp, model, example, mid, global_pruning)
+        pruned = tp_prune(tp, model, example, mid, global_pruning)
         n = sum(p.numel() for p in pruned.parameters())
         if best is None or abs(n - target) < best[0]:
             best = (abs(n - target), pruned, mid)
@@ -280,7 +280,7 @@ def run_seed(args: argparse.Namespace, seed: int, sparsities: list[float],
     for s in sparsities:
         for global_pruning in (False, True):
             t0 = time.perf_counter()
-            pruned, ratio = tp_prune_to_params(torch, tp, base, example, targets[s],
+            pruned, ratio = tp_prune_to_params(tp, base, example, targets[s],
                                                global_pruning)
             torch_train(torch, pruned, x_tr, y_tr, steps=args.steps - pre, **fit)
             seconds = t_pre + time.perf_counter() - t0
@@ -312,16 +312,17 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def table(summary: list[dict[str, Any]]) -> str:
+    """The markdown table of `summarize`'s lines."""
+    from pareto_digits import flops_text
+
     lines = ["| target | method | seeds | test acc % (mean ± std) | params | FLOPs/example | "
              "latency pruned/dense | wall s (train + prune + FT) |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
     for s in summary:
         target = "dense" if s["method"] == "dense" else f"{100 * s['sparsity']:.0f}% groups"
-        flops = s["flops"]
-        flops_txt = "–" if flops != flops else f"{flops / 1e6:.2f} M"
         lines.append(f"| {target} | {LABELS[(s['framework'], s['method'])]} | {s['n']} | "
                      f"{s['acc_mean']:.2f} ± {s['acc_std']:.2f} | {s['params']:,.0f} | "
-                     f"{flops_txt} | {s['latency_ratio']:.2f} | {s['seconds']:.1f} |")
+                     f"{flops_text(s['flops'])} | {s['latency_ratio']:.2f} | {s['seconds']:.1f} |")
     return "\n".join(lines)
 
 
