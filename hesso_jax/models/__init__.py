@@ -10,9 +10,10 @@ from hesso_jax.models.bert import BertEncoder, SentenceEncoder
 from hesso_jax.models.carn import CARN
 from hesso_jax.models.charlm import CharLM
 from hesso_jax.models.cnn import CNN
+from hesso_jax.models.llama import Llama
 from hesso_jax.models.mlp import MLP
 from hesso_jax.models.resnet import ResNet
 from hesso_jax.models.transformer import TinyTransformer
 
-__all__ = ["CARN", "CNN", "BertEncoder", "CharLM", "MLP", "ResNet", "SentenceEncoder",
+__all__ = ["CARN", "CNN", "BertEncoder", "CharLM", "Llama", "MLP", "ResNet", "SentenceEncoder",
            "TinyTransformer"]
