@@ -11,9 +11,8 @@ The decision is recorded in a `KeepPlan` (kept group indices per family, JSON), 
 be saved beside a checkpoint and re-applied to any tree carrying the same paths: the
 parameters, an optimizer state's parameter-shaped parts, BatchNorm statistics.
 
-`shrink_model` does the same to a Flax NNX module and then rewrites the static size
-attributes of the standard layers (``in_features``, ``num_heads``, ...) from the new
-parameter shapes, through one table of per-layer-type attribute fixers.
+`shrink_model` (in `hesso_jax.frameworks`, re-exported here) does the same to a model
+object and rewrites its layers' static sizes from the new parameter shapes.
 """
 
 from __future__ import annotations
@@ -21,20 +20,17 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from hesso_jax.groups import (
     DependentsMode,
     GroupFamily,
     Groups,
     Member,
-    Path,
     check_int,
     format_path,
     tree_paths,
@@ -49,9 +45,15 @@ __all__ = ["KeepPlan", "apply_plan", "shrink", "shrink_groups", "shrink_model",
 class KeepPlan:
     """Which groups of each family survive surgery.
 
+    Every family keeps at least one group. A family whose groups are all zero (fully
+    pruned) keeps its lowest-indexed group as an exactly-zero placeholder: its channel is
+    zero for every input, so the function is unchanged, and no leaf of the shrunk tree gets
+    a zero-size axis (orbax refuses to save zero-size arrays, and several layers cannot be
+    built with zero features). The cost is one channel per emptied family.
+
     Attributes:
       sizes: the original size of each family.
-      keep: per family, the sorted local indices of the kept groups.
+      keep: per family, the sorted local indices of the kept groups (never empty).
     """
 
     sizes: tuple[int, ...]
@@ -63,7 +65,13 @@ class KeepPlan:
         if len(sizes) != len(keep):
             raise ValueError(f"KeepPlan: {len(sizes)} sizes but {len(keep)} keep lists")
         for f, (n, k) in enumerate(zip(sizes, keep, strict=True)):
-            if list(k) != sorted(set(k)) or (k and (k[0] < 0 or k[-1] >= n)):
+            if not k:
+                raise ValueError(
+                    f"KeepPlan family {f} keeps no group: every family keeps at least one, "
+                    "so that no leaf of the shrunk tree has a zero-size axis (a fully "
+                    "pruned family keeps one exactly-zero group; KeepPlan.from_mask does "
+                    "this)")
+            if list(k) != sorted(set(k)) or k[0] < 0 or k[-1] >= n:
                 raise ValueError(
                     f"KeepPlan family {f}: kept indices must be sorted, unique and in [0, {n})")
         object.__setattr__(self, "sizes", sizes)
@@ -77,9 +85,10 @@ class KeepPlan:
           groups: the `Groups` the mask is over.
           keep: ``bool[G]``, True for groups that survive.
           round_to: each family's kept count ``k`` is rounded up to
-            ``min(size, round_to * ceil(k / round_to))`` by also keeping the family's
-            lowest-indexed removed groups, so that shrunk sizes divide a mesh axis. A family
-            with nothing kept stays empty (0 is a multiple). Keeping more groups never
+            ``min(size, round_to * ceil(max(k, 1) / round_to))`` by also keeping the
+            family's lowest-indexed removed groups, so that shrunk sizes divide a mesh
+            axis. A family with nothing kept keeps ``min(size, round_to)`` groups
+            (exactly-zero placeholders, see the class docstring). Keeping more groups never
             changes the function, so surgery stays exact.
 
         Raises:
@@ -94,7 +103,7 @@ class KeepPlan:
         for fam, start in zip(groups.families, groups.starts, strict=True):
             seg = keep[start:start + fam.size]
             kept = int(seg.sum())
-            target = min(fam.size, -(-kept // round_to) * round_to)
+            target = min(fam.size, -(-max(kept, 1) // round_to) * round_to)
             seg[np.flatnonzero(~seg)[:target - kept]] = True
             per_family.append(tuple(np.flatnonzero(seg).tolist()))
         return cls(tuple(f.size for f in groups.families), tuple(per_family))
@@ -128,11 +137,15 @@ class KeepPlan:
 
     @classmethod
     def from_json(cls, text: str) -> KeepPlan:
-        """Inverse of `to_json`."""
+        """Inverse of `to_json`.
+
+        An empty keep list (written before every family kept a group) becomes ``[0]``,
+        the placeholder `from_mask` keeps today.
+        """
         d = json.loads(text)
         if d.get("format") != "hesso_jax.KeepPlan":
             raise ValueError("not a hesso_jax.KeepPlan document (missing format tag)")
-        return cls(tuple(d["sizes"]), tuple(tuple(k) for k in d["keep"]))
+        return cls(tuple(d["sizes"]), tuple(tuple(k) if k else (0,) for k in d["keep"]))
 
 
 def apply_plan(tree: Any, groups: Groups, plan: KeepPlan, *,
@@ -211,7 +224,10 @@ def shrink(params: Any, groups: Groups, *, plan: KeepPlan | None = None,
     Without ``plan``, group ``g`` is *zero* iff every member element has ``x == 0``
     (``tolerance=None``) or ``|x| <= tolerance``; the plan keeps every other group (rounded
     up per family by ``round_to``, see `KeepPlan.from_mask`). Only exact zeros keep the
-    function unchanged; a tolerance trades exactness for size.
+    function unchanged; a tolerance trades exactness for size. A family whose groups are
+    all zero keeps one of them (its lowest-indexed group, still exactly zero): the function
+    is unchanged and no leaf gets a zero-size axis, so the result can always be saved with
+    orbax and rebuilt into layers (see `KeepPlan`).
 
     With ``plan``, the plan is applied as given after checking that every group it removes
     is zero in that sense, so a plan cannot silently change the function. To cut a tree
@@ -271,8 +287,9 @@ def shrink(params: Any, groups: Groups, *, plan: KeepPlan | None = None,
 def shrink_groups(groups: Groups, plan: KeepPlan, tree: Any = None) -> Groups:
     """The `Groups` of the tree that `apply_plan` returns (removed groups gone).
 
-    Each family shrinks to its kept groups (families with none left are dropped); member
-    and dependent offsets move down by the channels removed before them on the same axis.
+    Each family shrinks to its kept groups (at least one, see `KeepPlan`); member and
+    dependent offsets move down by the channels removed before them on the same axis. The
+    result records no structure fingerprint (the shrunk tree is a new structure).
 
     Args:
       groups: the groups the plan was made for.
@@ -324,12 +341,10 @@ def shrink_groups(groups: Groups, plan: KeepPlan, tree: Any = None) -> Groups:
                 "not periodic")
         return dataclasses.replace(m, offset=starts[0], stride=steps.pop() if steps else 0)
 
-    families = []
-    for fam, kept in zip(groups.families, plan.keep, strict=True):
-        if kept:
-            families.append(GroupFamily(len(kept), tuple(moved(m) for m in fam.members),
-                                        tuple(moved(m) for m in fam.dependents), fam.name))
-    return Groups.from_families(families)
+    return Groups.from_families(
+        GroupFamily(len(kept), tuple(moved(m) for m in fam.members),
+                    tuple(moved(m) for m in fam.dependents), fam.name)
+        for fam, kept in zip(groups.families, plan.keep, strict=True))
 
 
 def _is_leaf(tree: Any) -> bool:
@@ -389,274 +404,6 @@ def shrink_opt_state(opt_state: Any, params: Any, groups: Groups, *,
     return walk(opt_state)
 
 
-# --------------------------------------------------------------------------- NNX modules
-
-
-@dataclasses.dataclass(frozen=True)
-class _Site:
-    """One module of the shrunk model, as its attribute fixer sees it.
-
-    Attributes:
-      module: the module (already holding the smaller variables).
-      path: its path in the model (as `nnx.iter_modules` gives it).
-      keep: ``{variable path: {axis: bool[old length]}}``, the channels the plan kept on
-        every axis it touched (axes it did not touch are absent).
-    """
-
-    module: nnx.Module
-    path: Path
-    keep: dict[Path, dict[int, np.ndarray]]
-
-    def error(self, message: str) -> ValueError:
-        """A ValueError naming the module's type and path."""
-        return ValueError(f"shrink_model: {type(self.module).__name__} at "
-                          f"{format_path(self.path)!r}: {message}")
-
-    def shape(self, *names: str) -> tuple[int, ...] | None:
-        """Shape of the variable at ``module.<names...>`` (None when it is None)."""
-        node: Any = self.module
-        for name in names:
-            node = getattr(node, name, None)
-            if node is None:
-                return None
-        return tuple(node.shape)
-
-    def expect(self, name: str, shape: tuple[int, ...]) -> None:
-        """Raises unless the variable ``name`` is None or has ``shape``."""
-        got = self.shape(name)
-        if got is not None and got != tuple(shape):
-            raise self.error(f"{name} has shape {got} but the other parameters imply "
-                             f"{tuple(shape)}; its groups and dependents disagree")
-
-    def kept(self, *names: str, axis: int, length: int) -> np.ndarray:
-        """``bool[length]``: the old channels kept on ``axis`` of ``module.<names...>``."""
-        mask = self.keep.get((*self.path, *names), {}).get(axis)
-        return np.ones(length, bool) if mask is None else mask
-
-
-def _whole_blocks(mask: np.ndarray, blocks: int) -> np.ndarray | None:
-    """Per block, whether it is kept; None unless every block is kept or removed whole."""
-    rows = mask.reshape(blocks, -1)
-    return rows[:, 0] if (rows == rows[:, :1]).all() else None
-
-
-def _fix_linear(site: _Site) -> None:
-    """``in_features, out_features = kernel.shape``."""
-    m = site.module
-    fan_in, fan_out = site.shape("kernel")
-    site.expect("bias", (fan_out,))
-    m.in_features, m.out_features = fan_in, fan_out
-
-
-def _fix_linear_general(site: _Site) -> None:
-    """``batch_axis`` sizes, ``in_features``, ``out_features``: the kernel's dim groups."""
-    m = site.module
-    nb, ni = len(m.batch_axis), len(m.in_features)
-    shape = site.shape("kernel")
-    batch, fan_in, fan_out = shape[:nb], shape[nb:nb + ni], shape[nb + ni:]
-    site.expect("bias", (*batch, *fan_out))
-    m.batch_axis = type(m.batch_axis)(zip(m.batch_axis.keys(), batch, strict=True))
-    m.in_features, m.out_features = fan_in, fan_out
-
-
-def _fix_conv(site: _Site) -> None:
-    """``in_features``, ``out_features``, ``feature_group_count``, ``kernel_shape`` (HWIO)."""
-    m = site.module
-    shape = site.shape("kernel")
-    old = tuple(m.kernel_shape)
-    per_group_in, out = shape[-2:]
-    site.expect("bias", (out,))
-    if m.mask is not None and tuple(m.mask.shape) != shape:
-        raise site.error(f"its mask has shape {tuple(m.mask.shape)} but the kernel now has "
-                         f"{shape}; add the mask to the groups' dependents")
-    if shape == old:
-        return
-    groups_ = m.feature_group_count
-    if groups_ == 1:
-        fan_in = per_group_in
-    elif groups_ == m.in_features and per_group_in == 1:
-        # depthwise: input channel c feeds outputs [c * mult, (c + 1) * mult)
-        mult = m.out_features // groups_
-        kept = _whole_blocks(site.kept("kernel", axis=len(shape) - 1, length=old[-1]),
-                             groups_)
-        if kept is None or not kept.any():
-            raise site.error(
-                f"depthwise conv (feature_group_count == in_features == {groups_}, channel "
-                f"multiplier {mult}): its output channels must be removed in whole blocks of "
-                f"{mult} (all outputs of one input channel), keeping at least one")
-        fan_in = groups_ = int(kept.sum())
-    else:
-        raise site.error(
-            f"grouped conv with 1 < feature_group_count={groups_} < in_features="
-            f"{m.in_features}: shrinking it (kernel {old} -> {shape}) is not supported")
-    m.in_features, m.out_features = fan_in, out
-    m.feature_group_count, m.kernel_shape = groups_, shape
-
-
-def _feature_count(site: _Site, names: tuple[str, ...]) -> int | None:
-    """The common length of the 1-D variables ``names`` (None when all are None)."""
-    shapes = {n: site.shape(n) for n in names if site.shape(n) is not None}
-    if not shapes:
-        return None
-    if len(set(shapes.values())) > 1 or any(len(s) != 1 for s in shapes.values()):
-        raise site.error(f"its feature variables must be 1-D of one length, got {shapes}")
-    return next(iter(shapes.values()))[0]
-
-
-def _fix_norm(site: _Site) -> None:
-    """``num_features``: the length of scale/bias/mean/var."""
-    count = _feature_count(site, ("scale", "bias", "mean", "var"))
-    if count is not None:
-        site.module.num_features = count
-
-
-def _fix_group_norm(site: _Site) -> None:
-    """``num_groups``: the normalisation groups left (each removed whole)."""
-    m = site.module
-    count = _feature_count(site, ("scale", "bias"))
-    old = m.num_groups * m.group_size
-    if count is None or count == old:
-        return
-    name = "scale" if site.shape("scale") is not None else "bias"
-    kept = _whole_blocks(site.kept(name, axis=0, length=old), m.num_groups)
-    if kept is None:
-        raise site.error(
-            f"removed channels must form whole normalisation groups of {m.group_size} "
-            "channels (a partial group changes that group's statistics)")
-    m.num_groups = int(kept.sum())
-
-
-def _fix_embed(site: _Site) -> None:
-    """``num_embeddings, features = embedding.shape``."""
-    site.module.num_embeddings, site.module.features = site.shape("embedding")
-
-
-def _fix_attention(site: _Site) -> None:
-    """Head counts and feature sizes from the query/key/value/out kernels (whole heads)."""
-    m = site.module
-    q, k, v = (site.shape(n, "kernel") for n in ("query", "key", "value"))
-    out = site.shape("out", "kernel")
-    (fan_in, heads, dim), (kv_in, kv_heads, _) = q, k
-    if dim != m.head_dim:
-        raise site.error(
-            f"head_dim changed from {m.head_dim} to {dim}: attention scales its logits by "
-            "1/sqrt(head_dim), so removing head_dim channels changes the function; prune "
-            "whole heads (axis 1 of the query/key/value kernels)")
-    if k != v or k[2] != dim or out[:2] != (heads, dim):
-        raise site.error(
-            f"query/key/value/out kernels disagree after shrinking: query {q}, key {k}, "
-            f"value {v}, out {out}; heads must be removed from all four together")
-    rep = m.num_heads // m.num_kv_heads
-    query_keep = site.kept("query", "kernel", axis=1, length=m.num_heads)
-    per_kv = _whole_blocks(query_keep, m.num_kv_heads)
-    kv_keep = [site.kept(n, "kernel", axis=1, length=m.num_kv_heads) for n in ("key", "value")]
-    if per_kv is None or any(not np.array_equal(per_kv, x) for x in kv_keep):
-        raise site.error(
-            f"kept query heads {np.flatnonzero(query_keep).tolist()} do not match the kept "
-            f"key/value heads {[np.flatnonzero(x).tolist() for x in kv_keep]} (each key/value "
-            f"head serves {rep} consecutive query heads)")
-    for name in ("cached_key", "cached_value"):
-        cache = site.shape(name)
-        if cache is not None and cache[-2:] != (kv_heads, dim):
-            raise site.error(f"{name} has shape {cache}; re-run init_cache after shrinking")
-    m.num_heads, m.num_kv_heads, m.qkv_features = heads, kv_heads, heads * dim
-    m.in_features, m.in_kv_features, m.out_features = fan_in, kv_in, out[-1]
-
-
-_FIXERS: dict[type, Callable[[_Site], None]] = {
-    nnx.Linear: _fix_linear,
-    nnx.LinearGeneral: _fix_linear_general,
-    nnx.Conv: _fix_conv,
-    nnx.BatchNorm: _fix_norm,
-    nnx.LayerNorm: _fix_norm,
-    nnx.RMSNorm: _fix_norm,
-    nnx.GroupNorm: _fix_group_norm,
-    nnx.Embed: _fix_embed,
-    nnx.MultiHeadAttention: _fix_attention,
-}
-
-
-def _fixer(cls: type) -> Callable[[_Site], None] | None:
-    """The fixer of ``cls`` or of its nearest base class in `_FIXERS`."""
-    return next((_FIXERS[c] for c in cls.__mro__ if c in _FIXERS), None)
-
-
-def shrink_model(model: nnx.Module, groups: Groups, *, plan: KeepPlan | None = None,
-                 round_to: int = 1, tolerance: float | None = None) -> nnx.Module:
-    """A new, smaller NNX module that computes what ``model`` (with its zero groups) does.
-
-    ``graphdef, state = nnx.split(model)``; the whole state (parameters and BatchNorm
-    statistics) is cut by `shrink` (every dependent path must be in it); the result is
-    merged into a new module whose standard layers then get their static sizes rewritten
-    from the new parameter shapes, one fixer per layer type:
-
-    * ``nnx.Linear``: ``in_features``, ``out_features`` from the kernel;
-    * ``nnx.LinearGeneral``: ``in_features``/``out_features`` tuples and ``batch_axis``
-      sizes (``axis`` keeps its length);
-    * ``nnx.Conv``: ``in_features``, ``out_features``, ``kernel_shape`` (HWIO); a depthwise
-      conv (``feature_group_count == in_features``) keeps ``feature_group_count ==
-      in_features`` and must lose whole blocks of its channel multiplier;
-    * ``nnx.BatchNorm``, ``nnx.LayerNorm``, ``nnx.RMSNorm``: ``num_features``;
-      ``nnx.GroupNorm``: ``num_groups`` (whole normalisation groups only);
-    * ``nnx.Embed``: ``num_embeddings``, ``features``;
-    * ``nnx.MultiHeadAttention``: ``num_heads``, ``num_kv_heads``, ``qkv_features``,
-      ``in_features``, ``in_kv_features``, ``out_features`` (``head_dim`` may not change).
-
-    Subclasses use their nearest listed base's fixer. User modules composed of these need
-    nothing more; a user module with its own parameters must take its sizes from their
-    shapes (as `hesso_jax.models.transformer.SelfAttention` does). A built-in Flax layer
-    without a fixer whose parameters changed shape, and any change a fixer cannot express
-    (grouped convs, partial GroupNorm groups, mismatched heads), raise a ValueError naming
-    the module; nothing is returned half-consistent.
-
-    Re-applying a plan (a pruning history): save ``plan.to_json()`` from a pruned run;
-    later, ``shrink_model(fresh_model, groups, plan=KeepPlan.from_json(text))`` rebuilds
-    the small architecture from a freshly built model of the same architecture. The removed
-    groups of ``fresh_model`` must be zero (e.g. after loading the pruned checkpoint into
-    it); for a structure-only rebuild of a random initialisation pass
-    ``tolerance=math.inf`` and then load the small checkpoint with ``nnx.update``.
-
-    Args:
-      model: the module (not modified; the result shares no variables with it).
-      groups: the `Groups` over ``nnx.state(model)`` paths.
-      plan: a `KeepPlan` to apply instead of detecting zero groups (checked, see `shrink`).
-      round_to: round each family's kept count up to a multiple of this (see
-        `KeepPlan.from_mask`).
-      tolerance: largest ``|x|`` counted as zero (``None``: exactly zero; see `shrink`).
-
-    Returns:
-      The smaller module; on the kept channels its outputs (and train-mode BatchNorm
-      statistics updates) equal those of ``model``.
-
-    Raises:
-      ValueError: from `shrink`, or when a layer's static attributes cannot be made
-        consistent with its new parameter shapes.
-    """
-    if not isinstance(model, nnx.Module):
-        raise TypeError(f"shrink_model takes an nnx.Module, got {type(model).__name__}")
-    graphdef, state = nnx.split(model)
-    small_state, plan = shrink(state, groups, plan=plan, round_to=round_to,
-                               tolerance=tolerance)
-    paths = tree_paths(state)
-    old_shapes = {p: tuple(np.shape(x)) for p, x in zip(paths, jax.tree.leaves(state),
-                                                         strict=True)}
-    keep: dict[Path, dict[int, np.ndarray]] = {}
-    for (leaf, axis), mask in _channel_keep(state, groups, plan, "require").items():
-        keep.setdefault(paths[leaf], {})[axis] = mask
-    small = nnx.merge(graphdef, small_state)
-    for path, module in nnx.iter_modules(small):
-        site = _Site(module, tuple(path), keep)
-        fixer = _fixer(type(module))
-        if fixer is not None:
-            fixer(site)
-        elif type(module).__module__.startswith("flax."):
-            changed = [name for name, var in vars(module).items()
-                       if isinstance(var, nnx.Variable)
-                       and old_shapes.get((*site.path, name), tuple(var.shape))
-                       != tuple(var.shape)]
-            if changed:
-                raise site.error(
-                    f"variables {changed} changed shape but shrink_model has no rule for "
-                    f"{type(module).__name__}'s static attributes (supported: "
-                    f"{', '.join(sorted(c.__name__ for c in _FIXERS))})")
-    return small
+# Model surgery (NNX modules, and other frameworks) lives in hesso_jax.frameworks; it builds
+# on the functions above and is re-exported here.
+from hesso_jax.frameworks import shrink_model  # noqa: E402
