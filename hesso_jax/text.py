@@ -18,7 +18,8 @@ spaces. Sentences are deduplicated and sorted, so the result depends only on the
 version's standard library; `train_test_sentences` then splits them with a seeded
 permutation.
 
-Language-model corpus (`stdlib_documents`, `train_test_corpus`): the whole docstrings
+Language-model corpus (`stdlib_documents`, `train_test_documents`, `train_test_corpus`): the
+whole docstrings
 (code examples included) and the Zen, deduplicated, in file and AST order. The held-out
 split is by document and depends on nothing but the document's text: document ``s`` is
 held out iff ``u(s) < test_fraction`` with ``u(s) = int(sha256(s)[:8]) / 2⁶⁴ ∈ [0, 1)``, so
@@ -43,7 +44,7 @@ import numpy as np
 
 __all__ = ["BYTE_VOCAB_SIZE", "decode_bytes", "encode_bytes", "heldout_fraction",
            "stdlib_docstrings", "stdlib_documents", "split_sentences", "stdlib_sentences",
-           "train_test_corpus", "train_test_sentences", "zen_of_python"]
+           "train_test_corpus", "train_test_documents", "train_test_sentences", "zen_of_python"]
 
 BYTE_VOCAB_SIZE = 256
 """Vocabulary of the byte-level tokenizer: one token per byte value."""
@@ -223,24 +224,23 @@ def heldout_fraction(document: str) -> float:
     return int.from_bytes(digest[:8], "big") / 2.0**64
 
 
-def train_test_corpus(test_fraction: float = 0.1, *, modules: Iterable[str] | None = None,
-                      separator: str = "\n\n") -> tuple[str, str]:
-    """The `stdlib_documents` split by `heldout_fraction` into training and held-out text.
+def train_test_documents(test_fraction: float = 0.1, *,
+                         modules: Iterable[str] | None = None) -> tuple[list[str], list[str]]:
+    """The `stdlib_documents` split by `heldout_fraction`: ``(train_docs, test_docs)``.
 
     Args:
       test_fraction: expected fraction of documents held out, in ``(0, 1)``.
       modules: passed to `stdlib_documents`.
-      separator: joins the documents of each split (in `stdlib_documents` order).
 
     Returns:
-      ``(train_text, test_text)``; no document is in both.
+      Two disjoint lists in `stdlib_documents` order.
 
     Raises:
       ValueError: ``test_fraction`` outside ``(0, 1)`` or a split left empty.
 
     Example:
-      >>> train, test = train_test_corpus(0.5, modules=["this", "textwrap"])
-      >>> len(train) > 0 and len(test) > 0
+      >>> train, test = train_test_documents(0.5, modules=["this", "textwrap"])
+      >>> len(train) > 0 and len(test) > 0 and not set(train) & set(test)
       True
     """
     if not 0.0 < test_fraction < 1.0:
@@ -251,6 +251,21 @@ def train_test_corpus(test_fraction: float = 0.1, *, modules: Iterable[str] | No
     if not train or not test:
         raise ValueError(f"{len(docs)} documents give {len(train)} training and {len(test)} "
                          f"held-out documents at test_fraction={test_fraction}")
+    return train, test
+
+
+def train_test_corpus(test_fraction: float = 0.1, *, modules: Iterable[str] | None = None,
+                      separator: str = "\n\n") -> tuple[str, str]:
+    """`train_test_documents`, each split joined into one text with ``separator``.
+
+    With the defaults (CPython 3.11): 1.35 M training and 0.14 M held-out bytes.
+
+    Example:
+      >>> train, test = train_test_corpus(0.5, modules=["this", "textwrap"])
+      >>> len(train) > 0 and len(test) > 0
+      True
+    """
+    train, test = train_test_documents(test_fraction, modules=modules)
     return separator.join(train), separator.join(test)
 
 
