@@ -64,7 +64,14 @@ import optax
 from jax.sharding import PartitionSpec
 
 from hesso_jax.cric import CricConfig, cric_select
-from hesso_jax.groups import Groups, check_int, format_path, resolve_count, tree_paths
+from hesso_jax.groups import (
+    Groups,
+    Layout,
+    check_int,
+    format_path,
+    resolve_count,
+    tree_paths,
+)
 from hesso_jax.projection import FamilyFloor, bottom_k, gamma, project
 from hesso_jax.saliency import evaluate, nonzero_counts, replicate, resolve_saliency
 
@@ -205,6 +212,157 @@ def _placement_check(bad: jax.Array, params: Any) -> jax.Array:
                          check_vma=False)(replicate(bad))
 
 
+class _Phase(NamedTuple):
+    """Where the update with counter ``count`` falls in the schedule (traced scalars).
+
+    With ``k = count − Tw`` (Algorithm 1): ``in_prune = 0 ≤ k < P·Tp``, ``s = k mod Tp``
+    (step inside the period), ``period = ⌊k/Tp⌋`` clipped to ``[0, P)``, ``start`` the
+    first and ``end`` the last step of a period, ``after_end`` the first update after a
+    period end (``Tp ≤ k ≤ P·Tp``, ``k mod Tp = 0``), where the placement check runs.
+    """
+
+    in_prune: jax.Array
+    s: jax.Array
+    period: jax.Array
+    start: jax.Array
+    end: jax.Array
+    after_end: jax.Array
+
+
+def _phase(count: jax.Array, Tw: int, P: int, Tp: int) -> _Phase:
+    """The `_Phase` of the update whose HESSO counter is ``count``."""
+    k = count - Tw
+    in_prune = (k >= 0) & (k < P * Tp)
+    s = jnp.where(k >= 0, k % Tp, 0)
+    return _Phase(in_prune=in_prune, s=s, period=jnp.clip(k // Tp, 0, P - 1),
+                  start=in_prune & (s == 0), end=in_prune & (s == Tp - 1),
+                  after_end=(k >= Tp) & (k <= P * Tp) & (k % Tp == 0))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Hesso:
+    """The static configuration of one `hesso` transformation and its init/update.
+
+    ``update`` runs Algorithm 1 in four steps: `_phase` (where the counter is in the
+    schedule), ``_select`` (the period start's redundant set ``G_R``, under ``lax.cond``),
+    ``_project`` (``u' = c·(x + u) − x`` on ``G_R`` and the pruned set) and ``_advance``
+    (the next state).
+    """
+
+    groups: Groups
+    Tw: int
+    P: int
+    Tp: int
+    per_period: np.ndarray  # int32[P]: K̂_p
+    score_fn: Any
+    floor: FamilyFloor | None
+    cric: CricConfig | None
+    cric_score: Any
+    cric_cap: int
+    schedule: np.ndarray  # int32[4]: (Tw, P, Tp, K)
+    seen: list[Signature] = dataclasses.field(default_factory=list)  # trees given to init
+
+    @property
+    def G(self) -> int:
+        return self.groups.num_groups
+
+    def init(self, params: Any) -> HessoState:
+        self.groups.validate(params, dependents="present")
+        sig = _signature(params)
+        if sig not in self.seen:
+            self.seen.append(sig)
+        G = self.G
+        return HessoState(
+            count=jnp.zeros([], jnp.int32),
+            redundant=jnp.zeros([G], bool),
+            pruned=jnp.zeros([G], bool),
+            scores=jnp.zeros([G], jnp.float32),
+            cric_cycles=jnp.zeros([], jnp.int32),
+            schedule=jnp.asarray(self.schedule),
+        )
+
+    def update(self, updates: Any, state: HessoState, params: Any = None,
+               **extra_args: Any) -> tuple[Any, HessoState]:
+        value_fn = extra_args.get("value_fn")
+        layout = self._validate(updates, state, params, value_fn)
+        # Per-group vectors stay replicated, so both lax.cond branches agree on sharding.
+        state = state._replace(redundant=replicate(state.redundant),
+                               pruned=replicate(state.pruned),
+                               scores=replicate(state.scores))
+        ph = _phase(state.count, self.Tw, self.P, self.Tp)
+        check = self._check(ph, state, params)
+        redundant, scores, cycles = jax.lax.cond(
+            ph.start, lambda: self._select(ph, state, params, updates, value_fn),
+            lambda: (state.redundant, state.scores, state.cric_cycles))
+        coef = jnp.where(redundant & ph.in_prune, gamma(ph.s, self.Tp), 0.0)
+        new_updates = project(layout, updates, params, redundant | state.pruned, coef)
+        return new_updates, self._advance(ph, state, redundant, scores, cycles, check)
+
+    def _validate(self, updates: Any, state: Any, params: Any, value_fn: Any) -> Layout:
+        """Trace-time checks of one update call; returns the groups' layout of ``params``."""
+        if params is None:
+            raise ValueError("hesso needs the parameters: call update(updates, state, params)")
+        if not isinstance(state, HessoState):
+            raise TypeError(f"hesso: expected a HessoState, got {type(state).__name__}")
+        layout = self.groups.layout(params, dependents="present")
+        _check_signature(self.seen, params)
+        _check_updates(updates, params)
+        if jnp.shape(state.redundant) != (self.G,):
+            raise ValueError(
+                f"hesso: the state's masks have shape {jnp.shape(state.redundant)} but groups "
+                f"has {self.G} groups; was the state created for other groups?")
+        if self.cric is not None and not callable(value_fn):
+            raise ValueError(
+                "hesso(cric=...) needs the loss: pass the extra argument value_fn "
+                "(params -> scalar loss on the current batch) to update, e.g. "
+                "tx.update(grads, state, params, value_fn=loss_fn)")
+        return layout
+
+    def _check(self, ph: _Phase, state: HessoState, params: Any) -> jax.Array:
+        """Placement check right after each period end (P times per run): ``int32[] 0``."""
+
+        def misplaced() -> jax.Array:
+            return state.pruned & (nonzero_counts(self.groups, params) > 0)
+
+        if _concrete(state.count, params):  # eager call: a plain ValueError
+            if bool(ph.after_end):
+                _misplaced(np.asarray(misplaced()))
+            return jnp.zeros([], jnp.int32)
+        # pure_callback carries no side effect, so the step keeps JAX's fast dispatch
+        # path (a debug.callback anywhere in the program costs every step ~0.1 ms);
+        # its result (always 0) feeds the counter so it cannot be optimised away.
+        return jax.lax.cond(ph.after_end, lambda: _placement_check(misplaced(), params),
+                            lambda: jnp.zeros([], jnp.int32))
+
+    def _select(self, ph: _Phase, state: HessoState, params: Any, updates: Any,
+                value_fn: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Period start: ``G_R`` = the ``K̂_p`` lowest-scoring unpruned groups (or CRIC's)."""
+        k_hat = jnp.asarray(self.per_period)[ph.period]
+        candidates = ~state.pruned
+        scores = None
+        if self.floor is not None or self.cric is None:
+            scores = evaluate(self.score_fn, params, updates, self.groups)
+        if self.floor is not None:
+            candidates = self.floor.candidates(scores, candidates)
+        if self.cric is not None:
+            res = cric_select(value_fn, params, self.groups, k_hat, candidates, self.cric,
+                              self.cric_score, self.cric_cap)
+            return res.redundant, res.scores, res.cycles
+        return bottom_k(scores, candidates, k_hat), scores, jnp.zeros([], jnp.int32)
+
+    def _advance(self, ph: _Phase, state: HessoState, redundant: jax.Array,
+                 scores: jax.Array, cycles: jax.Array, check: jax.Array) -> HessoState:
+        """The next state: ``G_R`` joins the pruned set at the period's last step."""
+        return HessoState(
+            count=optax.safe_increment(state.count) + check,
+            redundant=redundant & ~ph.end,
+            pruned=state.pruned | (redundant & ph.end),
+            scores=scores,
+            cric_cycles=cycles,
+            schedule=state.schedule,
+        )
+
+
 def hesso(
     groups: Groups,
     K: int | float,
@@ -281,106 +439,14 @@ def hesso(
     score_fn = resolve_saliency(saliency)
     floor = FamilyFloor.build(groups, min_keep, k_total)
     per_period = np.asarray(schedule_counts(k_total, P), np.int32)
+    cric_score, cric_cap = None, 0
     if cric is not None:
         cric_score = score_fn if cric.saliency is None else resolve_saliency(cric.saliency)
         cric_cap = cric.cycle_cap(G, int(per_period.max()))
     schedule = np.asarray([Tw, P, Tp, k_total], np.int32)
-    seen: list[Signature] = []  # leaf shapes/dtypes of the trees given to init
-
-    def init_fn(params: Any) -> HessoState:
-        groups.validate(params, dependents="present")
-        sig = _signature(params)
-        if sig not in seen:
-            seen.append(sig)
-        return HessoState(
-            count=jnp.zeros([], jnp.int32),
-            redundant=jnp.zeros([G], bool),
-            pruned=jnp.zeros([G], bool),
-            scores=jnp.zeros([G], jnp.float32),
-            cric_cycles=jnp.zeros([], jnp.int32),
-            schedule=jnp.asarray(schedule),
-        )
-
-    def update_fn(updates: Any, state: HessoState, params: Any = None,
-                  **extra_args: Any) -> tuple[Any, HessoState]:
-        value_fn = extra_args.get("value_fn")
-        if params is None:
-            raise ValueError("hesso needs the parameters: call update(updates, state, params)")
-        if not isinstance(state, HessoState):
-            raise TypeError(f"hesso: expected a HessoState, got {type(state).__name__}")
-        layout = groups.layout(params, dependents="present")
-        _check_signature(seen, params)
-        _check_updates(updates, params)
-        if jnp.shape(state.redundant) != (G,):
-            raise ValueError(
-                f"hesso: the state's masks have shape {jnp.shape(state.redundant)} but groups "
-                f"has {G} groups; was the state created for other groups?")
-        # Per-group vectors stay replicated, so both lax.cond branches agree on sharding.
-        state = state._replace(redundant=replicate(state.redundant),
-                               pruned=replicate(state.pruned),
-                               scores=replicate(state.scores))
-
-        k = state.count - Tw
-        in_prune = (k >= 0) & (k < P * Tp)
-        s = jnp.where(k >= 0, k % Tp, 0)
-        period = jnp.clip(k // Tp, 0, P - 1)
-        start = in_prune & (s == 0)
-
-        # Placement check right after each period end (P times per run).
-        after_end = (k >= Tp) & (k <= P * Tp) & (k % Tp == 0)
-
-        def misplaced() -> jax.Array:
-            return state.pruned & (nonzero_counts(groups, params) > 0)
-
-        if _concrete(state.count, params):  # eager call: a plain ValueError
-            if bool(after_end):
-                _misplaced(np.asarray(misplaced()))
-            check = jnp.zeros([], jnp.int32)
-        else:
-            # pure_callback carries no side effect, so the step keeps JAX's fast dispatch
-            # path (a debug.callback anywhere in the program costs every step ~0.1 ms);
-            # its result (always 0) feeds the counter so it cannot be optimised away.
-            check = jax.lax.cond(after_end, lambda: _placement_check(misplaced(), params),
-                                 lambda: jnp.zeros([], jnp.int32))
-
-        if cric is not None and not callable(value_fn):
-            raise ValueError(
-                "hesso(cric=...) needs the loss: pass the extra argument value_fn "
-                "(params -> scalar loss on the current batch) to update, e.g. "
-                "tx.update(grads, state, params, value_fn=loss_fn)")
-        k_hat = jnp.asarray(per_period)[period]
-
-        def select() -> tuple[jax.Array, jax.Array, jax.Array]:
-            candidates = ~state.pruned
-            scores = None
-            if floor is not None or cric is None:
-                scores = evaluate(score_fn, params, updates, groups)
-            if floor is not None:
-                candidates = floor.candidates(scores, candidates)
-            if cric is not None:
-                res = cric_select(value_fn, params, groups, k_hat, candidates, cric,
-                                  cric_score, cric_cap)
-                return res.redundant, res.scores, res.cycles
-            return bottom_k(scores, candidates, k_hat), scores, jnp.zeros([], jnp.int32)
-
-        redundant, scores, cycles = jax.lax.cond(
-            start, select, lambda: (state.redundant, state.scores, state.cric_cycles))
-
-        coef = jnp.where(redundant & in_prune, gamma(s, Tp), 0.0)
-        new_updates = project(layout, updates, params, redundant | state.pruned, coef)
-
-        end = in_prune & (s == Tp - 1)
-        new_state = HessoState(
-            count=optax.safe_increment(state.count) + check,
-            redundant=redundant & ~end,
-            pruned=state.pruned | (redundant & end),
-            scores=scores,
-            cric_cycles=cycles,
-            schedule=state.schedule,
-        )
-        return new_updates, new_state
-
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    impl = _Hesso(groups, Tw, P, Tp, per_period, score_fn, floor, cric, cric_score, cric_cap,
+                  schedule)
+    return optax.GradientTransformationExtraArgs(impl.init, impl.update)
 
 
 @dataclasses.dataclass(frozen=True)
