@@ -31,14 +31,15 @@ from hesso_jax.groups import (
     GroupFamily,
     Groups,
     Member,
+    Path,
     check_int,
     format_path,
     tree_paths,
 )
 from hesso_jax.hesso import HessoState
 
-__all__ = ["KeepPlan", "apply_plan", "shrink", "shrink_groups", "shrink_model",
-           "shrink_opt_state"]
+__all__ = ["KeepPlan", "apply_plan", "remaining_schedule", "shrink", "shrink_groups",
+           "shrink_model", "shrink_opt_state"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -351,57 +352,191 @@ def _is_leaf(tree: Any) -> bool:
     return jax.tree_util.treedef_is_leaf(jax.tree.structure(tree))
 
 
+Cuts = dict[Path, list[tuple[int, np.ndarray]]]
+
+
+def _param_cuts(params: Any, groups: Groups, plan: KeepPlan) -> Cuts:
+    """Per parameter path, the ``(axis, keep mask)`` cuts the plan makes on that leaf."""
+    paths = tree_paths(params)
+    cuts: Cuts = {}
+    for (leaf, axis), mask in sorted(_channel_keep(params, groups, plan, "present").items()):
+        if not mask.all():
+            cuts.setdefault(paths[leaf], []).append((axis, mask))
+    return cuts
+
+
+def _cut_leaf(x: Any, cuts: list[tuple[int, np.ndarray]]) -> Any:
+    """``x`` with the channels each ``(axis, keep mask)`` of ``cuts`` drops deleted."""
+    take = np.take if isinstance(x, np.ndarray) else jnp.take
+    for axis, mask in cuts:
+        x = take(x, np.flatnonzero(mask), axis=axis)
+    return x
+
+
+def _cut_shape(shape: tuple[int, ...], cuts: list[tuple[int, np.ndarray]]) -> tuple[int, ...]:
+    """The shape `_cut_leaf` gives a leaf of ``shape``."""
+    out = list(shape)
+    for axis, mask in cuts:
+        out[axis] = int(mask.sum())
+    return tuple(out)
+
+
+def _remaining_schedule(schedule: np.ndarray, count: int, num_pruned: int) -> np.ndarray:
+    """``(Tw', P', Tp, K')``: the part of a HESSO schedule still ahead at step ``count``.
+
+    At a period boundary (or in warm-up) the ``P' = P - p`` periods left start after
+    ``Tw' = Tw + p·Tp`` steps and select the ``K' = K - num_pruned`` groups not selected
+    yet; after the schedule it is ``(Tw, P, Tp, 0)``. So ``hesso(shrunk groups, K', P', Tp,
+    warmup_steps=Tw')`` continues the run: same step counter, same phase, same total.
+
+    Raises:
+      ValueError: in the middle of a pruning period (its selected groups are still on
+        their way to zero and the periods after it would get another split of ``K``).
+    """
+    Tw, P, Tp, K = (int(v) for v in schedule)
+    k = count - Tw
+    if k >= P * Tp:
+        return np.asarray([Tw, P, Tp, 0], np.int32)
+    p = max(k, 0) // Tp
+    if k > 0 and k % Tp:
+        raise ValueError(
+            f"shrink_opt_state: HESSO is in the middle of pruning period {p} (step "
+            f"{k % Tp} of {Tp}); shrink at a period boundary (step {Tw + (p + 1) * Tp}) or "
+            f"after the schedule (step {Tw + P * Tp}), when the selected groups are zero")
+    return np.asarray([Tw + p * Tp, P - p, Tp, K - num_pruned], np.int32)
+
+
+def _shrunk_hesso_state(node: HessoState, keep: np.ndarray) -> HessoState:
+    """The kept groups' entries of ``node`` and the schedule still ahead.
+
+    Every field is rebuilt in its wrapper (an ``nnx.Optimizer`` keeps each in a Variable,
+    a mutable reference), so the result shares no Variable with ``node``.
+    """
+    host = HessoState(*(np.asarray(jax.tree.leaves(field)[0]) for field in node))
+    schedule = _remaining_schedule(host.schedule, int(host.count), int(host.pruned.sum()))
+    new = host._replace(redundant=host.redundant[keep], pruned=host.pruned[keep],
+                        scores=host.scores[keep], schedule=schedule)
+    return HessoState(*(jax.tree.map(lambda _, v=value: jnp.asarray(v), field)
+                        for field, value in zip(node, new, strict=True)))
+
+
 def shrink_opt_state(opt_state: Any, params: Any, groups: Groups, *,
                      plan: KeepPlan | None = None) -> Any:
     """Shrinks an optimizer state the way `shrink` shrinks ``params``, to keep training.
 
-    Every sub-tree of ``opt_state`` with the structure and leaf shapes of ``params`` (Adam's
-    moments, momentum traces, …) is cut by the plan; a `HessoState` keeps the entries of the
-    kept groups; counters and other non-parameter fields are unchanged.
+    Walks ``opt_state`` from the root. A sub-tree whose leaf paths (`tree_paths`, which
+    look through ``nnx.Variable`` wrappers) are parameter paths, each leaf with that
+    parameter's shape, is parameter-shaped (Adam's ``mu``/``nu``, momentum traces, a
+    partial tree such as an ``optax.masked`` state): each of its leaves is cut like the
+    parameter at its path, whatever its leaf kind (arrays, ``nnx.Param``,
+    ``nnx.OptVariable``, other ``nnx.Variable``; the wrappers are kept). A `HessoState`
+    keeps the kept groups' ``redundant``/``pruned``/``scores`` entries (a fully pruned
+    family's placeholder group stays pruned, so HESSO holds it at zero) and gets the
+    schedule still ahead, ``schedule = (Tw', P', Tp, K')`` (below). Counters and every
+    other leaf are unchanged. A leaf outside such sub-trees that still has the pre-surgery
+    shape of a cut parameter raises a ValueError: nothing is returned half cut.
+
+    Continuing a HESSO run: rebuild the transformation on the shrunk groups with the
+    schedule the shrunk state carries, ``hj.hesso(hj.shrink_groups(groups, plan),
+    **remaining_schedule(small_state))``, after the same base optimizer. After the
+    schedule (``K' = 0``) it only holds the pruned groups at zero; at a period boundary
+    (period ``p`` next) the ``P' = P - p`` periods left, after ``Tw' = Tw + p·Tp`` steps,
+    select the ``K' = K - pruned`` groups still due, split by `schedule_counts` (the
+    original split when ``K mod P < P'``). `hesso_status` of the shrunk state reports the
+    same step and phase and this schedule. In the middle of a period a ValueError says
+    when to shrink instead. The shrunk run then equals the masked run continued with
+    HESSO, to float rounding (the shrunk reductions are shorter).
+
+    For an ``nnx.Optimizer``::
+
+        plan = hj.KeepPlan.from_mask(groups, ~groups.zero_groups(nnx.state(model)))
+        small = hj.shrink_model(model, groups, plan=plan)
+        small_state = hj.shrink_opt_state(optimizer.opt_state,
+                                          nnx.state(model, nnx.Param), groups, plan=plan)
+        tx = optax.chain(optax.adam(lr), hj.hesso(hj.shrink_groups(groups, plan),
+                                                  **remaining_schedule(small_state)))
+        small_optimizer = nnx.Optimizer(small, tx, wrt=nnx.Param)
+        small_optimizer.opt_state = small_state
+        small_optimizer.step.value = optimizer.step.value
 
     Args:
       opt_state: the state of any optax transformation built on ``params``.
       params: the parameters *before* surgery (used for structure and, without ``plan``,
         to find the zero groups).
       groups: the `Groups`.
-      plan: the `KeepPlan` returned by `shrink` (recomputed from ``params`` if omitted).
+      plan: the `KeepPlan` returned by `shrink` (without it, `KeepPlan.from_mask` of the
+        groups of ``params`` that are not exactly zero).
 
     Returns:
       The smaller optimizer state, for the transformation rebuilt on the shrunk params.
+
+    Raises:
+      ValueError: if a parameter-shaped leaf could not be cut (naming its path and the
+        parameter), if the plan was made for other groups, or mid-period (see above).
     """
     if plan is None:
         groups.validate(params, dependents="present")
         plan = KeepPlan.from_mask(groups, ~groups.zero_groups(params))
     plan.check(groups)
-    p_leaves, p_def = jax.tree_util.tree_flatten(params)
-    p_shapes = [jnp.shape(x) for x in p_leaves]
+    shapes = {p: tuple(np.shape(x)) for p, x in zip(tree_paths(params),
+                                                    jax.tree.leaves(params), strict=True)}
+    cuts = _param_cuts(params, groups, plan)
+    # pre-surgery shapes of cut parameters that no parameter has after surgery
+    after = {_cut_shape(shape, cuts.get(p, [])) for p, shape in shapes.items()}
+    stale = {shapes[p]: p for p in cuts if shapes[p] not in after}
     keep = plan.keep_mask()
 
     def param_like(node: Any) -> bool:
+        leaves = jax.tree.leaves(node)
+        return bool(leaves) and all(shapes.get(p) == tuple(np.shape(x)) for p, x in
+                                    zip(tree_paths(node), leaves, strict=True))
+
+    def cut_tree(node: Any) -> Any:
         leaves, tdef = jax.tree_util.tree_flatten(node)
-        return tdef == p_def and [jnp.shape(x) for x in leaves] == p_shapes
+        return jax.tree_util.tree_unflatten(tdef, [
+            _cut_leaf(x, cuts.get(p, [])) for p, x in zip(tree_paths(node), leaves,
+                                                           strict=True)])
 
-    def walk(node: Any) -> Any:
+    def walk(node: Any, where: str) -> Any:
         if isinstance(node, HessoState):
-            removed = plan.num_removed
-            sched = np.asarray(node.schedule).copy()
-            sched[3] = max(int(sched[3]) - removed, 0)
-            # map through wrappers (an nnx.Optimizer keeps each field in a Variable)
-            def cut(field: Any) -> Any:
-                return jax.tree.map(lambda a: a[keep], field)
-
-            return node._replace(redundant=cut(node.redundant), pruned=cut(node.pruned),
-                                 scores=cut(node.scores),
-                                 schedule=jax.tree.map(lambda a: jnp.asarray(sched),
-                                                       node.schedule))
+            return _shrunk_hesso_state(node, keep)
         if param_like(node):
-            return apply_plan(node, groups, plan, dependents="present")
+            return cut_tree(node)
         if node is None or _is_leaf(node):
+            shape = None if node is None else tuple(np.shape(node))
+            if shape in stale:
+                raise ValueError(
+                    f"shrink_opt_state: opt_state{where} has shape {shape}, the pre-surgery "
+                    f"shape of parameter {format_path(stale[shape])!r}, but is not inside a "
+                    "sub-tree with the parameters' paths and shapes, so it cannot be cut; "
+                    "nothing was returned. Cut it yourself with hj.apply_plan, or re-create "
+                    "that part of the state")
             return node
-        children, tdef = jax.tree_util.tree_flatten(node, is_leaf=lambda x: x is not node)
-        return jax.tree_util.tree_unflatten(tdef, [walk(c) for c in children])
+        children, tdef = jax.tree_util.tree_flatten_with_path(
+            node, is_leaf=lambda x: x is not node)
+        return jax.tree_util.tree_unflatten(
+            tdef, [walk(c, where + jax.tree_util.keystr(k)) for k, c in children])
 
-    return walk(opt_state)
+    return walk(opt_state, "")
+
+
+def remaining_schedule(opt_state: Any) -> dict[str, int]:
+    """``{'K', 'P', 'Tp', 'warmup_steps'}`` of the one `HessoState` in ``opt_state``.
+
+    On a state returned by `shrink_opt_state` these are the `hesso` arguments that continue
+    the run on the shrunk groups (see there); on any other HESSO state, the arguments the
+    transformation was built with (``K`` as a count).
+
+    Raises:
+      ValueError: unless ``opt_state`` holds exactly one `HessoState`.
+    """
+    found = [x for x in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, HessoState))
+             if isinstance(x, HessoState)]
+    if len(found) != 1:
+        raise ValueError(f"remaining_schedule: expected one HessoState in opt_state, found "
+                         f"{len(found)}")
+    Tw, P, Tp, K = (int(v) for v in np.asarray(jax.tree.leaves(found[0].schedule)[0]))
+    return {"K": K, "P": P, "Tp": Tp, "warmup_steps": Tw}
 
 
 # Model surgery (NNX modules, and other frameworks) lives in hesso_jax.frameworks; it builds

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -147,6 +148,15 @@ def random_keep(groups, rng, *, drop_family=None):
     return keep
 
 
+def with_placeholders(groups, keep):
+    """``keep`` with the lowest group of every fully removed family kept (`KeepPlan`)."""
+    keep = np.array(keep, bool)
+    for fam, start in zip(groups.families, groups.starts, strict=True):
+        if not keep[start:start + fam.size].any():
+            keep[start] = True
+    return keep
+
+
 @pytest.mark.parametrize("name, drop_family", [
     ("mlp", None), ("mlp", 1), ("cnn", None), ("transformer", None), ("transformer", 0)])
 def test_shrink_reference_model(name, drop_family):
@@ -169,9 +179,17 @@ def test_shrink_reference_model(name, drop_family):
     before_params = n_params(nnx.state(nnx.merge(graphdef, state), nnx.Param))
 
     small, plan = hj.shrink(state, groups)
+    zero = ~keep
+    keep = with_placeholders(groups, keep)  # an emptied family keeps one zero group
     assert plan.num_removed == int((~keep).sum())
     np.testing.assert_array_equal(plan.keep_mask(), keep)
     assert plan.sizes == tuple(f.size for f in groups.families)
+    assert all(plan.keep)
+    if drop_family is not None:
+        assert plan.keep[drop_family] == (0,)
+        # the placeholder is still exactly zero in the small tree
+        np.testing.assert_array_equal(hj.shrink_groups(groups, plan).zero_groups(small),
+                                      zero[keep])
 
     # every leaf has exactly the expected shape, dtypes and structure unchanged
     exp = expected_shapes(groups, keep, state)
@@ -220,11 +238,9 @@ def test_shrink_reference_model(name, drop_family):
 
     # shrunk groups describe the small tree and keep the kept groups' norms
     small_groups = check_shrunk_groups(groups, plan, state, small)
-    if drop_family is None:
-        assert len(small_groups) == len(groups)
-    else:
-        assert [f.name for f in small_groups.families] == [
-            f.name for i, f in enumerate(groups.families) if i != drop_family]
+    assert [f.name for f in small_groups.families] == [f.name for f in groups.families]
+    if drop_family is not None:
+        assert small_groups.families[drop_family].size == 1
 
     # re-applying the plan to a fresh model of the same architecture gives the same shapes
     fresh_gd, fresh = nnx.split(make_model(name, seed=1))
@@ -259,21 +275,38 @@ def test_shrink_nothing_to_remove_is_identity():
 
 
 def test_keep_plan_round_trip_and_masks():
-    plan = KeepPlan((4, 3, 2), ((0, 2, 3), (), (1,)))
-    assert plan.num_removed == 5
+    plan = KeepPlan((4, 3, 2), ((0, 2, 3), (2,), (1,)))
+    assert plan.num_removed == 4
     np.testing.assert_array_equal(plan.keep_mask(),
-                                  [1, 0, 1, 1, 0, 0, 0, 0, 1])
+                                  [1, 0, 1, 1, 0, 0, 1, 0, 1])
     text = plan.to_json()
     assert json.loads(text)["format"] == "hesso_jax.KeepPlan"
     back = KeepPlan.from_json(text)
-    assert back == plan and back.keep == ((0, 2, 3), (), (1,)) and back.sizes == (4, 3, 2)
+    assert back == plan and back.keep == ((0, 2, 3), (2,), (1,)) and back.sizes == (4, 3, 2)
     assert KeepPlan.from_json(plan.to_json(indent=1)) == plan
     g = Groups.from_families([GroupFamily(n, (Member(("w",), 0),)) for n in (4, 3, 2)])
     assert KeepPlan.from_mask(g, plan.keep_mask()) == plan
     # lists and numpy integers are normalised to tuples of ints
-    p2 = KeepPlan([4, 3, 2], [np.array([0, 2, 3]), [], [np.int64(1)]])
+    p2 = KeepPlan([4, 3, 2], [np.array([0, 2, 3]), [2], [np.int64(1)]])
     assert p2 == plan and all(type(i) is int for k in p2.keep for i in k)
     assert KeepPlan((), ()).keep_mask().shape == (0,)
+
+
+def test_keep_plan_never_empties_a_family():
+    """A fully removed family keeps its lowest group (an exactly-zero placeholder), so no
+    shrunk leaf has a zero-size axis; an explicit empty keep list is refused."""
+    g = Groups.from_families([GroupFamily(n, (Member((f"w{n}",), 0),)) for n in (4, 3, 2)])
+    mask = np.array([1, 0, 1, 1, 0, 0, 0, 0, 1], bool)
+    assert KeepPlan.from_mask(g, mask).keep == ((0, 2, 3), (0,), (1,))
+    assert KeepPlan.from_mask(g, mask, round_to=2).keep == ((0, 1, 2, 3), (0, 1), (0, 1))
+    assert KeepPlan.from_mask(g, np.zeros(9, bool)).num_removed == 9 - 3
+    with pytest.raises(ValueError, match="KeepPlan family 1 keeps no group: every family "
+                                         "keeps at least one"):
+        KeepPlan((4, 3, 2), ((0,), (), (1,)))
+    # a plan written when a family could be emptied reads back with the placeholder
+    legacy = json.dumps({"format": "hesso_jax.KeepPlan", "version": 1, "sizes": [4, 3, 2],
+                         "keep": [[0, 2, 3], [], [1]]})
+    assert KeepPlan.from_json(legacy).keep == ((0, 2, 3), (0,), (1,))
 
 
 @pytest.mark.parametrize("sizes, keep, match", [
@@ -341,11 +374,14 @@ def test_shrink_groups_concatenation_offsets():
     np.testing.assert_allclose(np.asarray(sg.sq_norms(small)),
                                np.asarray(groups.sq_norms(tree))[keep], rtol=1e-6)
     np.testing.assert_array_equal(sg.counts(small), groups.counts(tree)[keep])
-    # removing all of A drops the family and shifts B by all 8 channels
-    plan2 = KeepPlan((4, 2, 1), ((), (0, 1), (0,)))
+    # removing all of A but its placeholder group 0 shifts B by the other 6 channels
+    tree2 = masked(tree, groups, np.array([False, False, False, False, True, True, True]))
+    small2, plan2 = hj.shrink(tree2, groups)
+    assert plan2.keep == ((0,), (0, 1), (0,))
     sg2 = hj.shrink_groups(groups, plan2)
-    assert len(sg2) == 2 and [f.name for f in sg2.families] == ["B", "C"]
-    assert sg2.families[0].members[0].offset == 2 and sg2.families[1].members[0].offset == 4
+    assert [f.name for f in sg2.families] == ["A", "B", "C"] and sg2.families[0].size == 1
+    assert sg2.families[1].members[0].offset == 4 and sg2.families[2].members[0].offset == 6
+    assert sg2.zero_groups(small2).tolist() == [True, False, False, False]
     small2 = hj.apply_plan(tree, groups, plan2)
     sg2.validate(small2)
     np.testing.assert_allclose(np.asarray(sg2.sq_norms(small2)),
@@ -518,6 +554,7 @@ def test_apply_plan_property(layout):
     np.testing.assert_array_equal(np.asarray(jit_reduce(groups, "nonzero_counts", tree)) == 0,
                                   ~keep)
     plan = KeepPlan.from_mask(groups, keep)
+    keep = with_placeholders(groups, keep)
     assert plan.num_removed == int((~keep).sum())
     small = hj.apply_plan(tree, groups, plan)
     expect = oracle_apply(groups, keep, flat_leaves(tree))
@@ -578,3 +615,139 @@ def test_shrink_opt_state_of_nnx_optimizer_keeps_wrappers():
     assert type(hs.redundant) is type(hs.count)  # same wrapper for every field
     status = hj.hesso_status(small_state)
     assert status.pruned.shape == (3,) and status.step == 2
+
+
+# ----------------------------------------------------------------------------- continuing
+
+
+def _block_a_first(params, direction, groups):
+    """A deterministic saliency: the CNN's ``block_a`` family (groups 8..15) is the most
+    redundant, then every other group by index; so HESSO empties that whole family."""
+    idx = jnp.arange(groups.num_groups, dtype=jnp.float32)
+    return jnp.where((idx >= 8) & (idx < 16), idx - 100.0, idx)
+
+
+@nnx.jit
+def _nnx_step(model, optimizer, x, y):
+    def loss(m):
+        return optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean()
+
+    optimizer.update(model, nnx.grad(loss)(model))
+
+
+def test_nnx_optimizer_continues_after_shrink_model_like_the_masked_run():
+    """The documented continuation of an nnx.Optimizer after shrink_model: 50 more steps
+    on the shrunk model equal 50 more steps of the masked model with HESSO holding its
+    zeros (kept channels, to float rounding), including a fully pruned family, Adam's
+    moments (OptVariable leaves) and BatchNorm statistics."""
+    from hesso_jax.models import CNN
+    from hesso_jax.surgery import remaining_schedule
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(16, 8, 8, 1)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 10, size=16))
+    model = CNN(8, 16, rngs=nnx.Rngs(0))
+    groups = model.groups()
+    tx = optax.chain(optax.adam(1e-2), hj.hesso(groups, 12, 2, 3, warmup_steps=2,
+                                                saliency=_block_a_first))
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    for _ in range(2 + 2 * 3):
+        _nnx_step(model, optimizer, x, y)
+    zero = groups.zero_groups(nnx.state(model))
+    assert zero[8:16].all() and int(zero.sum()) == 12  # block_a is empty
+
+    plan = KeepPlan.from_mask(groups, ~zero)
+    assert plan.keep[1] == (0,)  # block_a keeps one exactly-zero placeholder channel
+    small = hj.shrink_model(model, groups, plan=plan)
+    small_state = hj.shrink_opt_state(optimizer.opt_state, nnx.state(model, nnx.Param),
+                                      groups, plan=plan)
+    assert remaining_schedule(small_state) == {"K": 0, "P": 2, "Tp": 3, "warmup_steps": 2}
+    small_tx = optax.chain(optax.adam(1e-2), hj.hesso(hj.shrink_groups(groups, plan),
+                                                      **remaining_schedule(small_state)))
+    small_opt = nnx.Optimizer(small, small_tx, wrt=nnx.Param)
+    small_opt.opt_state = small_state
+    small_opt.step.value = optimizer.step.value
+    status = hj.hesso_status(small_opt.opt_state)
+    assert (status.step, status.phase, status.target, status.num_pruned) == (
+        8, "finetune", 0, 1)
+
+    for _ in range(50):
+        _nnx_step(model, optimizer, x, y)
+        _nnx_step(small, small_opt, x, y)
+    np.testing.assert_array_equal(groups.zero_groups(nnx.state(model)), zero)
+    expect = hj.apply_plan(nnx.state(model), groups, plan)
+    for path, a, b in zip(hj.tree_paths(expect), jax.tree.leaves(nnx.state(small)),
+                          jax.tree.leaves(expect), strict=True):
+        assert_close_rel(a, b, rtol=2e-4), path
+    mu_small = small_opt.opt_state[0][0].mu
+    mu_expect = hj.apply_plan(optimizer.opt_state[0][0].mu, groups, plan, dependents="present")
+    for a, b in zip(jax.tree.leaves(mu_small), jax.tree.leaves(mu_expect), strict=True):
+        assert_close_rel(a, b, rtol=2e-4)
+    assert hj.hesso_status(small_opt.opt_state).step == 58
+
+
+def _by_index(params, direction, groups):
+    return jnp.arange(groups.num_groups, dtype=jnp.float32)
+
+
+def test_shrink_at_a_period_boundary_continues_the_schedule():
+    """Surgery between two pruning periods: the shrunk state carries the schedule still
+    ahead (P' periods after Tw' steps selecting the K' groups still due), and the rebuilt
+    HESSO on the shrunk groups ends where the masked run ends."""
+    from hesso_jax.surgery import remaining_schedule
+
+    _, groups, graphdef, params, loss = _mlp_problem()
+
+    def run(tx, p, state, steps):
+        @jax.jit
+        def step(p, state):
+            u, state = tx.update(jax.grad(loss)(p, graphdef), state, p)
+            return optax.apply_updates(p, u), state
+
+        for _ in range(steps):
+            p, state = step(p, state)
+        return p, state
+
+    tx = optax.chain(optax.adam(1e-2), hj.hesso(groups, 20, 2, 2, warmup_steps=1,
+                                                saliency=_by_index))
+    params, state = run(tx, params, tx.init(params), 3)  # warm-up + period 0
+    assert hj.hesso_status(state).num_pruned == 10
+    mid, mid_state = run(tx, params, state, 1)
+    with pytest.raises(ValueError, match=re.escape(
+            "shrink_opt_state: HESSO is in the middle of pruning period 1 (step 1 of 2); "
+            "shrink at a period boundary (step 5) or after the schedule (step 5)")):
+        hj.shrink_opt_state(mid_state, mid, groups)
+
+    small, plan = hj.shrink(params, groups)
+    small_state = hj.shrink_opt_state(state, params, groups, plan=plan)
+    assert remaining_schedule(small_state) == {"K": 10, "P": 1, "Tp": 2, "warmup_steps": 3}
+    status = hj.hesso_status(small_state)
+    assert (status.step, status.phase, status.period, status.target) == (3, "pruning", 0, 10)
+    small_tx = optax.chain(optax.adam(1e-2), hj.hesso(
+        hj.shrink_groups(groups, plan), **remaining_schedule(small_state),
+        saliency=_by_index))
+    full_end, full_state = run(tx, params, state, 6)
+    small_end, small_end_state = run(small_tx, small, small_state, 6)
+    assert hj.hesso_status(full_state).num_pruned == 20
+    assert hj.hesso_status(small_end_state).num_pruned == 10
+    _assert_tree_close(small_end, hj.apply_plan(full_end, groups, plan), rtol=1e-4,
+                       atol=1e-6)
+
+
+def test_shrink_opt_state_refuses_a_parameter_shaped_leaf_it_cannot_cut():
+    _, groups, _, params, _ = _mlp_problem()
+    keep = random_keep(groups, np.random.default_rng(3))
+    params = masked(params, groups, keep)
+    flat = jax.tree.leaves(params)  # the moments as a flat list: not the params' paths
+    state = (optax.adam(1e-2).init(params), {"trace": [jnp.zeros_like(x) for x in flat]})
+    with pytest.raises(ValueError, match=re.escape(
+            "shrink_opt_state: opt_state[1]['trace'][1] has shape (24, 10), the pre-surgery "
+            "shape of parameter 'head/kernel', but is not inside a sub-tree with the "
+            "parameters' paths and shapes, so it cannot be cut; nothing was returned")):
+        hj.shrink_opt_state(state, params, groups)
+    # the same leaves under the parameters' paths are cut, whatever the leaf kind
+    wrapped = jax.tree.map(lambda x: nnx.OptVariable(jnp.ones_like(x)), nnx.to_pure_dict(params))
+    small_state = hj.shrink_opt_state((state[0], wrapped), params, groups)
+    small, _ = hj.shrink(params, groups)
+    assert jax.tree.map(jnp.shape, small_state[1]) == jax.tree.map(
+        jnp.shape, nnx.to_pure_dict(small))
