@@ -89,7 +89,7 @@ def check_shrink_model(model, groups, x, keep, *, modes=(None,)):
     """shrink_model on the masked model: smaller, consistent, same outputs, input untouched."""
     model = masked_model(model, groups, keep)
     snap = snapshot(model)
-    small = hj.shrink_model(model, groups, x)   # verified by running on x
+    small = hj.shrink_model(model, groups)
     assert_unchanged(model, snap)
     check_static(small)
     plan = KeepPlan.from_mask(groups, keep)
@@ -272,8 +272,7 @@ def test_depthwise_partial_multiplier_block_is_refused():
         (Member(("bn2", "mean"), 0), Member(("bn2", "var"), 0), Member(("head", "kernel"), 0)),
         name="dw_out")])
     keep = np.array([True, True, True, False, True, True])
-    with pytest.raises(ValueError, match=r"Conv at 'dw'.*whole blocks of 2.*kept per group: "
-                                         r"\[2, 1, 2\]"):
+    with pytest.raises(ValueError, match=r"Conv at 'dw'.*whole blocks of 2"):
         hj.shrink_model(masked_model(model, groups, keep), groups)
     # removing both outputs of input channel 1 is fine on the depthwise conv itself
     keep = np.array([True, True, False, False, True, True])
@@ -282,65 +281,22 @@ def test_depthwise_partial_multiplier_block_is_refused():
     assert small.dw.out_features == 4
 
 
-class GroupedNet(nnx.Module):
-    """conv 3->8 → relu → grouped conv 8->8 (2 groups) → relu → mean → Linear."""
+def test_grouped_conv_is_refused():
+    class Grouped(nnx.Module):
+        def __init__(self, rngs):
+            self.conv = nnx.Conv(4, 4, (1, 1), feature_group_count=2, rngs=rngs)
 
-    def __init__(self, rngs: nnx.Rngs, *, c: int = 8, groups: int = 2):
-        self.conv = nnx.Conv(3, c, (3, 3), rngs=rngs)
-        self.gconv = nnx.Conv(c, c, (3, 3), feature_group_count=groups, rngs=rngs)
-        self.head = nnx.Linear(c, 4, rngs=rngs)
+        def __call__(self, x):
+            return self.conv(x)
 
-    def __call__(self, x):
-        h = nnx.relu(self.gconv(nnx.relu(self.conv(x))))
-        return self.head(jnp.mean(h, axis=(1, 2)))
-
-    def whole_groups(self) -> Groups:
-        """Feature group g: conv's out channels [4g, 4g+4) and gconv's outputs of group g."""
-        return Groups.from_families([GroupFamily(
-            2, (Member(("conv", "kernel"), 3, 4), Member(("conv", "bias"), 0, 4),
-                Member(("gconv", "kernel"), 3, 4), Member(("gconv", "bias"), 0, 4)),
-            (Member(("head", "kernel"), 0, 4),), name="feature_groups")])
-
-    def same_index(self) -> Groups:
-        """Channel j of every group: conv's outs {j, 4+j} and gconv's per-group in j."""
-        return Groups.from_families([
-            GroupFamily(4, (Member(("conv", "kernel"), 3, 1, 0, 2, 4),
-                            Member(("conv", "bias"), 0, 1, 0, 2, 4)),
-                        (Member(("gconv", "kernel"), 2),), name="in_index"),
-            GroupFamily(8, (Member(("gconv", "kernel"), 3), Member(("gconv", "bias"), 0)),
-                        (Member(("head", "kernel"), 0),), name="gconv_out")])
-
-
-def test_grouped_conv_whole_groups_and_same_index():
-    model = randomized(lambda: GroupedNet(nnx.Rngs(0)), seed=21)
-    # whole feature groups: feature_group_count 2 -> 1, kernel per-group input unchanged
-    small = check_shrink_model(model, model.whole_groups(), X["image"],
-                               np.array([False, True]))
-    assert (small.gconv.feature_group_count, small.gconv.in_features) == (1, 4)
-    assert small.gconv.kernel.shape == (3, 3, 4, 4)
-    fresh = nnx.eval_shape(lambda: GroupedNet(nnx.Rngs(0), c=4, groups=1))
-    assert nnx.graphdef(small) == nnx.graphdef(fresh)
-    # the same input index in every group, and the same number of outputs per group
-    groups = model.same_index()
-    keep = np.array([True, False, True, True] + [True, False, True, True,
-                                                 False, True, True, True])
-    small = check_shrink_model(model, groups, X["image"], keep)
-    assert (small.gconv.feature_group_count, small.gconv.in_features) == (2, 6)
-    assert small.gconv.kernel.shape == (3, 3, 3, 6)
-
-
-def test_grouped_conv_unequal_groups_are_refused():
-    model = randomized(lambda: GroupedNet(nnx.Rngs(0)))
-    groups = model.same_index()
-    keep = np.ones(12, bool)
-    keep[4 + 7] = False       # one output of group 1 only: groups would keep 4 and 3
-    with pytest.raises(ValueError, match=r"Conv at 'gconv'.*feature_group_count=2.*kept "
-                                         r"per group: \[4, 3\]"):
+    model = randomized(lambda: Grouped(nnx.Rngs(0)))
+    groups = Groups.from_families([GroupFamily(
+        4, (Member(("conv", "kernel"), 3), Member(("conv", "bias"), 0)))])
+    keep = np.array([True, True, True, False])
+    with pytest.raises(ValueError, match="grouped conv with 1 < feature_group_count=2"):
         hj.shrink_model(masked_model(model, groups, keep), groups)
-    with pytest.raises(ValueError, match=r"check_shrinkable: .*Conv at 'gconv'"):
-        hj.check_shrinkable(model, Groups.from_families([groups.families[1]]))
     # nothing removed: nothing to refuse, the same graph comes back
-    small = hj.shrink_model(model, groups, X["image"])
+    small = hj.shrink_model(model, groups)
     assert nnx.graphdef(small) == nnx.graphdef(model)
 
 
@@ -434,29 +390,23 @@ def test_attention_head_dim_pruning_is_refused():
 
 
 def test_unsupported_flax_layer_is_refused():
-    class Mixer(nnx.Module):
+    class Up(nnx.Module):
         def __init__(self, rngs):
-            self.mix = nnx.Einsum("btd,dh->bth", (6, 4), (4,), rngs=rngs)
-            self.head = nnx.Linear(4, 2, rngs=rngs)
+            self.up = nnx.ConvTranspose(2, 4, (2, 2), rngs=rngs)
 
         def __call__(self, x):
-            return self.head(nnx.relu(self.mix(x)))
+            return self.up(x)
 
-    model = randomized(lambda: Mixer(nnx.Rngs(0)))
+    model = randomized(lambda: Up(nnx.Rngs(0)))
     groups = Groups.from_families([GroupFamily(
-        4, (Member(("mix", "kernel"), 1), Member(("mix", "bias"), 0)),
-        (Member(("head", "kernel"), 0),))])
-    with pytest.raises(ValueError, match=r"Einsum at 'mix'.*no rule"):
+        4, (Member(("up", "kernel"), 3), Member(("up", "bias"), 0)))])
+    with pytest.raises(ValueError, match=r"ConvTranspose at 'up'.*no rule"):
         hj.shrink_model(masked_model(model, groups, np.array([1, 0, 1, 1], bool)), groups)
-    with pytest.raises(ValueError, match=r"check_shrinkable: .*Einsum at 'mix'.*no rule"):
-        hj.check_shrinkable(model, groups)
 
 
 def test_shrink_model_rejects_non_modules():
-    with pytest.raises(TypeError, match="nnx.Module, an equinox Module or a linen Module"):
+    with pytest.raises(TypeError, match="nnx.Module"):
         hj.shrink_model(nnx.state(make_model("mlp")), make_model("mlp").groups())
-    with pytest.raises(TypeError, match="variables= is for linen modules"):
-        hj.shrink_model(make_model("mlp"), make_model("mlp").groups(), variables={})
 
 
 # ----------------------------------------------------------------------------- round_to
