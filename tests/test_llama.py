@@ -297,12 +297,15 @@ def test_pretrain_save_load_roundtrip(tmp_path):
     cfg = LlamaConfig(d_model=32, num_layers=1, num_heads=2, num_kv_heads=1, mlp_dim=48,
                       max_len=64)
     res = pretrain(cfg, tr, windows, steps=60, batch_size=8, seq_len=32, lr=3e-2,
-                   warmup=10, chunk=30, progress=False)
+                   warmup=10, chunk=30, progress=False, model=cfg.build(rngs()))
     assert res.steps == [30, 60] and len(res.eval_loss) == 2 and res.wall_s > 0
     # (the few-minute recipe run beats the unigram model; 60 tiny steps learn its level)
     assert res.eval_loss[-1] < res.eval_loss[0]
     assert res.eval_loss[-1] < np.log(text.BYTE_VOCAB_SIZE) - 1.0
     assert res.train_loss[-1] < res.train_loss[0]
+    graphdef, state = nnx.split(res.model)
+    zeros = nnx.merge(graphdef, jax.tree.map(jnp.zeros_like, state))
+    save_pretrained(tmp_path / "ckpt", zeros, cfg)  # replaced by the next save
     path = save_pretrained(tmp_path / "ckpt", res.model, cfg, {"steps": 60})
     loaded, cfg2 = load_pretrained(path)
     assert cfg2 == cfg

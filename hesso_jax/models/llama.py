@@ -485,11 +485,12 @@ def pretrain_optimizer(steps: int, lr: float = 3e-3, warmup: int = 50,
 
 def pretrain(config: LlamaConfig, train_ids: np.ndarray, eval_windows: np.ndarray, *,
              steps: int, batch_size: int = 32, seq_len: int = 128, lr: float = 3e-3,
-             warmup: int = 50, chunk: int = 25, seed: int = 0,
-             progress: bool = True) -> PretrainResult:
+             warmup: int = 50, chunk: int = 25, seed: int = 0, progress: bool = True,
+             model: Llama | None = None) -> PretrainResult:
     """Trains a fresh `Llama` on a token stream with `pretrain_optimizer`.
 
-    The model is initialised from ``nnx.Rngs(seed)``; call ``c`` of the jitted
+    The model is ``config.build(nnx.Rngs(seed))`` unless ``model`` is given (trained in
+    place; e.g. to continue a run); call ``c`` of the jitted
     `make_lm_train_chunk` (``chunk`` steps) uses ``fold_in(key(seed + 1), c)``, so a run
     is a function of its arguments. After every call the loss on ``eval_windows`` is
     recorded (`lm_eval_loss`).
@@ -506,8 +507,9 @@ def pretrain(config: LlamaConfig, train_ids: np.ndarray, eval_windows: np.ndarra
       chunk: steps per jitted call (one progress-bar tick and one evaluation each).
       seed: initialisation and batch seed.
       progress: show a tqdm bar.
+      model: start from this model (of ``config``'s architecture) instead of a fresh one.
     """
-    model = config.build(nnx.Rngs(seed))
+    model = config.build(nnx.Rngs(seed)) if model is None else model
     n_calls = math.ceil(steps / chunk)
     tx = pretrain_optimizer(n_calls * chunk, lr, warmup)
     graphdef, params = nnx.split(model, nnx.Param)
