@@ -10,6 +10,7 @@ groups and keep-plan (JSON), the results (JSON) and a plot (PNG) to ``--out``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -191,111 +192,145 @@ def _plot(path: Path, dense: Any, pruned: Any, num_groups: int, target: int,
     plt.close(fig)
 
 
-def run_demo(args: argparse.Namespace) -> dict[str, Any]:
-    """Runs the demo; returns the results written to ``results.json``."""
-    out = _check_out_dir(args.out)
+@dataclasses.dataclass
+class _Runs:
+    """The two trained models of the demo and what the HESSO run reports."""
 
-    import jax
-    import numpy as np
+    data: Any
+    groups: Any
+    dense: Any
+    pruned: Any
+    h_dense: Any
+    h_hesso: Any
+    status: Any
+    zero: Any
+    schedule: tuple[int, int, int]  # (warm-up, periods, period length)
+
+
+def _train_both(args: argparse.Namespace) -> _Runs:
+    """Trains the CNN densely and with HESSO from one initialisation and batch order."""
     import optax
     from flax import nnx
 
     import hesso_jax as hj
     from hesso_jax.data import load_digits_split
     from hesso_jax.models import CNN
-    from hesso_jax.train import (
-        count_params,
-        demo_schedule,
-        evaluate,
-        forward_flops,
-        latency_ratio,
-        make_eval,
-        train_classifier,
-    )
+    from hesso_jax.train import demo_schedule, train_classifier
 
-    t_start = time.perf_counter()
     data = load_digits_split(seed=args.seed)
-    progress = not args.no_progress
     warmup, period_len = demo_schedule(args.steps, args.periods)
-
     dense = CNN(rngs=nnx.Rngs(args.seed))
     pruned = CNN(rngs=nnx.Rngs(args.seed))  # identical initialisation
     # zero-invariant groups found from the model's jaxpr (no hand-written groups)
     groups = hj.discover_groups(pruned, data.x_train[:1])
-    tx_dense = optax.adam(args.lr)
     try:
         pruner = hj.hesso(groups, args.sparsity, args.periods, period_len,
                           warmup_steps=warmup, total_steps=args.steps,
                           min_keep=args.min_keep)
     except ValueError as err:  # e.g. --sparsity too high for --min-keep
         raise _UsageError(str(err)) from None
-    tx_hesso = optax.chain(optax.adam(args.lr), pruner)
     common = dict(steps=args.steps, batch_size=args.batch_size, seed=args.seed,
-                  eval_every=max(1, args.steps // 60), progress=progress)
-    _, _, h_dense = train_classifier(dense, tx_dense, data, desc="dense ", **common)
-    _, opt_state, h_hesso = train_classifier(pruned, tx_hesso, data, groups=groups,
-                                             desc="HESSO ", **common)
+                  eval_every=max(1, args.steps // 60), progress=not args.no_progress)
+    _, _, h_dense = train_classifier(dense, optax.adam(args.lr), data, desc="dense ",
+                                     **common)
+    _, opt_state, h_hesso = train_classifier(pruned, optax.chain(optax.adam(args.lr), pruner),
+                                             data, groups=groups, desc="HESSO ", **common)
     status = hj.hesso_status(opt_state)
     zero = groups.zero_groups(nnx.state(pruned, nnx.Param))
     if int(zero.sum()) != status.target or status.num_pruned != status.target:
         raise RuntimeError(f"expected exactly {status.target} zero groups, found "
                            f"{int(zero.sum())} (state says {status.num_pruned})")
+    return _Runs(data, groups, dense, pruned, h_dense, h_hesso, status, zero,
+                 (warmup, args.periods, period_len))
 
-    # Surgery: a physically smaller model computing what the masked one does.
-    small = hj.shrink_model(pruned, groups)
-    plan = hj.KeepPlan.from_mask(groups, ~zero)
 
+def _measure(runs: _Runs, small: Any) -> dict[str, Any]:
+    """Accuracy, size, FLOPs, latency of dense/masked/shrunk and the masked-vs-shrunk gap."""
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from hesso_jax.train import count_params, evaluate, forward_flops, latency_ratio, make_eval
+
+    data, dense, pruned = runs.data, runs.dense, runs.pruned
     x_test = jax.numpy.asarray(data.x_test)
-    acc_dense = evaluate(dense, data.x_test, data.y_test)
-    acc_pruned = evaluate(pruned, data.x_test, data.y_test)
-    acc_small = evaluate(small, data.x_test, data.y_test)
     masked_logits = np.asarray(make_eval(pruned)(nnx.state(pruned), x_test))
     small_logits = np.asarray(make_eval(small)(nnx.state(small), x_test))
-    max_rel = float(np.max(np.abs(masked_logits - small_logits))
-                    / max(1e-12, float(np.max(np.abs(masked_logits)))))
-    params_dense, params_small = count_params(dense), count_params(small)
-    flops_dense = forward_flops(dense, data.x_test[:1])
-    flops_small = forward_flops(small, data.x_test[:1])
     ratio, ms_small, ms_dense = latency_ratio(
         make_eval(small), nnx.state(small), make_eval(dense), nnx.state(dense), x_test)
-
-    ckpt = _save_checkpoint(out, nnx.state(small))
-    _write_atomic(out / "groups.json", lambda p: p.write_text(groups.to_json(indent=1)))
-    _write_atomic(out / "keep_plan.json", lambda p: p.write_text(plan.to_json(indent=1)))
-    _plot(out / "training.png", h_dense, h_hesso, groups.num_groups, status.target,
-          (warmup, args.periods, period_len))
-    results = {
-        "steps": args.steps, "seed": args.seed, "sparsity": args.sparsity,
-        "groups": groups.num_groups, "pruned_groups": int(zero.sum()),
-        "schedule": {"warmup": warmup, "periods": args.periods, "period_len": period_len},
-        "test_accuracy": {"dense": acc_dense, "hesso_masked": acc_pruned,
-                          "hesso_shrunk": acc_small},
-        "shrunk_vs_masked_max_rel_logit_diff": max_rel,
-        "params": {"dense": params_dense, "shrunk": params_small},
-        "flops_per_example": {"dense": flops_dense, "shrunk": flops_small},
+    return {
+        "test_accuracy": {"dense": evaluate(dense, data.x_test, data.y_test),
+                          "hesso_masked": evaluate(pruned, data.x_test, data.y_test),
+                          "hesso_shrunk": evaluate(small, data.x_test, data.y_test)},
+        "shrunk_vs_masked_max_rel_logit_diff": float(
+            np.max(np.abs(masked_logits - small_logits))
+            / max(1e-12, float(np.max(np.abs(masked_logits))))),
+        "params": {"dense": count_params(dense), "shrunk": count_params(small)},
+        "flops_per_example": {"dense": forward_flops(dense, data.x_test[:1]),
+                              "shrunk": forward_flops(small, data.x_test[:1])},
         "latency_ms_test_batch": {"dense": ms_dense, "shrunk": ms_small,
                                   "ratio_shrunk_over_dense": ratio},
-        "wall_seconds": time.perf_counter() - t_start,
-        "checkpoint": str(ckpt),
+        "test_images": len(x_test),
     }
-    _write_atomic(out / "results.json", lambda p: p.write_text(json.dumps(results, indent=1)))
 
+
+def _print_table(args: argparse.Namespace, runs: _Runs, results: dict[str, Any],
+                 out: Path) -> None:
+    """The comparison table on stdout."""
+    acc, params = results["test_accuracy"], results["params"]
+    flops, lat = results["flops_per_example"], results["latency_ms_test_batch"]
     rows = [
-        ("test accuracy (%)", f"{100 * acc_dense:.2f}", f"{100 * acc_small:.2f}"),
-        ("parameters", f"{params_dense:,}", f"{params_small:,}"),
-        ("FLOPs / example", f"{flops_dense:,.0f}", f"{flops_small:,.0f}"),
-        (f"latency, {len(x_test)} images (ms)", f"{ms_dense:.3f}", f"{ms_small:.3f}"),
+        ("test accuracy (%)", f"{100 * acc['dense']:.2f}", f"{100 * acc['hesso_shrunk']:.2f}"),
+        ("parameters", f"{params['dense']:,}", f"{params['shrunk']:,}"),
+        ("FLOPs / example", f"{flops['dense']:,.0f}", f"{flops['shrunk']:,.0f}"),
+        (f"latency, {results['test_images']} images (ms)", f"{lat['dense']:.3f}",
+         f"{lat['shrunk']:.3f}"),
     ]
     print(f"\nhesso-jax demo — digits CNN, {args.steps} steps, seed {args.seed}, "
-          f"{status.num_pruned}/{groups.num_groups} groups pruned "
+          f"{runs.status.num_pruned}/{runs.groups.num_groups} groups pruned "
           f"({100 * args.sparsity:.0f}% group sparsity)")
     print(f"{'':34s}{'dense':>12s}{'HESSO shrunk':>14s}")
     for name, a, b in rows:
         print(f"{name:34s}{a:>12s}{b:>14s}")
-    print(f"{'latency ratio shrunk/dense':34s}{'':>12s}{ratio:>14.3f}")
-    print(f"masked vs shrunk logits: max relative difference {max_rel:.2e}")
+    print(f"{'latency ratio shrunk/dense':34s}{'':>12s}{lat['ratio_shrunk_over_dense']:>14.3f}")
+    print(f"masked vs shrunk logits: max relative difference "
+          f"{results['shrunk_vs_masked_max_rel_logit_diff']:.2e}")
     print(f"wrote {out}/: shrunk_checkpoint/, groups.json, keep_plan.json, results.json, "
           f"training.png  ({results['wall_seconds']:.0f} s)")
+
+
+def run_demo(args: argparse.Namespace) -> dict[str, Any]:
+    """Runs the demo; returns the results written to ``results.json``."""
+    out = _check_out_dir(args.out)
+
+    from flax import nnx
+
+    import hesso_jax as hj
+
+    t_start = time.perf_counter()
+    runs = _train_both(args)
+    groups = runs.groups
+    # Surgery: a physically smaller model computing what the masked one does.
+    small = hj.shrink_model(runs.pruned, groups)
+    plan = hj.KeepPlan.from_mask(groups, ~runs.zero)
+    metrics = _measure(runs, small)
+
+    ckpt = _save_checkpoint(out, nnx.state(small))
+    _write_atomic(out / "groups.json", lambda p: p.write_text(groups.to_json(indent=1)))
+    _write_atomic(out / "keep_plan.json", lambda p: p.write_text(plan.to_json(indent=1)))
+    _plot(out / "training.png", runs.h_dense, runs.h_hesso, groups.num_groups,
+          runs.status.target, runs.schedule)
+    warmup, periods, period_len = runs.schedule
+    results = {
+        "steps": args.steps, "seed": args.seed, "sparsity": args.sparsity,
+        "groups": groups.num_groups, "pruned_groups": int(runs.zero.sum()),
+        "schedule": {"warmup": warmup, "periods": periods, "period_len": period_len},
+        **{k: v for k, v in metrics.items() if k != "test_images"},
+        "wall_seconds": time.perf_counter() - t_start,
+        "checkpoint": str(ckpt),
+    }
+    _write_atomic(out / "results.json", lambda p: p.write_text(json.dumps(results, indent=1)))
+    _print_table(args, runs, {**results, "test_images": metrics["test_images"]}, out)
     return results
 
 
