@@ -15,7 +15,9 @@ held-out text (every held-out byte after the first predicted once):
 * the held-out perplexity ``exp(mean NLL)`` and bits per byte ``mean NLL / ln 2``;
 * the perplexity of the add-one unigram byte model of the training text on the same
   targets (the baseline a model must clearly beat);
-* parameters, steps, tokens seen, wall time and training tokens/s.
+* parameters, steps, tokens seen, wall time, process CPU time (all threads; on a shared
+  machine the wall time depends on the other load, recorded as ``load_average``) and
+  training tokens/s.
 
 The model is saved with orbax (`save_pretrained`: ``config.json`` + ``params``) at
 ``--ckpt`` (default ``out/llm_pretrain``, git-ignored); pruning runs start from
@@ -120,6 +122,8 @@ def summarise(args: argparse.Namespace, cfg: LlamaConfig, res: PretrainResult,
         "lr": args.lr, "warmup": args.warmup, "seed": args.seed,
         "tokens_seen": tokens_seen, "wall_s": res.wall_s,
         "train_tokens_per_s": tokens_seen / res.wall_s,
+        "train_cpu_s": corpus.pop("train_cpu_s"),
+        "load_average": os.getloadavg(),
         "corpus": corpus,
         "heldout_loss": final, "heldout_perplexity": float(np.exp(final)),
         "heldout_bits_per_byte": final / float(np.log(2.0)),
@@ -173,9 +177,11 @@ def run(args: argparse.Namespace, argv: list[str]) -> tuple[dict, nnx.Module]:
               "heldout_windows": len(windows)}
     print(f"corpus: {tr.size:,} training bytes, {te.size:,} held-out bytes "
           f"({len(windows)} windows of {args.seq_len + 1})")
+    cpu0 = time.process_time()
     res = pretrain(cfg, tr, windows[:args.eval_windows], steps=args.steps,
                    batch_size=args.batch, seq_len=args.seq_len, lr=args.lr,
                    warmup=args.warmup, chunk=args.chunk, seed=args.seed)
+    corpus["train_cpu_s"] = time.process_time() - cpu0  # process CPU time, all threads
     t0 = time.perf_counter()
     final = lm_eval_loss(res.model, windows)
     print(f"final held-out evaluation: {time.perf_counter() - t0:.1f} s")
