@@ -23,11 +23,28 @@ __all__ = ["main"]
 
 
 class _Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one line, without the usage block."""
+    """An ArgumentParser whose errors are one line, without the usage block.
+
+    Every error starts with ``hesso-jax: error:``, whichever sub-command raised it.
+    """
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        sys.stderr.write(f"{self.prog}: error: {message}\n")
-        raise SystemExit(2)
+        _fail(message, 2)
+
+
+def _fail(message: str, status: int) -> None:
+    """Writes ``hesso-jax: error: <message>`` (one line) to stderr and exits."""
+    _error(message)
+    raise SystemExit(status)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("hesso-jax")
+    except PackageNotFoundError:  # run from a source tree that was not installed
+        return "unknown"
 
 
 def _fraction(text: str) -> float:
@@ -80,10 +97,19 @@ class _UsageError(Exception):
     """Arguments that parse but do not fit together (reported like a parse error)."""
 
 
+class _LateError(Exception):
+    """A step after the results were written failed (one line, exit status 1)."""
+
+
+PROG = "hesso-jax"
+_OUTPUTS = ("results.json", "groups.json", "keep_plan.json", "training.png")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The command-line interface."""
-    parser = _Parser(prog="hesso-jax", description="Train and structurally prune JAX "
+    """The command-line interface (every option's help names its default)."""
+    parser = _Parser(prog=PROG, description="Train and structurally prune JAX "
                      "networks in one run (HESSO).")
+    parser.add_argument("--version", action="version", version=f"{PROG} {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     demo = sub.add_parser(
         "demo", help="train the digits CNN densely and with HESSO, shrink, compare",
@@ -91,20 +117,24 @@ def build_parser() -> argparse.ArgumentParser:
         "on the same step budget, shrink the pruned model, print a table and save the "
         "shrunk checkpoint, plan and a plot.")
     demo.add_argument("--sparsity", type=_fraction, default=0.5,
-                      help="fraction of groups to prune, in (0, 1) (default 0.5)")
+                      help="fraction of groups to prune, in (0, 1) (default: 0.5)")
     demo.add_argument("--steps", type=_int_at_least(20), default=1500,
-                      help="training steps of each run (default 1500)")
-    demo.add_argument("--seed", type=_int_at_least(0), default=0, help="random seed")
+                      help="training steps of each run, at least 20 (default: 1500)")
+    demo.add_argument("--seed", type=_int_at_least(0), default=0,
+                      help="random seed of the initialisation, split and batches (default: 0)")
     demo.add_argument("--out", type=Path, default=Path("hesso_demo_out"),
-                      help="output folder (default ./hesso_demo_out)")
-    demo.add_argument("--batch-size", type=_int_at_least(1), default=64)
-    demo.add_argument("--lr", type=_positive_float, default=3e-3, help="Adam learning rate")
+                      help="output folder (default: ./hesso_demo_out)")
+    demo.add_argument("--batch-size", type=_int_at_least(1), default=64,
+                      help="training batch size (default: 64)")
+    demo.add_argument("--lr", type=_positive_float, default=3e-3,
+                      help="Adam learning rate (default: 0.003)")
     demo.add_argument("--periods", type=_int_at_least(1), default=5,
-                      help="HESSO pruning periods P (default 5)")
+                      help="HESSO pruning periods P (default: 5)")
     demo.add_argument("--min-keep", type=_min_keep, default=0,
                       help="per-family floor: groups (int) or fraction of groups every "
-                           "family keeps (default 0, none)")
-    demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
+                           "family keeps (default: 0, none)")
+    demo.add_argument("--no-progress", action="store_true",
+                      help="hide progress bars (default: shown)")
     return parser
 
 
@@ -115,38 +145,76 @@ def _check_out_dir(out: Path) -> Path:
         with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
             pass
     except OSError as err:
-        raise SystemExit(f"hesso-jax: error: cannot write to output folder {out}: "
-                         f"{err.strerror or err}") from None
+        _fail(f"cannot write to output folder {out}: {err.strerror or err}", 1)
     return out
 
 
-def _save_checkpoint(out: Path, state: Any) -> Path:
-    """Writes ``state`` with orbax into a temporary folder, then renames it into place.
+_WORK = ".shrunk_checkpoint.tmp"  # the checkpoint is written inside this folder
 
-    An interruption (Ctrl-C, pre-emption, a full disk) while writing leaves the previous
-    ``shrunk_checkpoint`` (if any) untouched and removes the temporary folder: there is never
-    a half-written checkpoint under the final name. The swap is two renames on the same file
-    system (the old checkpoint is moved aside first, then deleted).
+
+def _clean_stale(out: Path) -> list[str]:
+    """Removes what an interrupted or killed earlier run left in ``out``; returns the names.
+
+    Only this command's own temporary names are touched: the checkpoint work folder (with
+    any orbax temporary folder inside it), the set-aside old checkpoint, and the ``.NAME.tmp``
+    files of `_write_atomic` for the demo's outputs. Finished outputs stay.
     """
     import shutil
 
+    old = out / ".shrunk_checkpoint.old"
+    if old.is_dir() and not (out / "shrunk_checkpoint").exists():
+        os.replace(old, out / "shrunk_checkpoint")  # killed between the two renames
+    stale = [out / _WORK, old, *(out / f".{name}.tmp" for name in _OUTPUTS)]
+    removed = []
+    for path in stale:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.exists():
+            path.unlink(missing_ok=True)
+        else:
+            continue
+        removed.append(path.name)
+    return removed
+
+
+def _save_checkpoint(out: Path, state: Any) -> Path:
+    """Writes ``state`` with orbax, checks that it restores equal, then moves it into place.
+
+    orbax writes into ``out/.shrunk_checkpoint.tmp/`` (its own temporary folders land
+    there too); the result is restored against the abstract state (``jax.eval_shape``, as a
+    user restores into ``nnx.eval_shape(...)``) and compared leaf by leaf, bit for bit.
+    Only then is it renamed to ``out/shrunk_checkpoint``. An interruption (Ctrl-C,
+    pre-emption, a full disk) or a failed check leaves the previous ``shrunk_checkpoint``
+    (if any) untouched and removes the work folder: there is never a half-written
+    checkpoint under the final name. The swap is two renames on the same file system (the
+    old checkpoint is moved aside first, then deleted).
+
+    Raises:
+      RuntimeError: if the restored state differs from ``state``.
+    """
+    import shutil
+
+    import jax
+    import numpy as np
     import orbax.checkpoint as ocp
 
-    final = out / "shrunk_checkpoint"
-    tmp = out / ".shrunk_checkpoint.tmp"
-    old = out / ".shrunk_checkpoint.old"
-    shutil.rmtree(tmp, ignore_errors=True)
+    final, work, old = out / "shrunk_checkpoint", out / _WORK, out / ".shrunk_checkpoint.old"
+    shutil.rmtree(work, ignore_errors=True)
     try:
+        work.mkdir()
         with ocp.StandardCheckpointer() as ckpt:
-            ckpt.save(tmp, state)
+            ckpt.save(work / "ckpt", state)
             ckpt.wait_until_finished()
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
+            restored = ckpt.restore(work / "ckpt", jax.eval_shape(lambda: state))
+        for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state), strict=True):
+            if not np.array_equal(np.asarray(a), np.asarray(b)):
+                raise RuntimeError("the checkpoint does not restore to the saved state")
+        shutil.rmtree(old, ignore_errors=True)
+        if final.exists():
+            os.replace(final, old)
+        os.replace(work / "ckpt", final)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -229,6 +297,7 @@ def _train_both(args: argparse.Namespace) -> _Runs:
                           min_keep=args.min_keep)
     except ValueError as err:  # e.g. --sparsity too high for --min-keep
         raise _UsageError(str(err)) from None
+    _say(f"training the digits CNN densely and with HESSO ({args.steps} steps each)")
     common = dict(steps=args.steps, batch_size=args.batch_size, seed=args.seed,
                   eval_every=max(1, args.steps // 60), progress=not args.no_progress)
     _, _, h_dense = train_classifier(dense, optax.adam(args.lr), data, desc="dense ",
@@ -270,12 +339,10 @@ def _measure(runs: _Runs, small: Any) -> dict[str, Any]:
                               "shrunk": forward_flops(small, data.x_test[:1])},
         "latency_ms_test_batch": {"dense": ms_dense, "shrunk": ms_small,
                                   "ratio_shrunk_over_dense": ratio},
-        "test_images": len(x_test),
     }
 
 
-def _print_table(args: argparse.Namespace, runs: _Runs, results: dict[str, Any],
-                 out: Path) -> None:
+def _print_table(args: argparse.Namespace, runs: _Runs, results: dict[str, Any]) -> None:
     """The comparison table on stdout."""
     acc, params = results["test_accuracy"], results["params"]
     flops, lat = results["flops_per_example"], results["latency_ms_test_batch"]
@@ -283,7 +350,7 @@ def _print_table(args: argparse.Namespace, runs: _Runs, results: dict[str, Any],
         ("test accuracy (%)", f"{100 * acc['dense']:.2f}", f"{100 * acc['hesso_shrunk']:.2f}"),
         ("parameters", f"{params['dense']:,}", f"{params['shrunk']:,}"),
         ("FLOPs / example", f"{flops['dense']:,.0f}", f"{flops['shrunk']:,.0f}"),
-        (f"latency, {results['test_images']} images (ms)", f"{lat['dense']:.3f}",
+        (f"latency, {len(runs.data.x_test)} images (ms)", f"{lat['dense']:.3f}",
          f"{lat['shrunk']:.3f}"),
     ]
     print(f"\nhesso-jax demo — digits CNN, {args.steps} steps, seed {args.seed}, "
@@ -294,14 +361,46 @@ def _print_table(args: argparse.Namespace, runs: _Runs, results: dict[str, Any],
         print(f"{name:34s}{a:>12s}{b:>14s}")
     print(f"{'latency ratio shrunk/dense':34s}{'':>12s}{lat['ratio_shrunk_over_dense']:>14.3f}")
     print(f"masked vs shrunk logits: max relative difference "
-          f"{results['shrunk_vs_masked_max_rel_logit_diff']:.2e}")
-    print(f"wrote {out}/: shrunk_checkpoint/, groups.json, keep_plan.json, results.json, "
-          f"training.png  ({results['wall_seconds']:.0f} s)")
+          f"{results['shrunk_vs_masked_max_rel_logit_diff']:.2e}", flush=True)
+
+
+def _say(message: str) -> None:
+    """One progress line on stderr (the table and the results go to stdout)."""
+    sys.stderr.write(f"{PROG}: {message}\n")
+    sys.stderr.flush()
+
+
+def _results(args: argparse.Namespace, runs: _Runs, metrics: dict[str, Any],
+             t_start: float) -> dict[str, Any]:
+    """The content of ``results.json`` (``checkpoint`` is None until it is saved)."""
+    warmup, periods, period_len = runs.schedule
+    return {
+        "steps": args.steps, "seed": args.seed, "sparsity": args.sparsity,
+        "groups": runs.groups.num_groups, "pruned_groups": int(runs.zero.sum()),
+        "schedule": {"warmup": warmup, "periods": periods, "period_len": period_len},
+        **metrics,
+        "wall_seconds": time.perf_counter() - t_start,
+        "checkpoint": None,
+    }
+
+
+def _write_json(path: Path, data: Any) -> None:
+    _write_atomic(path, lambda p: p.write_text(json.dumps(data, indent=1)))
 
 
 def run_demo(args: argparse.Namespace) -> dict[str, Any]:
-    """Runs the demo; returns the results written to ``results.json``."""
+    """Runs the demo; returns the results written to ``results.json``.
+
+    Order: clean what an interrupted earlier run left in ``--out``; train; shrink;
+    measure; write ``groups.json``, ``keep_plan.json`` and ``results.json`` and print the
+    table; only then the plot and the checkpoint (saved, restored and compared before it
+    takes its final name), after which ``results.json`` names it. A failure in those last
+    steps keeps everything already written and is reported as one line (`_LateError`).
+    """
     out = _check_out_dir(args.out)
+    removed = _clean_stale(out)
+    if removed:
+        _say(f"removed {', '.join(removed)} left in {out} by an interrupted run")
 
     from flax import nnx
 
@@ -311,26 +410,27 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     runs = _train_both(args)
     groups = runs.groups
     # Surgery: a physically smaller model computing what the masked one does.
-    small = hj.shrink_model(runs.pruned, groups)
     plan = hj.KeepPlan.from_mask(groups, ~runs.zero)
-    metrics = _measure(runs, small)
-
-    ckpt = _save_checkpoint(out, nnx.state(small))
+    small = hj.shrink_model(runs.pruned, groups, plan=plan)
+    results = _results(args, runs, _measure(runs, small), t_start)
     _write_atomic(out / "groups.json", lambda p: p.write_text(groups.to_json(indent=1)))
     _write_atomic(out / "keep_plan.json", lambda p: p.write_text(plan.to_json(indent=1)))
-    _plot(out / "training.png", runs.h_dense, runs.h_hesso, groups.num_groups,
-          runs.status.target, runs.schedule)
-    warmup, periods, period_len = runs.schedule
-    results = {
-        "steps": args.steps, "seed": args.seed, "sparsity": args.sparsity,
-        "groups": groups.num_groups, "pruned_groups": int(runs.zero.sum()),
-        "schedule": {"warmup": warmup, "periods": periods, "period_len": period_len},
-        **{k: v for k, v in metrics.items() if k != "test_images"},
-        "wall_seconds": time.perf_counter() - t_start,
-        "checkpoint": str(ckpt),
-    }
-    _write_atomic(out / "results.json", lambda p: p.write_text(json.dumps(results, indent=1)))
-    _print_table(args, runs, {**results, "test_images": metrics["test_images"]}, out)
+    _write_json(out / "results.json", results)
+    _print_table(args, runs, results)
+    what = "training.png"
+    try:
+        _plot(out / what, runs.h_dense, runs.h_hesso, groups.num_groups,
+              runs.status.target, runs.schedule)
+        what = "shrunk checkpoint"
+        results["checkpoint"] = str(_save_checkpoint(out, nnx.state(small)))
+        results["wall_seconds"] = time.perf_counter() - t_start
+    except Exception as err:
+        raise _LateError(
+            f"could not write the {what} ({type(err).__name__}: {err}); results.json, "
+            f"groups.json and keep_plan.json in {out} are complete") from err
+    _write_json(out / "results.json", results)
+    print(f"wrote {out}/: results.json, groups.json, keep_plan.json, training.png, "
+          f"shrunk_checkpoint/  ({time.perf_counter() - t_start:.0f} s)")
     return results
 
 
@@ -346,12 +446,18 @@ def _schedule_fits(steps: int, periods: int) -> str | None:
             f"{steps}")
 
 
+def _error(message: str) -> None:
+    """``hesso-jax: error: <message>`` as one line on stderr."""
+    sys.stderr.write(f"{PROG}: error: {' '.join(message.split())}\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``hesso-jax``.
 
-    Bad arguments exit with status 2 and one line on stderr; an output folder that cannot
-    be written (at the start or later) exits with status 1 and one line; Ctrl-C exits with
-    130 and leaves no half-written output file or checkpoint.
+    Every error is one line on stderr starting with ``hesso-jax: error:``. Bad arguments
+    exit with status 2; an output folder that cannot be written (at the start or later) and
+    a failure after the results were written (plot, checkpoint) exit with status 1; Ctrl-C
+    exits with 130. None of them leaves a half-written output file or checkpoint.
     """
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -364,12 +470,14 @@ def main(argv: list[str] | None = None) -> int:
         except _UsageError as err:
             parser.error(str(err))
         except KeyboardInterrupt:
-            sys.stderr.write("hesso-jax: interrupted\n")
+            sys.stderr.write(f"{PROG}: interrupted\n")
             return 130
+        except _LateError as err:
+            _error(str(err))
+            return 1
         except OSError as err:
             where = f" {err.filename}" if err.filename else ""
-            sys.stderr.write(f"hesso-jax: error: cannot write output{where}: "
-                             f"{err.strerror or err}\n")
+            _error(f"cannot write output{where}: {err.strerror or err}")
             return 1
     return 0
 

@@ -54,7 +54,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from hesso_jax.groups import GroupFamily, Groups, Member, Path, format_path, tree_paths
+from hesso_jax.groups import (
+    GroupFamily,
+    Groups,
+    Member,
+    Path,
+    format_path,
+    structure_fingerprint,
+    tree_paths,
+)
 from hesso_jax.jaxpr.axes import AxisTracer, Event, UnionFind, Value
 
 __all__ = ["DiscoveryWarning", "discover_groups"]
@@ -663,4 +671,5 @@ def discover_groups(model_or_fn: Any, *args: Any, trainable: Callable[[Path], bo
             is_trainable[i] = False
     closed, _n = _trace(fn, state, args, kwargs)
     shapes = [tuple(getattr(x, "shape", ())) for x in leaves]
-    return Groups.from_families(_analyse(closed, paths, is_trainable, shapes, warn))
+    return Groups.from_families(_analyse(closed, paths, is_trainable, shapes, warn),
+                                fingerprint=structure_fingerprint(fn, state, *args, **kwargs))

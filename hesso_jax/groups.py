@@ -37,7 +37,9 @@ The one mechanism behind every per-group computation is a static *channel map*: 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import re
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
 
@@ -51,6 +53,7 @@ Path = tuple[PathKey, ...]
 
 __all__ = [
     "AxisMap",
+    "Fingerprint",
     "resolve_count",
     "resolve_min_keep",
     "GroupFamily",
@@ -60,6 +63,7 @@ __all__ = [
     "Path",
     "format_path",
     "replicate",
+    "structure_fingerprint",
     "tree_paths",
 ]
 
@@ -245,6 +249,94 @@ class GroupFamily:
         )
 
 
+InputSpec = tuple[tuple[int, ...], str]
+
+
+@dataclasses.dataclass(frozen=True)
+class Fingerprint:
+    """A digest of the traced structure a `Groups` was discovered on.
+
+    Groups are a static analysis of one program: the same paths and shapes under another
+    activation (``sigmoid(0) != 0``) or an extra residual connection break zero
+    invariance, and surgery would then silently change the function. `discover_groups`
+    records this fingerprint of the program it traced; `Groups.check_structure` retraces
+    a model and refuses one whose structure differs.
+
+    Attributes:
+      digest: SHA-256 (hex) of the canonical program text: every parameter leaf's path,
+        shape and dtype, then the jaxpr as JAX prints it, with object addresses
+        (``at 0x…``) removed so that the text is the same in every process.
+      inputs: ``(shape, dtype)`` of each positional example input when they were all
+        arrays (and no keyword inputs), so the structure can be retraced without them;
+        ``None`` otherwise.
+    """
+
+    digest: str
+    inputs: tuple[InputSpec, ...] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {"digest": self.digest,
+                "inputs": None if self.inputs is None else [[list(s), d] for s, d in
+                                                             self.inputs]}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Fingerprint:
+        """Inverse of `to_dict`."""
+        inputs = d.get("inputs")
+        return cls(str(d["digest"]), None if inputs is None else tuple(
+            (tuple(int(n) for n in s), str(t)) for s, t in inputs))
+
+
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
+def _as_pure(model_or_fn: Any, args: tuple) -> tuple[Callable, Any, tuple]:
+    """``(fn, state, inputs)`` for the two forms of `discover_groups`."""
+    from flax import nnx
+
+    if isinstance(model_or_fn, nnx.Module):
+        graphdef, state = nnx.split(model_or_fn)
+
+        def fn(st: Any, *a: Any, **k: Any) -> Any:
+            return nnx.merge(graphdef, st)(*a, **k)
+
+        return fn, state, args
+    if not callable(model_or_fn) or not args:
+        raise TypeError("structure_fingerprint takes (model, *inputs) or (fn, params, *inputs)")
+    return model_or_fn, args[0], args[1:]
+
+
+def structure_fingerprint(model_or_fn: Any, *args: Any, **kwargs: Any) -> Fingerprint:
+    """The `Fingerprint` of ``model(*args, **kwargs)`` or ``fn(params, *args, **kwargs)``.
+
+    Same two forms and the same tracing as `discover_groups` (the whole ``nnx.state`` of a
+    module; inputs that are not arrays are static). Values do not matter, only the program:
+    ``jax.ShapeDtypeStruct`` inputs give the same fingerprint as arrays of that shape.
+    """
+    fn, state, inputs = _as_pure(model_or_fn, args)
+    leaves, treedef = jax.tree_util.tree_flatten((inputs, kwargs))
+    dynamic = [i for i, x in enumerate(leaves) if isinstance(
+        x, jax.Array | np.ndarray | np.generic | jax.ShapeDtypeStruct)]
+
+    def flat_fn(st: Any, *dyn: Any) -> Any:
+        full = list(leaves)
+        for i, x in zip(dynamic, dyn, strict=True):
+            full[i] = x
+        a, k = jax.tree_util.tree_unflatten(treedef, full)
+        return fn(st, *a, **k)
+
+    closed = jax.make_jaxpr(flat_fn)(state, *[leaves[i] for i in dynamic])
+    lines = [f"{format_path(p)} {tuple(_shape(x))} {getattr(x, 'dtype', type(x).__name__)}"
+             for p, x in zip(tree_paths(state), jax.tree.leaves(state), strict=True)]
+    text = "\n".join([*lines, _ADDRESS.sub("", str(closed.jaxpr))])
+    specs = None
+    if not kwargs and all(isinstance(x, jax.Array | np.ndarray | jax.ShapeDtypeStruct)
+                          for x in inputs):
+        specs = tuple((tuple(_shape(x)), str(x.dtype)) for x in inputs)
+    return Fingerprint(hashlib.sha256(text.encode()).hexdigest(), specs)
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class AxisMap:
     """Static channel → global-group map of one axis of one leaf.
@@ -311,23 +403,77 @@ class Groups:
     Build with `Groups.from_families`. All methods that take a tree accept any pytree whose
     leaf paths (see `tree_paths`) contain the member paths: nested dicts, ``nnx.State``,
     NamedTuples, lists.
+
+    ``fingerprint`` (optional, set by `discover_groups`) identifies the program the groups
+    were found on; `check_structure` compares a model against it. Equality and hashing
+    compare the families only.
     """
 
-    def __init__(self, families: Iterable[GroupFamily]):
+    def __init__(self, families: Iterable[GroupFamily], *,
+                 fingerprint: Fingerprint | None = None):
         families = tuple(families)
         for fam in families:
             if not isinstance(fam, GroupFamily):
                 raise TypeError(f"Groups takes GroupFamily objects, got {fam!r}")
+        if fingerprint is not None and not isinstance(fingerprint, Fingerprint):
+            raise TypeError(f"fingerprint must be a Fingerprint or None, got {fingerprint!r}")
         self._families = families
+        self._fingerprint = fingerprint
         sizes = [f.size for f in families]
         self._starts = tuple(int(s) for s in np.cumsum([0, *sizes])[:-1])
         self._num_groups = int(sum(sizes))
         self._layouts: dict[Any, Layout] = {}
 
     @classmethod
-    def from_families(cls, families: Iterable[GroupFamily]) -> Groups:
+    def from_families(cls, families: Iterable[GroupFamily], *,
+                      fingerprint: Fingerprint | None = None) -> Groups:
         """Groups from families; global group order is family by family, in this order."""
-        return cls(families)
+        return cls(families, fingerprint=fingerprint)
+
+    @property
+    def fingerprint(self) -> Fingerprint | None:
+        """The `Fingerprint` of the program these groups were discovered on, if recorded."""
+        return self._fingerprint
+
+    def with_fingerprint(self, fingerprint: Fingerprint | None) -> Groups:
+        """The same families with ``fingerprint`` recorded."""
+        return Groups(self._families, fingerprint=fingerprint)
+
+    def check_structure(self, model_or_fn: Any, *args: Any, who: str = "check_structure",
+                        **kwargs: Any) -> None:
+        """Raises a ValueError unless ``model_or_fn`` traces to the recorded structure.
+
+        Forms as in `discover_groups`: ``(model, *inputs)`` or ``(fn, params, *inputs)``.
+        Without inputs (``(model,)`` or ``(fn, params)``) the recorded input shapes are
+        used; given inputs must have the shapes and dtypes used at discovery (the program
+        depends on them, batch size included). Nothing is checked when no fingerprint was
+        recorded (hand-written groups).
+
+        Raises:
+          ValueError: the structure (program, parameter paths, shapes or dtypes) differs,
+            naming ``who``.
+          TypeError: no inputs given and none recorded.
+        """
+        if self._fingerprint is None:
+            return
+        from flax import nnx
+
+        given = args if isinstance(model_or_fn, nnx.Module) else args[1:]
+        if not given and not kwargs:
+            if self._fingerprint.inputs is None:
+                raise TypeError(f"{who}: pass the example inputs the groups were discovered "
+                                "with (they were not all arrays, so none were recorded)")
+            args = (*args, *(jax.ShapeDtypeStruct(s, d) for s, d in
+                             self._fingerprint.inputs))
+        got = structure_fingerprint(model_or_fn, *args, **kwargs)
+        if got.digest != self._fingerprint.digest:
+            raise ValueError(
+                f"{who}: these groups were discovered on a different model: its traced "
+                f"program (jaxpr, parameter paths, shapes and dtypes) has fingerprint "
+                f"{got.digest[:12]}, the groups record {self._fingerprint.digest[:12]}. Groups "
+                "of another program (another activation, an extra residual connection) can "
+                "make surgery change the function; run hj.discover_groups on this model (in "
+                "the train/eval mode used for discovery)")
 
     @property
     def families(self) -> tuple[GroupFamily, ...]:
@@ -563,16 +709,21 @@ class Groups:
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form."""
-        return {"format": "hesso_jax.Groups", "version": 1,
-                "families": [f.to_dict() for f in self._families]}
+        """JSON-ready form (``fingerprint`` only when one is recorded)."""
+        d: dict[str, Any] = {"format": "hesso_jax.Groups", "version": 1,
+                             "families": [f.to_dict() for f in self._families]}
+        if self._fingerprint is not None:
+            d["fingerprint"] = self._fingerprint.to_dict()
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Groups:
         """Inverse of `to_dict`."""
         if d.get("format") != "hesso_jax.Groups":
             raise ValueError("not a hesso_jax.Groups document (missing format tag)")
-        return cls(GroupFamily.from_dict(f) for f in d["families"])
+        fp = d.get("fingerprint")
+        return cls((GroupFamily.from_dict(f) for f in d["families"]),
+                   fingerprint=None if fp is None else Fingerprint.from_dict(fp))
 
     def to_json(self, **kwargs: Any) -> str:
         """JSON text; round-trips through `from_json` (str and int path keys are kept)."""
@@ -587,11 +738,12 @@ class Groups:
 def resolve_count(K: int | float, num_groups: int) -> int:
     """Number of groups to prune from an int count or a float fraction in (0, 1).
 
-    A fraction is rounded to the nearest count (``round(K * G)``).
+    A fraction is rounded to the nearest count (``round(K * G)``); one that rounds to 0
+    groups is an error (``K=0``, an int, prunes nothing on purpose).
 
     Raises:
       ValueError: if the count is negative or not below ``num_groups``, or a fraction is
-        outside (0, 1).
+        outside (0, 1) or rounds to no group at all.
       TypeError: if ``K`` is neither an int nor a float.
     """
     if isinstance(K, bool) or not isinstance(K, int | float | np.integer | np.floating):
@@ -600,6 +752,11 @@ def resolve_count(K: int | float, num_groups: int) -> int:
         if not 0.0 < K < 1.0:
             raise ValueError(f"K as a fraction must lie in (0, 1), got {K}")
         count = int(round(float(K) * num_groups))
+        if count == 0:
+            raise ValueError(
+                f"K={K} of G={num_groups} groups rounds to 0 groups, so nothing would be "
+                f"pruned; pass a fraction of at least 1/G = {1 / num_groups:.2g} or an int "
+                "count (K=0 prunes nothing on purpose)")
     else:
         count = int(K)
     if count < 0:

@@ -1,6 +1,7 @@
 """The hesso-jax command: argument errors are one line; the demo writes its outputs."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -19,6 +20,40 @@ def test_help():
     assert proc.returncode == 0
     for flag in ("--sparsity", "--steps", "--seed", "--out"):
         assert flag in proc.stdout
+
+
+def test_help_names_every_default(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["demo", "--help"])
+    assert exc.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    options = text.split("options:")[1]
+    for flag, default in [("--sparsity", "0.5"), ("--steps", "1500"), ("--seed", "0"),
+                          ("--out", "./hesso_demo_out"), ("--batch-size", "64"),
+                          ("--lr", "0.003"), ("--periods", "5"), ("--min-keep", "0, none"),
+                          ("--no-progress", "shown")]:
+        after = options.split(f"{flag} ", 1)[1]
+        help_text = re.split(r" --[a-z-]+ ", after, maxsplit=1)[0]
+        assert f"(default: {default})" in help_text, flag
+
+
+def test_version(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.strip() == f"hesso-jax {version('hesso-jax')}"
+
+
+@pytest.mark.parametrize("args", [["demo", "--steps", "x"], ["demo", "--bogus"], ["nonsense"],
+                                  [], ["demo", "--steps", "20", "--periods", "50"]])
+def test_every_error_has_one_prefix(args, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hesso-jax: error: ") and err.count("\n") == 1, err
 
 
 @pytest.mark.parametrize("args,fragment", [
@@ -60,12 +95,17 @@ def test_unwritable_output_folder(tmp_path, capsys):
 
 
 def test_demo_small_run_writes_outputs(tmp_path):
+    """At 90% group sparsity a whole family is pruned (its placeholder channel stays): the
+    demo still finishes, writes every output and a checkpoint that restores."""
     out = tmp_path / "out"
-    proc = run_cli("demo", "--steps", "40", "--periods", "2", "--sparsity", "0.25",
+    proc = run_cli("demo", "--steps", "40", "--periods", "2", "--sparsity", "0.9",
                    "--no-progress", "--out", str(out))
     assert proc.returncode == 0, proc.stderr
     results = json.loads((out / "results.json").read_text())
-    assert results["pruned_groups"] == round(0.25 * results["groups"])
+    assert results["pruned_groups"] == round(0.9 * results["groups"])
+    plan = json.loads((out / "keep_plan.json").read_text())
+    assert [len(k) for k in plan["keep"]].count(1) >= 1  # an emptied family's placeholder
+    assert results["checkpoint"] == str(out / "shrunk_checkpoint")
     assert results["shrunk_vs_masked_max_rel_logit_diff"] < 1e-5
     assert results["params"]["shrunk"] < results["params"]["dense"]
     assert results["test_accuracy"]["hesso_shrunk"] == results["test_accuracy"]["hesso_masked"]

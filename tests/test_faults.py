@@ -1,8 +1,16 @@
 """Faults and bad input: non-finite gradients with optax.apply_if_finite, schedules that do
-not fit the run, parameters that change between init and update, and the CLI's handling of
-bad schedules, unwritable outputs and interrupted checkpoint writes."""
+not fit the run, parameters that change between init and update, groups of another model,
+a fraction K that prunes nothing, checkpoints of a model with an emptied family, and the
+CLI's handling of bad schedules, unwritable outputs, interrupted checkpoint writes, a
+failure after the results were written and a run killed mid-way."""
 
+import json
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +18,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
+from flax import nnx
 
 import hesso_jax as hj
 from hesso_jax import cli
@@ -203,8 +212,10 @@ def test_cli_output_folder_that_is_a_file(tmp_path, capsys):
     target.write_text("x")
     with pytest.raises(SystemExit) as exc:
         cli.main(["demo", "--steps", "20", "--out", str(target), "--no-progress"])
-    assert "cannot write to output folder" in str(exc.value.code)
-    assert "\n" not in str(exc.value.code)
+    assert exc.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err
+    assert err.startswith(f"hesso-jax: error: cannot write to output folder {target}: ")
 
 
 def test_interrupted_checkpoint_write_leaves_previous_checkpoint_intact(tmp_path, monkeypatch):
@@ -256,3 +267,152 @@ def test_cli_write_error_later_in_the_run_is_one_line(monkeypatch, capsys, tmp_p
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "Traceback" not in err
     assert err.startswith("hesso-jax: error: cannot write output") and "Permission denied" in err
+
+
+# ---------------------------------------------------------------- K that prunes nothing
+def test_fraction_k_that_rounds_to_zero_groups_is_refused():
+    with pytest.raises(ValueError, match=re.escape(
+            "K=0.001 of G=12 groups rounds to 0 groups, so nothing would be pruned; pass a "
+            "fraction of at least 1/G = 0.083 or an int count (K=0 prunes nothing on purpose)")):
+        hj.hesso(make_groups(), 0.001, PERIODS, TP)
+    hj.hesso(make_groups(), 0, PERIODS, TP)  # an int 0 is a deliberate choice
+    assert hj.hesso_status(hj.hesso(make_groups(), 0.05, PERIODS, TP).init(
+        make_params())).target == 1
+
+
+# ---------------------------------------------------------------- groups of another model
+class TwoLayer(nnx.Module):
+    def __init__(self, act, residual, seed=0):
+        rngs = nnx.Rngs(seed)
+        self.a = nnx.Linear(D_IN, HIDDEN, rngs=rngs)
+        self.b = nnx.Linear(HIDDEN, HIDDEN, rngs=rngs)
+        self.c = nnx.Linear(HIDDEN, D_OUT, rngs=rngs)
+        self.act, self.residual = act, residual
+
+    def __call__(self, x):
+        h = self.act(self.a(x))
+        g = self.act(self.b(h))
+        return self.c(g + h if self.residual else g)
+
+
+@pytest.mark.parametrize("other", [TwoLayer(jax.nn.sigmoid, False), TwoLayer(nnx.relu, True)],
+                         ids=["sigmoid", "extra-residual"])
+def test_groups_of_another_model_are_refused(other):
+    """Same paths and shapes, another program: discovery's fingerprint tells them apart."""
+    model = TwoLayer(nnx.relu, False)
+    groups = hj.discover_groups(model, X[:1])
+    assert groups.fingerprint is not None and groups.fingerprint.inputs == (((1, D_IN),
+                                                                             "float32"),)
+    groups.validate(nnx.state(other))  # paths and shapes fit: only the program differs
+    groups.check_structure(TwoLayer(nnx.relu, False, seed=3))  # other values: accepted
+    groups.check_structure(model, X[1:2])  # inputs given explicitly (discovery's shapes)
+    with pytest.raises(ValueError, match="shrink_model: these groups were discovered on a "
+                                         "different model: its traced program"):
+        groups.check_structure(other, who="shrink_model")
+    # the fingerprint survives JSON (groups.json next to a checkpoint) ...
+    back = hj.Groups.from_json(groups.to_json())
+    assert back == groups and back.fingerprint == groups.fingerprint
+    with pytest.raises(ValueError, match="discovered on a different model"):
+        back.check_structure(other)
+    # ... and the pure-function form records and checks it the same way
+    graphdef, state = nnx.split(model)
+    fn_groups = hj.discover_groups(lambda st, x: nnx.merge(graphdef, st)(x), state, X[:1])
+    assert fn_groups.fingerprint.digest == groups.fingerprint.digest
+    # hand-written groups carry none (nothing to check); shrunk groups describe a new tree
+    assert hj.Groups.from_families(groups.families).fingerprint is None
+    plan = hj.KeepPlan.from_mask(groups, np.arange(groups.num_groups) % 2 == 0)
+    assert hj.shrink_groups(groups, plan).fingerprint is None
+
+
+# ---------------------------------------------------------------- emptied family
+def _cnn_with_empty_family():
+    from hesso_jax.models import CNN
+
+    model = CNN(8, 16, rngs=nnx.Rngs(0))
+    groups = model.groups()
+    keep = np.ones(groups.num_groups, bool)
+    keep[groups.starts[1]:groups.starts[1] + groups.families[1].size] = False  # block_a
+    state = nnx.state(model)
+    mask = groups.broadcast(jnp.asarray(keep, jnp.float32), state, fill=1.0)
+    nnx.update(model, jax.tree.map(lambda x, m: (x * m).astype(x.dtype), state, mask))
+    return model, groups
+
+
+def test_checkpoint_of_a_model_with_an_emptied_family(tmp_path):
+    """A fully pruned family keeps one exactly-zero channel: no zero-size leaf, so orbax
+    saves the shrunk model, and the restored model equals the masked one."""
+    model, groups = _cnn_with_empty_family()
+    small = hj.shrink_model(model, groups)
+    assert small.block_a.conv.kernel.shape == (3, 3, 8, 1)
+    assert not np.any(np.asarray(small.block_a.bn.scale[...]))
+    assert all(x.size for x in jax.tree.leaves(nnx.state(small)))
+    with ocp.StandardCheckpointer() as ckpt:
+        ckpt.save(tmp_path / "ckpt", nnx.state(small))
+        ckpt.wait_until_finished()
+        graphdef = nnx.graphdef(small)
+        abstract = nnx.eval_shape(lambda: nnx.merge(graphdef, nnx.state(small)))
+        restored = ckpt.restore(tmp_path / "ckpt", nnx.state(abstract))
+    loaded = nnx.merge(graphdef, restored)
+    x = jax.random.normal(jax.random.key(3), (4, 8, 8, 1))
+    model.eval()
+    loaded.eval()
+    np.testing.assert_allclose(np.asarray(loaded(x)), np.asarray(model(x)), rtol=1e-5,
+                               atol=1e-6)
+    # the demo's writer: saved, restored and compared before it takes its final name
+    final = cli._save_checkpoint(tmp_path, nnx.state(small))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "shrunk_checkpoint"]
+    assert final == tmp_path / "shrunk_checkpoint"
+
+
+# ---------------------------------------------------------------- demo: late failure, kill
+def test_demo_keeps_its_results_when_the_checkpoint_fails(tmp_path, monkeypatch, capsys):
+    def no_space(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ocp.StandardCheckpointer, "save", no_space)
+    out = tmp_path / "out"
+    code = cli.main(["demo", "--steps", "20", "--periods", "1", "--no-progress",
+                     "--out", str(out)])
+    captured = capsys.readouterr()
+    assert code == 1
+    err = captured.err.strip().splitlines()[-1]
+    assert err == ("hesso-jax: error: could not write the shrunk checkpoint (OSError: [Errno "
+                   f"28] No space left on device); results.json, groups.json and "
+                   f"keep_plan.json in {out} are complete")
+    assert "HESSO shrunk" in captured.out  # the table was printed before the checkpoint
+    results = json.loads((out / "results.json").read_text())
+    assert results["checkpoint"] is None and results["pruned_groups"] == 96
+    assert sorted(p.name for p in out.iterdir()) == ["groups.json", "keep_plan.json",
+                                                     "results.json", "training.png"]
+
+
+def test_demo_killed_mid_run_then_rerun_restarts_cleanly(tmp_path, capsys):
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "hesso_jax.cli", "demo", "--steps", "20",
+                             "--no-progress", "--out", str(out)],
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    try:
+        line = proc.stderr.readline()  # printed when training starts
+        assert line.startswith("hesso-jax: training the digits CNN"), line
+        time.sleep(1.0)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (out / "results.json").exists()  # nothing half-written
+    # what a kill during the checkpoint write leaves behind
+    (out / ".shrunk_checkpoint.tmp" / "ckpt.orbax-checkpoint-tmp-1").mkdir(parents=True)
+    (out / ".results.json.tmp").write_text('{"steps": ')
+
+    assert cli.main(["demo", "--steps", "20", "--periods", "1", "--sparsity", "0.25",
+                     "--no-progress", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert (f"hesso-jax: removed .shrunk_checkpoint.tmp, .results.json.tmp left in {out} by "
+            "an interrupted run") in err
+    assert sorted(p.name for p in out.iterdir()) == [
+        "groups.json", "keep_plan.json", "results.json", "shrunk_checkpoint", "training.png"]
+    results = json.loads((out / "results.json").read_text())
+    assert results["checkpoint"] == str(out / "shrunk_checkpoint")
+    assert results["pruned_groups"] == 48
