@@ -156,15 +156,18 @@ def _clean_stale(out: Path) -> list[str]:
     """Removes what an interrupted or killed earlier run left in ``out``; returns the names.
 
     Only this command's own temporary names are touched: the checkpoint work folder (with
-    any orbax temporary folder inside it), the set-aside old checkpoint, and the ``.NAME.tmp``
-    files of `_write_atomic` for the demo's outputs. Finished outputs stay.
+    any orbax temporary folder inside it), the set-aside old checkpoint (put back if the run
+    was killed between the two renames of the swap), the ``.NAME.tmp`` files of
+    `_write_atomic` for the demo's outputs and the write test's ``.write-test-*`` files.
+    Finished outputs stay.
     """
     import shutil
 
     old = out / ".shrunk_checkpoint.old"
     if old.is_dir() and not (out / "shrunk_checkpoint").exists():
-        os.replace(old, out / "shrunk_checkpoint")  # killed between the two renames
-    stale = [out / _WORK, old, *(out / f".{name}.tmp" for name in _OUTPUTS)]
+        os.replace(old, out / "shrunk_checkpoint")
+    stale = [out / _WORK, old, *(out / f".{name}.tmp" for name in _OUTPUTS),
+             *sorted(out.glob(".write-test-*"))]
     removed = []
     for path in stale:
         if path.is_dir():

@@ -416,3 +416,17 @@ def test_demo_killed_mid_run_then_rerun_restarts_cleanly(tmp_path, capsys):
     results = json.loads((out / "results.json").read_text())
     assert results["checkpoint"] == str(out / "shrunk_checkpoint")
     assert results["pruned_groups"] == 48
+
+
+def test_rerun_puts_back_a_checkpoint_set_aside_by_a_killed_swap(tmp_path):
+    """Killed between the swap's two renames: the old checkpoint is only under its
+    set-aside name; the next run puts it back before anything else."""
+    cli._save_checkpoint(tmp_path, {"w": np.arange(3.0, dtype=np.float32)})
+    os.replace(tmp_path / "shrunk_checkpoint", tmp_path / ".shrunk_checkpoint.old")
+    (tmp_path / ".write-test-abc").write_text("")
+    assert cli._clean_stale(tmp_path) == [".write-test-abc"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shrunk_checkpoint"]
+    with ocp.StandardCheckpointer() as ckpt:
+        restored = ckpt.restore(tmp_path / "shrunk_checkpoint",
+                                {"w": jax.ShapeDtypeStruct((3,), jnp.float32)})
+    np.testing.assert_array_equal(restored["w"], np.arange(3.0))
