@@ -751,3 +751,26 @@ def test_shrink_opt_state_refuses_a_parameter_shaped_leaf_it_cannot_cut():
     small, _ = hj.shrink(params, groups)
     assert jax.tree.map(jnp.shape, small_state[1]) == jax.tree.map(
         jnp.shape, nnx.to_pure_dict(small))
+
+
+@pytest.mark.parametrize("make_tx", [
+    lambda p: optax.masked(optax.adam(1e-2), jax.tree.map(lambda x: x.ndim > 1, p)),
+    lambda p: optax.MultiSteps(optax.adam(1e-2), 2),
+    lambda p: optax.inject_hyperparams(optax.adam)(learning_rate=1e-2),
+    lambda p: optax.contrib.schedule_free_adamw(1e-2),
+    lambda p: optax.chain(optax.ema(0.9), optax.sgd(1e-2, momentum=0.9)),
+], ids=["masked", "multisteps", "inject_hyperparams", "schedule_free", "ema+momentum"])
+def test_shrink_opt_state_of_optax_wrappers(make_tx):
+    """Partial trees (optax.masked), accumulators, hyperparameter states and second copies
+    of the parameters are all cut: the result has the shapes of a fresh init on the shrunk
+    parameters, and the optimizer steps on it."""
+    _, groups, _, params, _ = _mlp_problem()
+    params = masked(nnx.to_pure_dict(params), groups,
+                    random_keep(groups, np.random.default_rng(4)))
+    small, plan = hj.shrink(params, groups)
+    tx = make_tx(params)
+    state = tx.init(params)
+    small_state = hj.shrink_opt_state(state, params, groups, plan=plan)
+    assert jax.tree.map(jnp.shape, small_state) == jax.tree.map(jnp.shape,
+                                                                make_tx(small).init(small))
+    tx.update(jax.tree.map(jnp.ones_like, small), small_state, small)
