@@ -337,6 +337,25 @@ def structure_fingerprint(model_or_fn: Any, *args: Any, **kwargs: Any) -> Finger
     return Fingerprint(hashlib.sha256(text.encode()).hexdigest(), specs)
 
 
+def _other_mode_matches(model: Any, args: tuple, kwargs: dict, digest: str) -> bool:
+    """Whether a copy of an NNX ``model`` in train or in eval mode has ``digest``.
+
+    Train/eval mode (BatchNorm statistics, dropout) is part of the traced program, and a
+    model is often discovered in one mode and shrunk in the other; the model itself is
+    not changed.
+    """
+    from flax import nnx
+
+    if not isinstance(model, nnx.Module):
+        return False
+    for mode in ("train", "eval"):
+        copy = nnx.clone(model)
+        getattr(copy, mode)()
+        if structure_fingerprint(copy, *args, **kwargs).digest == digest:
+            return True
+    return False
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class AxisMap:
     """Static channel → global-group map of one axis of one leaf.
@@ -446,7 +465,8 @@ class Groups:
         Forms as in `discover_groups`: ``(model, *inputs)`` or ``(fn, params, *inputs)``.
         Without inputs (``(model,)`` or ``(fn, params)``) the recorded input shapes are
         used; given inputs must have the shapes and dtypes used at discovery (the program
-        depends on them, batch size included). Nothing is checked when no fingerprint was
+        depends on them, batch size included). An NNX model also matches when a copy of it
+        in the other train/eval mode does. Nothing is checked when no fingerprint was
         recorded (hand-written groups).
 
         Raises:
@@ -466,14 +486,15 @@ class Groups:
             args = (*args, *(jax.ShapeDtypeStruct(s, d) for s, d in
                              self._fingerprint.inputs))
         got = structure_fingerprint(model_or_fn, *args, **kwargs)
-        if got.digest != self._fingerprint.digest:
-            raise ValueError(
-                f"{who}: these groups were discovered on a different model: its traced "
-                f"program (jaxpr, parameter paths, shapes and dtypes) has fingerprint "
-                f"{got.digest[:12]}, the groups record {self._fingerprint.digest[:12]}. Groups "
-                "of another program (another activation, an extra residual connection) can "
-                "make surgery change the function; run hj.discover_groups on this model (in "
-                "the train/eval mode used for discovery)")
+        if got.digest == self._fingerprint.digest or _other_mode_matches(
+                model_or_fn, args, kwargs, self._fingerprint.digest):
+            return
+        raise ValueError(
+            f"{who}: these groups were discovered on a different model: its traced program "
+            f"(jaxpr, parameter paths, shapes and dtypes) has fingerprint {got.digest[:12]}, "
+            f"the groups record {self._fingerprint.digest[:12]}. Groups of another program "
+            "(another activation, an extra residual connection) can make surgery change the "
+            "function; run hj.discover_groups on this model")
 
     @property
     def families(self) -> tuple[GroupFamily, ...]:

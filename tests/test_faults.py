@@ -430,3 +430,21 @@ def test_rerun_puts_back_a_checkpoint_set_aside_by_a_killed_swap(tmp_path):
         restored = ckpt.restore(tmp_path / "shrunk_checkpoint",
                                 {"w": jax.ShapeDtypeStruct((3,), jnp.float32)})
     np.testing.assert_array_equal(restored["w"], np.arange(3.0))
+
+
+def test_fingerprint_accepts_the_same_model_in_the_other_mode():
+    """Train/eval mode changes the traced program (BatchNorm), not the model: a model
+    discovered in train mode and shrunk in eval mode (or back) is accepted, unchanged."""
+    from hesso_jax.models import CNN
+
+    model = CNN(8, 16, rngs=nnx.Rngs(0))
+    groups = hj.discover_groups(model, jnp.zeros((1, 8, 8, 1)))
+    model.eval()
+    groups.check_structure(model)
+    assert model.stem.bn.use_running_average  # still in eval mode
+    eval_groups = hj.discover_groups(model, jnp.zeros((1, 8, 8, 1)))
+    model.train()
+    eval_groups.check_structure(model)
+    wider = CNN(8, 17, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="discovered on a different model"):
+        groups.check_structure(wider)
