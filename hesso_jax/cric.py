@@ -18,6 +18,14 @@ candidates:
    cap is reached) stop; otherwise correct again from step 2.
 4. Result: ``bottom_K(A)``.
 
+Non-finite trials. A trial whose loss ``f(x)`` at a sample point, or whose accumulated
+saliency, is NaN/±inf (a diverging trial step, a NaN batch) is *rejected*: its scores are
+discarded, the cycle stops, and the result is the selection before it — ``bottom_K(A)`` of
+the trials accepted so far, or the greedy ``V`` of step 1 when the first trial is rejected
+(``scores`` are then the greedy ones). `CricResult.rejected` records it (1, else 0), and
+HESSO-CRIC counts such period starts in ``HessoState.cric_rejected``. A trial is never
+allowed to turn NaN scores into a selection.
+
 Every correction adds ``|V| > tolerance`` never-tested groups to ``H ⊆ candidates``, and
 the first trial already put ``K`` there, so the number of corrective cycles (trials after
 the first) is at most ``⌊(G − K)/(tolerance + 1)⌋ ≤ (G − K)/max(tolerance, 1)``
@@ -100,13 +108,17 @@ class CricResult(NamedTuple):
       cycles: ``int32[]`` corrective cycles run (trials after the first).
       violating_sizes: ``int32[cap + 1]``; entry ``i`` is ``|V|`` found after trial ``i``
         (entry 0 after the greedy trial), ``-1`` for trials that did not run.
-      scores: ``float32[G]`` the accumulated saliency ``A``.
+      scores: ``float32[G]`` the accumulated saliency ``A`` of the accepted trials (the
+        greedy scores when the first trial was rejected).
+      rejected: ``int32[]`` 1 when a trial was rejected for a non-finite loss or score
+        (the result is then the selection before that trial), else 0.
     """
 
     redundant: jax.Array
     cycles: jax.Array
     violating_sizes: jax.Array
     scores: jax.Array
+    rejected: jax.Array
 
 
 def cric_select(loss_fn: Callable[[Any], jax.Array], params: Any, groups: Groups,
@@ -123,24 +135,28 @@ def cric_select(loss_fn: Callable[[Any], jax.Array], params: Any, groups: Groups
     lr = config.learning_rate
     k = jnp.asarray(k, jnp.int32)
 
-    def direction(x: Any) -> Any:
-        grads = jax.grad(loss_fn)(x)
-        return jax.tree.map(lambda g: (-lr * g).astype(g.dtype), grads)
+    def direction(x: Any) -> tuple[jax.Array, Any]:
+        loss, grads = jax.value_and_grad(loss_fn)(x)
+        return loss, jax.tree.map(lambda g: (-lr * g).astype(g.dtype), grads)
 
-    def trial(violating: jax.Array, acc: jax.Array) -> jax.Array:
-        def step(j: jax.Array, carry: tuple[Any, jax.Array]) -> tuple[Any, jax.Array]:
-            x, acc = carry
-            u = direction(x)
+    def trial(violating: jax.Array, acc: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """``(A + Σ_j s(x_j, u_j), finite)``: one trial from ``x⁰`` projecting ``violating``."""
+
+        def step(j: jax.Array, carry: tuple[Any, jax.Array, jax.Array]
+                 ) -> tuple[Any, jax.Array, jax.Array]:
+            x, acc, finite = carry
+            loss, u = direction(x)
             acc = acc + evaluate(saliency, x, u, groups)
             coef = jnp.where(violating, gamma(j, S), 1.0)
             u = project(layout, u, x, violating, coef)
             x = jax.tree.map(lambda a, b: (a + b).astype(a.dtype), x, u)
-            return x, acc
+            return x, acc, finite & jnp.isfinite(loss)
 
-        _, acc = jax.lax.fori_loop(0, S, step, (params, acc))
-        return acc
+        _, acc, finite = jax.lax.fori_loop(0, S, step, (params, acc, jnp.asarray(True)))
+        return acc, finite & jnp.all(jnp.isfinite(acc))
 
-    first = bottom_k(evaluate(saliency, params, direction(params), groups), candidates, k)
+    greedy = evaluate(saliency, params, direction(params)[1], groups)
+    first = bottom_k(greedy, candidates, k)
 
     class Carry(NamedTuple):
         violating: jax.Array
@@ -148,24 +164,31 @@ def cric_select(loss_fn: Callable[[Any], jax.Array], params: Any, groups: Groups
         acc: jax.Array
         trials: jax.Array
         sizes: jax.Array
+        rejected: jax.Array
 
     def cond(c: Carry) -> jax.Array:
         first_trial = (c.trials == 0) & (k > 0)
         pending = (jnp.sum(c.violating) > config.tolerance) & (c.trials > 0)
-        return first_trial | (pending & (c.trials <= cap))
+        return ~c.rejected & (first_trial | (pending & (c.trials <= cap)))
 
     def body(c: Carry) -> Carry:
-        acc = trial(c.violating, c.acc)
+        acc, finite = trial(c.violating, c.acc)
+        acc = jnp.where(finite, acc, c.acc)  # a rejected trial leaves A as it was
         tested = c.tested | c.violating
-        violating = bottom_k(acc, candidates, k) & ~tested
+        violating = jnp.where(finite, bottom_k(acc, candidates, k) & ~tested, False)
         sizes = c.sizes.at[c.trials].set(jnp.sum(violating, dtype=jnp.int32))
-        return Carry(violating, tested, acc, c.trials + 1, sizes)
+        return Carry(violating, tested, acc, c.trials + finite.astype(jnp.int32), sizes,
+                     ~finite)
 
     init = Carry(first, jnp.zeros([G], bool), jnp.zeros([G], jnp.float32),
-                 jnp.zeros([], jnp.int32), jnp.full([cap + 1], -1, jnp.int32))
+                 jnp.zeros([], jnp.int32), jnp.full([cap + 1], -1, jnp.int32),
+                 jnp.asarray(False))
     out = jax.lax.while_loop(cond, body, init)
     cycles = jnp.maximum(out.trials - 1, 0)
-    return CricResult(bottom_k(out.acc, candidates, k), cycles, out.sizes, out.acc)
+    none_accepted = out.trials == 0
+    redundant = jnp.where(none_accepted, first, bottom_k(out.acc, candidates, k))
+    scores = jnp.where(none_accepted & out.rejected, greedy, out.acc)
+    return CricResult(redundant, cycles, out.sizes, scores, out.rejected.astype(jnp.int32))
 
 
 def cric(loss_fn: Callable[[Any], jax.Array], params: Any, groups: Groups, K: int | float,

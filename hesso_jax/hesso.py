@@ -26,12 +26,16 @@ The period logic is a state machine on the step counter inside the jitted update
 period start (saliency + selection, ``O(params + G log G)``) runs under ``lax.cond``; an
 ordinary step costs one gather of a length-``G`` mask per grouped leaf and one ``where``.
 
-Placement check. HESSO projects *parameters*, so it must see the final update. If a
-transformation after it rescales the update, the pruned groups will not be zero when the
-next update arrives. The first update after every period end verifies that each pruned
-group is exactly zero in ``params`` and raises a ``ValueError`` otherwise (from a
-``jax.pure_callback`` that runs only on those steps under ``jit``): misuse is reported at
-the end of the first period at the latest, never left as a silently unpruned model.
+Placement check (`hesso_jax.placement`). HESSO projects *parameters*, so it must see the
+final update and its update must be applied unchanged. Every update compares a few sampled
+parameter elements bit for bit with ``x_{t−1} + u'_{t−1}`` (kept in the state), so a
+transformation after HESSO is reported at the second update; the first update after every
+period end verifies that each pruned group is exactly zero. Non-finite parameters get their
+own error (since when; wrap the chain in ``optax.apply_if_finite``; a missing base
+optimizer when HESSO is first in its chain). Both run from one ``jax.pure_callback`` under
+a ``lax.cond`` taken only on those steps, so a run never ends as a silently unpruned model.
+Wrappers that keep a second copy of the parameters (``optax.contrib.schedule_free``,
+``optax.lookahead``) are refused at ``init``.
 
 Sharding. Under ``jax.jit`` with ``NamedSharding`` parameters (data parallel or FSDP, on
 ``AxisType.Auto`` or ``AxisType.Explicit`` meshes) the per-group vectors (scores, masks,
@@ -61,8 +65,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import PartitionSpec
 
+from hesso_jax import placement
 from hesso_jax.cric import CricConfig, cric_select
 from hesso_jax.groups import (
     Groups,
@@ -91,6 +95,11 @@ class HessoState(NamedTuple):
       cric_cycles: ``int32[]`` corrective cycles CRIC ran at the last period start (0 when
         CRIC is off).
       schedule: ``int32[4]`` the constants ``(warmup_steps, P, Tp, K)``, for `hesso_status`.
+      probe: ``uint32[PROBE_SIZE]`` bits of ``x + u'`` at the sampled elements after the
+        last update: what the parameters must hold at the next one (`hesso_jax.placement`).
+      probe_key: ``int32[]`` the probe layout it was written for (0: not armed).
+      cric_rejected: ``int32[]`` period starts whose CRIC selection rejected a trial with a
+        non-finite loss or score (`hesso_jax.cric`).
     """
 
     count: jax.Array
@@ -99,6 +108,9 @@ class HessoState(NamedTuple):
     scores: jax.Array
     cric_cycles: jax.Array
     schedule: jax.Array
+    probe: jax.Array
+    probe_key: jax.Array
+    cric_rejected: jax.Array
 
 
 def schedule_counts(K: int, P: int) -> tuple[int, ...]:
@@ -160,58 +172,6 @@ def _concrete(*trees: Any) -> bool:
     return not any(isinstance(x, jax.core.Tracer) for t in trees for x in jax.tree.leaves(t))
 
 
-def _misplaced(bad: np.ndarray) -> np.ndarray:
-    """Host check: raises if a pruned group is not exactly zero; otherwise returns 0."""
-    bad = np.asarray(bad)
-    if bad.any():
-        ids = np.flatnonzero(bad)
-        raise ValueError(
-            f"hesso: {ids.size} pruned group(s) (e.g. {ids[:8].tolist()}) are not exactly "
-            "zero in the parameters after their projection period. HESSO projects "
-            "parameters and must be the LAST transformation of the optax.chain (after the "
-            "base optimizer and any scaling), and its updates must be applied unchanged "
-            "with optax.apply_updates.")
-    return np.zeros((), np.int32)
-
-
-def _mesh_of(params: Any) -> Any:
-    """The abstract mesh the update runs on.
-
-    ``jax.set_mesh``'s mesh, else the one carried by an explicitly sharded parameter's type;
-    an empty mesh when neither says (one device, or Auto-sharded arrays without a mesh
-    context).
-    """
-    mesh = jax.sharding.get_abstract_mesh()
-    if not mesh.empty:
-        return mesh
-    for leaf in jax.tree.leaves(params):
-        leaf_mesh = getattr(getattr(jax.typeof(leaf), "sharding", None), "mesh", None)
-        if leaf_mesh is not None and not leaf_mesh.empty:
-            return leaf_mesh
-    return mesh
-
-
-def _placement_check(bad: jax.Array, params: Any) -> jax.Array:
-    """Runs `_misplaced` on the host from inside a jitted update; returns ``int32[] 0``.
-
-    Without a mesh a ``pure_callback`` runs once (on device 0). On a multi-device mesh
-    (set with ``jax.set_mesh``, or carried by Explicit-sharded parameters) it runs inside a
-    ``jax.shard_map`` over every mesh axis with the replicated ``bad`` vector, i.e. once
-    *per device*, so a misuse raises on every device at the same point of the program. (A
-    callback pinned to device 0 that raised would leave the other devices waiting in the
-    next collective until XLA aborts the process.)
-    """
-
-    def call(b: jax.Array) -> jax.Array:
-        return jax.pure_callback(_misplaced, jax.ShapeDtypeStruct((), jnp.int32), b)
-
-    mesh = _mesh_of(params)
-    if mesh.empty or mesh.size == 1:
-        return call(bad)
-    return jax.shard_map(call, mesh=mesh, in_specs=PartitionSpec(), out_specs=PartitionSpec(),
-                         check_vma=False)(replicate(bad))
-
-
 class _Phase(NamedTuple):
     """Where the update with counter ``count`` falls in the schedule (traced scalars).
 
@@ -246,7 +206,7 @@ class _Hesso:
     ``update`` runs Algorithm 1 in four steps: `_phase` (where the counter is in the
     schedule), ``_select`` (the period start's redundant set ``G_R``, under ``lax.cond``),
     ``_project`` (``u' = c·(x + u) − x`` on ``G_R`` and the pruned set) and ``_advance``
-    (the next state).
+    (the next state); ``_check`` runs the placement checks (`hesso_jax.placement`).
     """
 
     groups: Groups
@@ -260,7 +220,9 @@ class _Hesso:
     cric_score: Any
     cric_cap: int
     schedule: np.ndarray  # int32[4]: (Tw, P, Tp, K)
+    check_updates: bool = True
     seen: list[Signature] = dataclasses.field(default_factory=list)  # trees given to init
+    context: dict[str, bool] = dataclasses.field(default_factory=dict)  # from init's callers
 
     @property
     def G(self) -> int:
@@ -268,6 +230,7 @@ class _Hesso:
 
     def init(self, params: Any) -> HessoState:
         self.groups.validate(params, dependents="present")
+        self.context["no_base"] = placement.check_context(self.init)
         sig = _signature(params)
         if sig not in self.seen:
             self.seen.append(sig)
@@ -279,6 +242,9 @@ class _Hesso:
             scores=jnp.zeros([G], jnp.float32),
             cric_cycles=jnp.zeros([], jnp.int32),
             schedule=jnp.asarray(self.schedule),
+            probe=jnp.zeros([placement.PROBE_SIZE], jnp.uint32),
+            probe_key=jnp.zeros([], jnp.int32),
+            cric_rejected=jnp.zeros([], jnp.int32),
         )
 
     def update(self, updates: Any, state: HessoState, params: Any = None,
@@ -290,13 +256,20 @@ class _Hesso:
                                pruned=replicate(state.pruned),
                                scores=replicate(state.scores))
         ph = _phase(state.count, self.Tw, self.P, self.Tp)
-        check = self._check(ph, state, params)
-        redundant, scores, cycles = jax.lax.cond(
+        probe = placement.probe_sites(params, layout)
+        x_sample = placement.sample(params, probe)
+        check = self._check(ph, state, params, probe, x_sample)
+        redundant, scores, cycles, rejected = jax.lax.cond(
             ph.start, lambda: self._select(ph, state, params, updates, value_fn),
-            lambda: (state.redundant, state.scores, state.cric_cycles))
+            lambda: (state.redundant, state.scores, state.cric_cycles,
+                     jnp.zeros([], jnp.int32)))
         coef = jnp.where(redundant & ph.in_prune, gamma(ph.s, self.Tp), 0.0)
         new_updates = project(layout, updates, params, redundant | state.pruned, coef)
-        return new_updates, self._advance(ph, state, redundant, scores, cycles, check)
+        expected = placement.predicted(x_sample, placement.sample(new_updates, probe))
+        new_state = self._advance(ph, state, redundant, scores, cycles, check)
+        return new_updates, new_state._replace(
+            probe=expected, probe_key=jnp.asarray(probe.key, jnp.int32),
+            cric_rejected=state.cric_rejected + rejected)
 
     def _validate(self, updates: Any, state: Any, params: Any, value_fn: Any) -> Layout:
         """Trace-time checks of one update call; returns the groups' layout of ``params``."""
@@ -318,25 +291,50 @@ class _Hesso:
                 "tx.update(grads, state, params, value_fn=loss_fn)")
         return layout
 
-    def _check(self, ph: _Phase, state: HessoState, params: Any) -> jax.Array:
-        """Placement check right after each period end (P times per run): ``int32[] 0``."""
+    def _check(self, ph: _Phase, state: HessoState, params: Any,
+               probe: placement.ProbeSites, x_sample: list[jax.Array]) -> jax.Array:
+        """The placement checks (`hesso_jax.placement`); returns ``int32[] 0``.
 
-        def misplaced() -> jax.Array:
-            return state.pruned & (nonzero_counts(self.groups, params) > 0)
+        ``x_sample`` holds the probe's elements of ``params``. The ``lax.cond`` is taken
+        right after each period end (P times per run) and whenever the probe shows a
+        mismatch or a non-finite parameter (the step then raises).
+        """
+        found = placement.as_probe(x_sample)
+        armed = state.probe_key == probe.key
+        sampled_nonfinite = ~placement.finite(x_sample)
+        mismatch = armed & ~sampled_nonfinite & jnp.any(found != state.probe)
+        if not self.check_updates:
+            mismatch = jnp.zeros([], bool)
+        hints = placement.hints_for(params, probe, self.context.get("no_base"))
 
+        def diagnose_operands() -> tuple[jax.Array, ...]:
+            bad = ph.after_end & state.pruned & (nonzero_counts(self.groups, params) > 0)
+            finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf))
+                                        for leaf in jax.tree.leaves(params)
+                                        if jnp.issubdtype(leaf.dtype, jnp.inexact)]))
+            info = jnp.stack([state.count, mismatch, sampled_nonfinite,
+                              ph.after_end & ~finite]).astype(jnp.int32)
+            return bad, info, state.probe, found
+
+        alarm = ph.after_end | mismatch | sampled_nonfinite
         if _concrete(state.count, params):  # eager call: a plain ValueError
-            if bool(ph.after_end):
-                _misplaced(np.asarray(misplaced()))
+            if bool(alarm):
+                placement.diagnose(*(np.asarray(op) for op in diagnose_operands()),
+                                   hints=hints)
             return jnp.zeros([], jnp.int32)
         # pure_callback carries no side effect, so the step keeps JAX's fast dispatch
         # path (a debug.callback anywhere in the program costs every step ~0.1 ms);
         # its result (always 0) feeds the counter so it cannot be optimised away.
-        return jax.lax.cond(ph.after_end, lambda: _placement_check(misplaced(), params),
-                            lambda: jnp.zeros([], jnp.int32))
+        return jax.lax.cond(
+            alarm, lambda: placement.placement_check(diagnose_operands(), params, hints),
+            lambda: jnp.zeros([], jnp.int32))
 
     def _select(self, ph: _Phase, state: HessoState, params: Any, updates: Any,
-                value_fn: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """Period start: ``G_R`` = the ``K̂_p`` lowest-scoring unpruned groups (or CRIC's)."""
+                value_fn: Any) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+        """Period start: ``G_R`` = the ``K̂_p`` lowest-scoring unpruned groups (or CRIC's).
+
+        Returns ``(G_R, scores, CRIC cycles, CRIC rejected trials)``.
+        """
         k_hat = jnp.asarray(self.per_period)[ph.period]
         candidates = ~state.pruned
         scores = None
@@ -347,19 +345,19 @@ class _Hesso:
         if self.cric is not None:
             res = cric_select(value_fn, params, self.groups, k_hat, candidates, self.cric,
                               self.cric_score, self.cric_cap)
-            return res.redundant, res.scores, res.cycles
-        return bottom_k(scores, candidates, k_hat), scores, jnp.zeros([], jnp.int32)
+            return res.redundant, res.scores, res.cycles, res.rejected
+        zero = jnp.zeros([], jnp.int32)
+        return bottom_k(scores, candidates, k_hat), scores, zero, zero
 
     def _advance(self, ph: _Phase, state: HessoState, redundant: jax.Array,
                  scores: jax.Array, cycles: jax.Array, check: jax.Array) -> HessoState:
         """The next state: ``G_R`` joins the pruned set at the period's last step."""
-        return HessoState(
+        return state._replace(
             count=optax.safe_increment(state.count) + check,
             redundant=redundant & ~ph.end,
             pruned=state.pruned | (redundant & ph.end),
             scores=scores,
             cric_cycles=cycles,
-            schedule=state.schedule,
         )
 
 
@@ -374,6 +372,7 @@ def hesso(
     cric: Any = None,
     total_steps: int | None = None,
     min_keep: int | float = 0,
+    check_updates: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
     """HESSO (Algorithm 1): progressive projection of the least salient groups to zero.
 
@@ -404,15 +403,24 @@ def hesso(
         high ``K`` cannot remove a whole layer (and with it every path through the
         network). ``0`` (default) is Algorithm 1 as published. Raises a ValueError when
         ``K > G − Σ_f m_f``.
+      check_updates: compare, at every update, a few sampled parameter elements bit for
+        bit with the previous parameters plus HESSO's previous update, so a HESSO that is
+        not last in the chain is reported at the second update (`hesso_jax.placement`).
+        Pass False only if you change the parameters between updates on purpose (weight
+        clipping, say); the period-end check and the non-finite check stay on.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``. ``update`` requires ``params``;
       unknown extra keyword arguments are ignored. Place it last in ``optax.chain``.
 
     Raises:
-      TypeError / ValueError: on bad arguments, before any tracing; at ``update`` (at trace
-        time) when the params' leaves changed shape or dtype since ``init``, do not match
-        the groups, or the updates do not match the params.
+      TypeError / ValueError: on bad arguments, before any tracing; at ``init`` inside or
+        after ``optax.contrib.schedule_free`` / ``optax.lookahead`` (a second copy of the
+        parameters HESSO cannot prune); at ``update`` (at trace time) when the params'
+        leaves changed shape or dtype since ``init``, do not match the groups, or the
+        updates do not match the params; from the step (a ``ValueError`` inside the
+        callback's runtime error under ``jit``) when HESSO is not last in the chain, or the
+        parameters are NaN/inf.
     """
     if not isinstance(groups, Groups):
         raise TypeError(f"groups must be a hesso_jax.Groups, got {type(groups).__name__}")
@@ -444,8 +452,10 @@ def hesso(
         cric_score = score_fn if cric.saliency is None else resolve_saliency(cric.saliency)
         cric_cap = cric.cycle_cap(G, int(per_period.max()))
     schedule = np.asarray([Tw, P, Tp, k_total], np.int32)
+    if not isinstance(check_updates, bool):
+        raise TypeError(f"check_updates must be a bool, got {check_updates!r}")
     impl = _Hesso(groups, Tw, P, Tp, per_period, score_fn, floor, cric, cric_score, cric_cap,
-                  schedule)
+                  schedule, check_updates)
     return optax.GradientTransformationExtraArgs(impl.init, impl.update)
 
 
@@ -464,6 +474,8 @@ class HessoStatus:
       scores: ``float32[G]`` saliency from the last period start.
       target: K, the total number of groups the schedule prunes.
       cric_cycles: corrective cycles CRIC ran at the last period start (0 without CRIC).
+      cric_rejected: period starts at which CRIC rejected a trial whose loss or scores were
+        non-finite (and kept the selection made before it).
     """
 
     step: int
@@ -476,6 +488,7 @@ class HessoStatus:
     scores: np.ndarray
     target: int
     cric_cycles: int = 0
+    cric_rejected: int = 0
 
 
 def _find_states(opt_state: Any) -> list[HessoState]:
@@ -512,4 +525,5 @@ def hesso_status(opt_state: Any) -> HessoStatus:
     redundant = np.asarray(st.redundant, bool)
     pruned = np.asarray(st.pruned, bool)
     return HessoStatus(step, phase, period, int(redundant.sum()), int(pruned.sum()),
-                       redundant, pruned, np.asarray(st.scores), K, int(st.cric_cycles))
+                       redundant, pruned, np.asarray(st.scores), K, int(st.cric_cycles),
+                       int(st.cric_rejected))

@@ -1,0 +1,338 @@
+"""HESSO's placement checks: HESSO last in the chain, parameters finite.
+
+HESSO (Algorithm 1) projects *parameters*: its update ``u'_t`` is meant to be applied as
+is, ``x_{t+1} = x_t + u'_t`` (``optax.apply_updates``). Two checks, both from one
+``jax.pure_callback`` under a ``lax.cond`` that is taken only when something is wrong or a
+period has just ended:
+
+* *Probe* (every update, ``O(1)``): a handful of sampled elements of the parameters
+  (`PROBE_SIZE` of them, on the largest member leaves, positions fixed by the leaf shapes)
+  are compared bit for bit with ``x_{t−1} + u'_{t−1}``, computed at the previous update
+  with ``apply_updates``' arithmetic (``(x + u).astype(x.dtype)``) and kept in the state.
+  A transformation after HESSO (``chain(hesso, adam)``, ``chain(adam, hesso,
+  scale(0.5))``) changes the applied update, so the misuse is reported at the second
+  update. The probe is armed only by a previous update of the same transformation on
+  parameters of the same shapes (``probe_key``), so a fresh ``init``, a state restored for
+  other shapes (e.g. after surgery) or several inits never raise; ``optax.apply_if_finite``
+  (a skipped step keeps the parameters and HESSO's state) and ``optax.MultiSteps`` (the
+  inner chain runs only on emitting steps, the parameters move only then) keep the
+  relation exact.
+* *Period end* (``P`` times per run): every pruned group must be exactly zero.
+
+Non-finite parameters are told apart from misplacement: if a sampled element is NaN/±inf
+(or, at a period end, any parameter is) the error says since when and to wrap the chain
+in ``optax.apply_if_finite``; when HESSO was initialised as the first transformation of its
+chain or outside any chain, the error adds that its input is then the raw gradient
+(``x + ∇f`` is gradient *ascent*) and a base optimizer must come first.
+
+Cost of an ordinary step: two gathers of ``PROBE_SIZE`` elements (parameters and rewritten
+update of member leaves, whose base update HESSO reads anyway), one compare, and a wider
+predicate for the ``lax.cond`` that already holds the period-end check: no extra
+parameter-sized buffer (tested on the compiled step's memory analysis).
+
+Wrappers keeping a second copy of the parameters. ``optax.contrib.schedule_free`` (the
+evaluation parameters are computed from its ``z``) and ``optax.lookahead`` (slow
+parameters) cannot be pruned by a transformation inside their chain: `check_context`
+refuses them at ``init``.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import zlib
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec
+
+from hesso_jax.groups import Layout, format_path, replicate, tree_paths
+
+__all__ = ["PROBE_SIZE", "Hints", "ProbeSites", "check_context", "diagnose",
+           "placement_check", "probe_sites"]
+
+PROBE_SIZE = 8
+"""Sampled parameter elements compared at every update."""
+
+_PROBE_LEAVES = 4  # member leaves sampled (largest first)
+
+_SECOND_COPY = {
+    "optax.contrib._schedule_free": (
+        "optax.contrib.schedule_free (schedule_free_adamw, schedule_free_sgd) keeps its own "
+        "copy z of the parameters, and the evaluation parameters "
+        "(optax.contrib.schedule_free_eval_params, what you evaluate and ship) are computed "
+        "from it; HESSO cannot project z, so the evaluated model would have no zero groups. "
+        "Use a base optimizer without a second copy of the parameters, e.g. "
+        "optax.chain(optax.adamw(optax.cosine_decay_schedule(lr, steps)), hj.hesso(...))."),
+    "optax._src.lookahead": (
+        "optax.lookahead keeps slow parameters and moves the fast ones back towards them "
+        "at every sync step; HESSO cannot project the slow copy, so neither copy keeps its "
+        "groups at zero. Use the fast optimizer alone: optax.chain(base, hj.hesso(...))."),
+}
+
+
+class Hints(NamedTuple):
+    """Static context for the error messages.
+
+    Attributes:
+      paths: path of the leaf of each probe site (``PROBE_SIZE`` entries, '' for padding).
+      dtypes: dtype name of each probe site's leaf.
+      no_base: HESSO was initialised first in its chain or outside any chain (``None``:
+        unknown, e.g. a transformation that never ran ``init``).
+    """
+
+    paths: tuple[str, ...]
+    dtypes: tuple[str, ...]
+    no_base: bool | None
+
+
+class ProbeSites(NamedTuple):
+    """Where the probe samples: ``(leaf index, element index)`` pairs and their key."""
+
+    sites: tuple[tuple[int, tuple[int, ...]], ...]
+    key: int  # > 0; stored in the state once armed, so other shapes never compare
+
+
+def probe_sites(params: Any, layout: Layout) -> ProbeSites:
+    """``PROBE_SIZE`` elements spread over the (up to 4) largest member leaves.
+
+    Positions are fixed by the shapes: on a leaf of ``N`` elements with ``n`` samples,
+    the flat indices ``⌊(2j+1)·N / 2n⌋``, ``j < n``. The key hashes the sites and the
+    leaves' shapes and dtypes, so a state armed for other parameters is not compared.
+    """
+    leaves = jax.tree.leaves(params)
+    member_leaves = sorted({m.leaf for m in layout.members},
+                           key=lambda i: (-int(np.size(leaves[i])), i))[:_PROBE_LEAVES]
+    sites: list[tuple[int, tuple[int, ...]]] = []
+    for rank, leaf in enumerate(member_leaves):
+        n = PROBE_SIZE // len(member_leaves) + (rank < PROBE_SIZE % len(member_leaves))
+        shape = tuple(jnp.shape(leaves[leaf]))
+        size = int(np.prod(shape, dtype=np.int64))
+        for j in range(n):
+            flat = (2 * j + 1) * size // (2 * n)
+            sites.append((leaf, tuple(int(i) for i in np.unravel_index(flat, shape))))
+    signature = tuple((tuple(jnp.shape(x)), str(jnp.result_type(x))) for x in leaves)
+    key = zlib.crc32(repr((sites, signature)).encode()) % (2**31 - 2) + 1
+    return ProbeSites(tuple(sites), key)
+
+
+def _element(leaf: jax.Array, index: tuple[int, ...]) -> jax.Array:
+    """``leaf[index]`` (its dtype, replicated), also for Explicit-sharded leaves.
+
+    Slicing a sharded dimension down to one element is not defined under an
+    ``AxisType.Explicit`` mesh, so such a dimension is kept whole (sharded), the other
+    dimensions are sliced, and the element is picked by a masked sum (``x + 0 = x``,
+    exact; one scalar all-reduce).
+    """
+    spec = getattr(getattr(jax.typeof(leaf), "sharding", None), "spec", None)
+    spec = tuple(spec or ()) + (None,) * (leaf.ndim - len(spec or ()))
+    if all(entry is None for entry in spec):
+        return leaf[index]
+    slab = leaf[tuple(i if entry is None else slice(None) for i, entry in zip(index, spec,
+                                                                               strict=True))]
+    mask = np.zeros(slab.shape, bool)
+    mask[tuple(i for i, entry in zip(index, spec, strict=True) if entry is not None)] = True
+    mask = jax.sharding.reshard(jnp.asarray(mask), jax.typeof(slab).sharding)
+    return jnp.sum(jnp.where(mask, slab, jnp.zeros([], slab.dtype)), dtype=slab.dtype)
+
+
+def sample(tree: Any, probe: ProbeSites) -> list[jax.Array]:
+    """The probe's elements of ``tree`` (each in its leaf's dtype)."""
+    leaves = jax.tree.leaves(tree)
+    return [_element(leaves[leaf], index) for leaf, index in probe.sites]
+
+
+def _bits(v: jax.Array) -> jax.Array:
+    """``uint32[]`` bit pattern of a 16- or 32-bit float scalar (others: of its float32).
+
+    Taking the bits forces the value to be rounded to its dtype: XLA may otherwise keep a
+    bfloat16 sum in float32 (``xla_allow_excess_precision``), whereas the parameters
+    ``apply_updates`` writes are rounded.
+    """
+    v = jnp.asarray(v)
+    if v.dtype.itemsize == 2:
+        return jax.lax.bitcast_convert_type(v, jnp.uint16).astype(jnp.uint32)
+    if v.dtype.itemsize != 4:
+        v = v.astype(jnp.float32)
+    return jax.lax.bitcast_convert_type(v, jnp.uint32)
+
+
+def as_probe(values: list[jax.Array]) -> jax.Array:
+    """``uint32[PROBE_SIZE]``: the bit patterns of the sampled values, zero-padded."""
+    out = [_bits(v) for v in values]
+    out += [jnp.zeros([], jnp.uint32)] * (PROBE_SIZE - len(out))
+    return jnp.stack(out)
+
+
+def finite(values: list[jax.Array]) -> jax.Array:
+    """``bool[]``: every sampled value is finite."""
+    return jnp.all(jnp.stack([jnp.isfinite(v) for v in values] or [jnp.asarray(True)]))
+
+
+def predicted(x: list[jax.Array], u: list[jax.Array]) -> jax.Array:
+    """``uint32[PROBE_SIZE]``: bits of ``x + u`` as ``optax.apply_updates`` computes it."""
+    return as_probe([jnp.asarray(a + b).astype(jnp.asarray(a).dtype) for a, b in
+                     zip(x, u, strict=True)])
+
+
+def hints_for(params: Any, probe: ProbeSites, no_base: bool | None) -> Hints:
+    leaves = jax.tree.leaves(params)
+    paths = [format_path(p) for p in tree_paths(params)]
+    pad = PROBE_SIZE - len(probe.sites)
+    names = tuple(paths[leaf] for leaf, _ in probe.sites) + ("",) * pad
+    dtypes = tuple(str(jnp.result_type(leaves[leaf])) for leaf, _ in probe.sites)
+    return Hints(names, dtypes + ("float32",) * pad, no_base)
+
+
+def _value(bits: int, dtype: str) -> float:
+    """The float whose `_bits` are ``bits`` (host side, for messages)."""
+    dt = np.dtype(jnp.dtype(dtype))
+    if dt.itemsize == 2:
+        return float(np.asarray(bits, np.uint16).view(dt))
+    return float(np.asarray(bits, np.uint32).view(np.float32))
+
+
+# ---------------------------------------------------------------- host side
+_NO_BASE = (
+    " hesso was initialised as the first transformation of its optax.chain (or outside "
+    "any chain), so the updates it projects are the raw gradients, and x + ∇f is gradient "
+    "ascent: put a base optimizer first, e.g. optax.chain(optax.adam(1e-3), "
+    "hj.hesso(...)).")
+
+LAST = ("HESSO projects parameters and must be the LAST transformation of the optax.chain "
+        "(after the base optimizer and any scaling), and its updates must be applied "
+        "unchanged with optax.apply_updates.")
+
+
+def _nonfinite_message(step: int, sampled: bool, hints: Hints) -> str:
+    since = f"since step ~{step}" if sampled else f"since step {step} or earlier"
+    msg = (f"hesso: parameters are NaN/inf {since}; wrap the chain in "
+           "optax.apply_if_finite(optax.chain(base, hj.hesso(...)), max_consecutive_errors) "
+           "to skip non-finite updates, and lower the learning rate if the loss diverges.")
+    return msg + (_NO_BASE if hints.no_base else "")
+
+
+def diagnose(bad: np.ndarray, info: np.ndarray, expected: np.ndarray, found: np.ndarray,
+             hints: Hints) -> np.ndarray:
+    """Host check: raises a ValueError naming the fault; otherwise returns ``int32 0``.
+
+    Args:
+      bad: ``bool[G]`` pruned groups not exactly zero (only on a period-end step).
+      info: ``int32[4]``: HESSO updates applied so far, probe mismatch, sampled
+        parameters non-finite, any parameter non-finite (period-end steps only).
+      expected: ``uint32[PROBE_SIZE]`` bits of ``x_{t−1} + u'_{t−1}`` at the probe.
+      found: ``uint32[PROBE_SIZE]`` bits of ``x_t`` at the probe.
+      hints: static `Hints`.
+    """
+    bad, info = np.asarray(bad), np.asarray(info)
+    step, mismatch, sampled_nonfinite, any_nonfinite = (int(v) for v in info)
+    if sampled_nonfinite or any_nonfinite:
+        raise ValueError(_nonfinite_message(step, bool(sampled_nonfinite), hints))
+    if mismatch:
+        expected, found = np.asarray(expected), np.asarray(found)
+        j = int(np.flatnonzero(expected != found)[0])
+        now, then = (_value(int(v[j]), hints.dtypes[j]) for v in (found, expected))
+        raise ValueError(
+            f"hesso: the parameters did not move by HESSO's last update: at step {step} a "
+            f"sampled element of {hints.paths[j]!r} is {now!r}, but the previous parameters "
+            f"plus HESSO's update give {then!r}. {LAST} Nothing "
+            "else may change the parameters between updates (pass check_updates=False to "
+            "hj.hesso if you do so on purpose, e.g. weight clipping).")
+    if bad.any():
+        ids = np.flatnonzero(bad)
+        raise ValueError(
+            f"hesso: {ids.size} pruned group(s) (e.g. {ids[:8].tolist()}) are not exactly "
+            f"zero in the parameters after their projection period. {LAST}")
+    return np.zeros((), np.int32)
+
+
+def _mesh_of(params: Any) -> Any:
+    """The abstract mesh the update runs on.
+
+    ``jax.set_mesh``'s mesh, else the one carried by an explicitly sharded parameter's type;
+    an empty mesh when neither says (one device, or Auto-sharded arrays without a mesh
+    context).
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty:
+        return mesh
+    for leaf in jax.tree.leaves(params):
+        leaf_mesh = getattr(getattr(jax.typeof(leaf), "sharding", None), "mesh", None)
+        if leaf_mesh is not None and not leaf_mesh.empty:
+            return leaf_mesh
+    return mesh
+
+
+def placement_check(operands: tuple[jax.Array, ...], params: Any, hints: Hints) -> jax.Array:
+    """Runs `diagnose` on the host from inside a jitted update; returns ``int32[] 0``.
+
+    Without a mesh a ``pure_callback`` runs once (on device 0). On a multi-device mesh
+    (set with ``jax.set_mesh``, or carried by Explicit-sharded parameters) it runs inside a
+    ``jax.shard_map`` over every mesh axis with replicated operands, i.e. once *per
+    device*, so a misuse raises on every device at the same point of the program. (A
+    callback pinned to device 0 that raised would leave the other devices waiting in the
+    next collective until XLA aborts the process.)
+    """
+    host = functools.partial(diagnose, hints=hints)
+
+    def call(*ops: jax.Array) -> jax.Array:
+        return jax.pure_callback(host, jax.ShapeDtypeStruct((), jnp.int32), *ops)
+
+    mesh = _mesh_of(params)
+    if mesh.empty or mesh.size == 1:
+        return call(*operands)
+    specs = (PartitionSpec(),) * len(operands)
+    return jax.shard_map(call, mesh=mesh, in_specs=specs, out_specs=PartitionSpec(),
+                         check_vma=False)(*(replicate(op) for op in operands))
+
+
+# ---------------------------------------------------------------- chain context at init
+def _init_fns(value: Any) -> list[Any]:
+    """The init functions held by a combinator's local (a tuple of inits or transforms)."""
+    if not isinstance(value, tuple | list):
+        return []
+    out = []
+    for item in value:
+        if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
+            item = item[1]  # named_chain: (name, transformation)
+        init = getattr(item, "init", item)
+        if callable(init):
+            out.append(init)
+    return out
+
+
+def check_context(init: Callable[..., Any]) -> bool:
+    """Where HESSO's ``init`` was called from; returns ``no_base``.
+
+    Walks the Python frames above ``init`` (optax combinators run each member's ``init``
+    from their own ``init``): raises a ValueError when HESSO sits inside, or after, a
+    wrapper that keeps a second copy of the parameters (schedule-free, lookahead), and
+    returns True when HESSO is the first transformation of its chain or in no chain at
+    all (its input is then the raw gradient). Only Python frames are read: nothing runs
+    under ``jit``, and an unknown combinator simply finds nothing.
+    """
+    frame = inspect.currentframe()
+    position = None
+    for _ in range(64):
+        frame = frame.f_back if frame is not None else None
+        if frame is None:
+            break
+        module = frame.f_globals.get("__name__", "")
+        if module in _SECOND_COPY and frame.f_code.co_name == "init_fn":
+            raise ValueError(f"hesso cannot be used inside this wrapper: {_SECOND_COPY[module]}")
+        if position is not None or not module.startswith("optax"):
+            continue
+        for value in list(frame.f_locals.values()):
+            fns = _init_fns(value)
+            if init not in fns:
+                continue
+            position = fns.index(init)
+            for fn in fns[:position]:
+                before = getattr(fn, "__module__", "")
+                if before in _SECOND_COPY:
+                    raise ValueError(f"hesso cannot follow this optimizer: {_SECOND_COPY[before]}")
+            break
+    return position is None or position == 0
