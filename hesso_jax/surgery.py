@@ -414,8 +414,11 @@ def _shrunk_hesso_state(node: HessoState, keep: np.ndarray) -> HessoState:
     """
     host = HessoState(*(np.asarray(jax.tree.leaves(field)[0]) for field in node))
     schedule = _remaining_schedule(host.schedule, int(host.count), int(host.pruned.sum()))
+    # the placement probe sampled elements of the old layout: disarmed, it re-arms at the
+    # next update (hesso_jax.placement)
     new = host._replace(redundant=host.redundant[keep], pruned=host.pruned[keep],
-                        scores=host.scores[keep], schedule=schedule)
+                        scores=host.scores[keep], schedule=schedule,
+                        probe_key=np.zeros_like(host.probe_key))
     return HessoState(*(jax.tree.map(lambda _, v=value: jnp.asarray(v), field)
                         for field, value in zip(node, new, strict=True)))
 
@@ -432,8 +435,9 @@ def shrink_opt_state(opt_state: Any, params: Any, groups: Groups, *,
     ``nnx.OptVariable``, other ``nnx.Variable``; the wrappers are kept). A `HessoState`
     keeps the kept groups' ``redundant``/``pruned``/``scores`` entries (a fully pruned
     family's placeholder group stays pruned, so HESSO holds it at zero) and gets the
-    schedule still ahead, ``schedule = (Tw', P', Tp, K')`` (below). Counters and every
-    other leaf are unchanged. A leaf outside such sub-trees that still has the pre-surgery
+    schedule still ahead, ``schedule = (Tw', P', Tp, K')`` (below); its placement probe,
+    which sampled the old layout, is disarmed. Counters and every other leaf are
+    unchanged. A leaf outside such sub-trees that still has the pre-surgery
     shape of a cut parameter raises a ValueError: nothing is returned half cut.
 
     Continuing a HESSO run: rebuild the transformation on the shrunk groups with the

@@ -721,6 +721,7 @@ def test_shrink_at_a_period_boundary_continues_the_schedule():
     small, plan = hj.shrink(params, groups)
     small_state = hj.shrink_opt_state(state, params, groups, plan=plan)
     assert remaining_schedule(small_state) == {"K": 10, "P": 1, "Tp": 2, "warmup_steps": 3}
+    assert int(state[1].probe_key) != 0 and int(small_state[1].probe_key) == 0  # disarmed
     status = hj.hesso_status(small_state)
     assert (status.step, status.phase, status.period, status.target) == (3, "pruning", 0, 10)
     small_tx = optax.chain(optax.adam(1e-2), hj.hesso(
