@@ -9,6 +9,11 @@ Two scores (Torch-Pruning's group importances, over the members of each group):
   change when the group is removed, taken elementwise then summed, averaged over the
   gradient batches given).
 
+``K`` may also be a `hesso_jax.budget.Budget` (keep at most a fraction of the dense
+params / FLOPs): the groups are then chosen by `hesso_jax.budget.budget_select` (lowest
+score per unit of exact marginal cost, until the target is met) from the model's
+`hesso_jax.costs.GroupCosts` (``costs=``).
+
 The pruned groups are set to exactly ``0.0`` and `keep_pruned` wraps the fine-tuning
 optimizer so their updates are zero: they stay removed and `hesso_jax.shrink` deletes them.
 These are comparison points for HESSO, not a second pruning product.
@@ -24,6 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from hesso_jax.budget import Budget, budget_select, resolve_budget
+from hesso_jax.costs import GroupCosts
 from hesso_jax.groups import Groups, resolve_count
 from hesso_jax.projection import FamilyFloor, bottom_k
 
@@ -58,37 +65,65 @@ def group_scores(groups: Groups, params: Any, criterion: Criterion = "magnitude"
     raise ValueError(f"criterion must be 'magnitude' or 'taylor', got {criterion!r}")
 
 
-def one_shot_prune(params: Any, groups: Groups, K: int | float,
+def one_shot_prune(params: Any, groups: Groups, K: int | float | Budget,
                    criterion: Criterion = "magnitude",
                    grads: Sequence[Any] = (), *,
-                   min_keep: int | float = 0) -> tuple[Any, np.ndarray]:
-    """Zeroes the ``K`` lowest-scoring groups at once.
+                   min_keep: int | float = 0,
+                   costs: GroupCosts | None = None) -> tuple[Any, np.ndarray]:
+    """Zeroes the ``K`` lowest-scoring groups at once (or enough groups for a `Budget`).
 
     Args:
       params: the trained parameters.
       groups: the groups.
-      K: int count or fraction in (0, 1) of the groups, as for `hesso_jax.hesso`.
+      K: int count or fraction in (0, 1) of the groups, as for `hesso_jax.hesso`; or a
+        `hesso_jax.budget.Budget`: keep at most that fraction of the dense params / FLOPs
+        (one `budget_select` with the whole requirement as target).
       criterion: see `group_scores`.
       grads: gradient trees for ``'taylor'``.
       min_keep: per-family floor, as for `hesso_jax.hesso`: each family keeps at least
         its ``m_f`` highest-scoring groups.
+      costs: the groups' `hesso_jax.costs.GroupCosts` (``hj.group_costs(model, groups,
+        x)``); required with a `Budget` unless ``groups`` carries them (``groups.costs``).
 
     Returns:
       ``(pruned_params, keep)``: the parameters with every member of the pruned groups at
-      exactly 0.0, and the ``bool[G]`` keep mask (exactly ``K`` False entries).
+      exactly 0.0, and the ``bool[G]`` keep mask (exactly ``K`` False entries for a count).
+
+    Raises:
+      ValueError: for a bad ``K``/``min_keep``, a `Budget` without costs, or a budget the
+        floors and unprunable parts make unreachable (see `resolve_budget`).
     """
     groups.validate(params, dependents="present")
-    k = resolve_count(K, groups.num_groups)
-    floor = FamilyFloor.build(groups, min_keep, k, who="one_shot_prune")
     scores = group_scores(groups, params, criterion, grads)
-    candidates = jnp.ones(groups.num_groups, bool)
-    if floor is not None:
-        candidates = floor.candidates(scores, candidates)
-    drop = np.asarray(bottom_k(scores, candidates, k))
+    if isinstance(K, Budget):
+        drop = _budget_drop(groups, K, scores, min_keep,
+                            costs if costs is not None else getattr(groups, "costs", None))
+    else:
+        k = resolve_count(K, groups.num_groups)
+        floor = FamilyFloor.build(groups, min_keep, k, who="one_shot_prune")
+        candidates = jnp.ones(groups.num_groups, bool)
+        if floor is not None:
+            candidates = floor.candidates(scores, candidates)
+        drop = np.asarray(bottom_k(scores, candidates, k))
     keep = ~drop
     mask = groups.broadcast(jnp.asarray(keep, jnp.float32), params, fill=1.0)
     pruned = jax.tree.map(lambda x, m: (x * m).astype(x.dtype), params, mask)
     return pruned, keep
+
+
+def _budget_drop(groups: Groups, budget: Budget, scores: jax.Array,
+                 min_keep: int | float, costs: GroupCosts | None) -> np.ndarray:
+    """``bool[G]``: the groups `budget_select` removes to meet ``budget`` in one shot."""
+    if costs is None:
+        raise ValueError("one_shot_prune with a Budget needs the groups' costs: pass "
+                         "costs=hj.group_costs(model, groups, x_example)")
+    resolved = resolve_budget(budget, groups, costs, min_keep=min_keep, who="one_shot_prune")
+    alive = jnp.ones(groups.num_groups, bool)
+    floor = FamilyFloor.build(groups, min_keep, who="one_shot_prune")
+    protected = (floor.protected(scores, alive) if floor is not None
+                 else jnp.zeros(groups.num_groups, bool))
+    return np.asarray(budget_select(scores, resolved.tables, alive, protected,
+                                    resolved.period_target(0, 1)))
 
 
 def keep_pruned(groups: Groups, keep: np.ndarray) -> optax.GradientTransformation:

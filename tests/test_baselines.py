@@ -12,6 +12,8 @@ from hypothesis import strategies as st
 
 from hesso_jax import GroupFamily, Groups, Member
 from hesso_jax.baselines import group_scores, keep_pruned, one_shot_prune
+from hesso_jax.budget import Budget
+from hesso_jax.costs import group_costs
 
 
 def _setup(seed):
@@ -75,3 +77,70 @@ def test_bad_arguments():
         one_shot_prune(params, groups, 9)
     with pytest.raises(ValueError, match="expected"):
         keep_pruned(groups, np.ones(3, bool))
+
+
+# ------------------------------------------------------------------ budgets (issue 16)
+def _digits_cnn():
+    from flax import nnx
+
+    from hesso_jax.data import load_digits_split
+    from hesso_jax.models import CNN
+
+    data = load_digits_split()
+    model = CNN(rngs=nnx.Rngs(0))
+    model.eval()
+    return model, jnp.asarray(data.x_test[:1]), data
+
+
+@pytest.mark.parametrize(("budget", "metric", "lo", "hi"), [
+    (Budget(flops=0.5), "flops", 0.45, 0.52),
+    (Budget(params=0.3), "params", 0.27, 0.30),
+])
+def test_one_shot_budget_on_digits_cnn(budget, metric, lo, hi):
+    from flax import nnx
+
+    import hesso_jax as hj
+    from hesso_jax.train import count_params, forward_flops
+
+    model, x, data = _digits_cnn()
+    groups = model.groups()
+    costs = group_costs(model, groups, x)
+    params = nnx.state(model, nnx.Param)
+    # a few Taylor gradients of the real loss, so the scores are not just init noise
+    graphdef, _, rest = nnx.split(model, nnx.Param, ...)
+
+    def loss(p, xb, yb):
+        logits = nnx.merge(graphdef, p, rest)(xb)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
+
+    grad = jax.jit(jax.grad(loss))
+    grads = [grad(params, jnp.asarray(data.x_train[i:i + 64]),
+                  jnp.asarray(data.y_train[i:i + 64])) for i in (0, 64)]
+    dense_flops, dense_params = forward_flops(model, x), count_params(model)
+    pruned, keep = one_shot_prune(params, groups, budget, "taylor", grads, costs=costs,
+                                  min_keep=0.1)
+    nnx.update(model, pruned)
+    small = hj.shrink_model(model, groups, x)
+    achieved = (forward_flops(small, x) / dense_flops if metric == "flops"
+                else count_params(small) / dense_params)
+    print(f"{budget}: achieved {metric} fraction (XLA / count) {achieved:.4f}")
+    assert lo <= achieved <= hi, achieved
+    predicted = dict(zip(("params", "flops"), costs.kept_fraction(~keep), strict=True))
+    assert budget.items()[0][1] - 0.03 <= predicted[metric] <= budget.items()[0][1]
+    if metric == "params":  # parameters are counted exactly
+        assert count_params(small) == costs.dense_params - costs.removed(~keep)[0]
+
+
+def test_one_shot_budget_needs_costs_and_a_reachable_target():
+    params, groups = _setup(0)
+    fn = (lambda p, x: jax.nn.relu(x @ p["w1"] + p["b1"]) @ p["w2"])  # noqa: E731
+    costs = group_costs(fn, params, groups, jnp.ones((4, 5)))
+    with pytest.raises(ValueError, match="costs="):
+        one_shot_prune(params, groups, Budget(flops=0.5))
+    with pytest.raises(ValueError, match="smallest reachable flops fraction"):
+        one_shot_prune(params, groups, Budget(flops=0.2), costs=costs, min_keep=4)
+    pruned, keep = one_shot_prune(params, groups, Budget(flops=0.5), costs=costs)
+    # 2·4·(5·9 + 9·3) FLOPs, 2·4·8 per neuron: 0.5 needs 5 of the 9 neurons
+    assert int((~keep).sum()) == 5
+    np.testing.assert_array_equal(groups.zero_groups(pruned), ~keep)
+    assert costs.kept_fraction(~keep)[1] <= 0.5
