@@ -233,6 +233,9 @@ class ResolvedBudget(NamedTuple):
       required: ``float64[n]`` cost to remove, ``(1 − fraction) · dense``.
       tables: one `CostTable` per metric.
       reachable: ``float64[n]`` smallest kept fraction the floors allow.
+      granularity: ``float64[n]`` largest single-group cost as a fraction of the dense
+        cost: a selection overshoots its target by less than this, so the achieved
+        fraction lands in ``[fraction − granularity, fraction]``.
     """
 
     metrics: tuple[str, ...]
@@ -241,6 +244,7 @@ class ResolvedBudget(NamedTuple):
     required: np.ndarray
     tables: tuple[CostTable, ...]
     reachable: np.ndarray
+    granularity: np.ndarray
 
     def period_target(self, period: Any, num_periods: int) -> jax.Array:
         """``float32[n]``: cumulative removal after 0-based ``period``: ``(p+1)/P · Q``."""
@@ -303,5 +307,7 @@ def resolve_budget(budget: Budget, groups: Groups, costs: GroupCosts, *,
                 f"{unprunable / max(d, 1.0):.4f} of the dense {name})")
     required = np.asarray([(1.0 - f) * d for (_, f), d in zip(items, dense, strict=True)])
     tables = tuple(CostTable.from_terms(costs.terms(n)) for n, _ in items)
+    granularity = np.asarray([costs.terms(n).marginal().max(initial=0) / max(d, 1.0)
+                              for (n, _), d in zip(items, dense, strict=True)])
     return ResolvedBudget(tuple(n for n, _ in items), tuple(f for _, f in items), dense,
-                          required, tables, reachable)
+                          required, tables, reachable, granularity)

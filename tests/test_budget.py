@@ -129,6 +129,7 @@ def test_periods_reach_their_share_and_land_within_tolerance(budget):
         assert kept[metric] <= frac + 1e-9
     binding = max(budget.items(), key=lambda mf: kept[mf[0]] - mf[1])
     assert binding[1] - 0.03 <= kept[binding[0]]
+    assert binding[1] - rb.granularity.max() <= kept[binding[0]]
     fams = groups.family_index()
     for f, fam in enumerate(groups.families):  # floors held: >= 10% of every family
         assert alive[fams == f].sum() >= np.ceil(0.1 * fam.size)
