@@ -14,14 +14,28 @@ The analysis has three stages, all on the traced jaxpr (`hesso_jax.jaxpr.Interpr
    segment of another, and a ``reshape`` that merges (or splits) axes makes a class the
    row-major *product* of its factor classes. Axes that an operation treats non-uniformly
    (model inputs and outputs, convolution windows, ``max``/``argmax``/``sort``/``cumsum``
-   reductions, indexed gather axes, constants, primitives without a rule) are *blocked*.
+   reductions, indexed gather axes, primitives without a rule) are *blocked*.
+   **Constants** (values computed from literals and closed-over arrays only) never join
+   axes: every use of a constant reads a fresh copy, so one ``head_mask`` whose row ``i``
+   scales layer ``i`` does not tie the layers' heads. A copy's axes along which the
+   constant may vary (``iota``, anything computed non-uniformly, every axis of a
+   closed-over array, whose shape is fixed) are blocked at that use; uniform constants
+   (``jnp.ones``, ``jnp.full``, their slices and reshapes) block nothing, and as
+   multiplicands they preserve zeros. A **grouped convolution** with ``G`` groups of
+   ``k`` in- and ``m`` out-channels is a product too: in-channels ``(G, k)``, with ``k``
+   contracted against the kernel's in axis, out-channels ``(G, m)``, with the group
+   factor ``G`` shared (whole conv-groups are prunable, or, where they are not, channel
+   ``j`` of every group); ``feature_group_count = C_in / k`` stays valid either way.
 2. **Channel spaces.** Embeddings are resolved by interval refinement: every class is cut
    at the boundaries of every segment embedded in it (and vice versa) until stable, and
    equal intervals are joined. The resulting atomic intervals are the candidate families
    (*spaces*); a product class is not a space itself, its channels are the product of its
    factors'. Each space knows its occurrences: on which class, at which ``offset``,
    ``block``, ``repeat`` and ``stride`` (a head of ``(H, D)`` merged to ``H*D`` is a block
-   of ``D``; a channel ``C`` flattened from ``(h, w, C)`` recurs every ``C`` rows).
+   of ``D``; a channel ``C`` flattened from ``(h, w, C)`` recurs every ``C`` rows). A
+   factor cut into intervals (RoPE's rotate-half slices ``head_dim`` in halves; partial
+   rotary cuts it into rotary and pass-through parts) stays a factor, as the composite of
+   its intervals: the heads remain a space, and each interval recurs in every head.
 3. **Zero invariance.** With every trainable producer slice of a space set to zero
    (parameter axes that are not only contracted), a forward pass over the recorded
    operations tracks, per value and axis, the set of spaces whose channel slices are
@@ -37,13 +51,16 @@ The analysis has three stages, all on the traced jaxpr (`hesso_jax.jaxpr.Interpr
 
 Members of a family are its trainable, not-only-contracted parameter axes; dependents are
 contracted axes (consumer in-channels) and non-trainable state (BatchNorm statistics).
-Anything the analysis cannot prove safe stays out of the result, with a `warnings.warn`
-naming the primitive and the parameter paths it blocked.
+Anything the analysis cannot prove safe stays out of the result, with a `DiscoveryWarning`
+naming the primitive, or the closed-over arrays (shape, dtype, first use), and the
+parameter paths it blocked; a discovery that finds nothing says why (the rejection
+reasons of its candidates, or that the function ignores its parameters).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -100,28 +117,67 @@ class _Pattern:
 
 
 class _Spaces:
-    """Stage 2: atomic channel spaces and their occurrences on axis classes."""
+    """Stage 2: atomic channel spaces and their occurrences on axis classes.
+
+    Steps: classes and their blocks (`_classes`); embeddings cut classes into intervals
+    until stable (`_refine`); equal intervals are joined into nodes (`_interval_nodes`);
+    reshapes define product nodes (`_products`); occurrences compose the patterns
+    (`occurrences`).
+
+    A reshape factor that is itself cut into intervals (``head_dim`` sliced in halves by
+    RoPE's rotate-half, or into a rotary and a pass-through part) is a *composite* node:
+    its parts are the interval nodes at their offsets, so an interval of ``head_dim``
+    recurs in every head of the merged ``H*D`` axis, and the other factors (heads) stay
+    atomic spaces of their own. Only the merged axis itself must be whole.
+    """
 
     def __init__(self, tr: AxisTracer):
-        find = tr.uf.find
-        self.find = find
+        self.find = tr.uf.find
+        self._classes(tr)
+        embeds = self._embeds(tr)
+        bp = self._refine(embeds)
+        self.uf = UnionFind()
+        self._interval_nodes(bp, embeds)
+        self.parts: dict[int, list[tuple[int, int]]] = {}  # composite -> (node, offset)
+        self._composite: dict[int, int] = {}  # sliced class -> its composite node
+        self._finish(self._products(tr))
+
+    def _classes(self, tr: AxisTracer) -> None:
+        find = self.find
         self.length: dict[int, int] = {}
         for d, n in enumerate(tr.size):
             self.length.setdefault(find(d), n)
         self.blocked: dict[int, tuple[str, str | None]] = {}
+        self.const_blocked: dict[int, set[int]] = {}  # class -> closed-over arrays
+        self.other_blocked: set[int] = set()  # classes blocked by anything else
         for d, why in tr.blocked.items():
-            self.blocked.setdefault(find(d), why)
+            r = find(d)
+            self.blocked.setdefault(r, why)
+            if d in tr.const_blocks:
+                self.const_blocked.setdefault(r, set()).update(tr.const_blocks[d])
+            else:
+                self.other_blocked.add(r)
+
+    def _block(self, r: int, reason: str) -> None:
+        self.blocked.setdefault(r, (reason, None))
+        self.other_blocked.add(r)
+
+    def _embeds(self, tr: AxisTracer) -> list[tuple[int, int, int]]:
         embeds = []
         for s, b, o in tr.embeds:
-            rs, rb = find(s), find(b)
+            rs, rb = self.find(s), self.find(b)
             if rs == rb and o == 0:
                 continue
             if rs == rb or o + self.length[rs] > self.length[rb]:
                 for r in (rs, rb):
-                    self.blocked.setdefault(r, ("a slice or concatenation maps the axis onto "
-                                                "itself at another offset", None))
+                    self._block(r, "a slice or concatenation maps the axis onto itself at "
+                                   "another offset")
                 continue
             embeds.append((rs, rb, o))
+        return embeds
+
+    def _refine(self, embeds: list[tuple[int, int, int]]) -> dict[int, set[int]]:
+        """Cut points of every class: each embedded segment's cuts appear in both."""
         bp: dict[int, set[int]] = {r: {0, n} for r, n in self.length.items()}
         changed, rounds = True, 0
         while changed and rounds < 64:
@@ -139,94 +195,139 @@ class _Spaces:
         if changed:  # did not settle: give up on every class that takes part
             for s, b, _ in embeds:
                 for r in (s, b):
-                    self.blocked.setdefault(r, ("slices and concatenations do not settle",
-                                                None))
-        # interval nodes: (class, lo, hi)
+                    self._block(r, "slices and concatenations do not settle")
+        return bp
+
+    def _interval_nodes(self, bp: dict[int, set[int]],
+                        embeds: list[tuple[int, int, int]]) -> None:
         self.intervals: dict[int, list[tuple[int, int]]] = {}
-        node: dict[tuple[int, int], int] = {}
-        uf = UnionFind()
+        self.node: dict[tuple[int, int], int] = {}
         for r in self.length:
             cuts = sorted(bp[r])
             self.intervals[r] = list(zip(cuts[:-1], cuts[1:], strict=True))
             for lo, _hi in self.intervals[r]:
-                node[(r, lo)] = uf.add()
+                self.node[(r, lo)] = self.uf.add()
         for s, b, o in embeds:
             for lo, _hi in self.intervals[s]:
-                if (b, o + lo) in node:
-                    uf.union(node[(s, lo)], node[(b, o + lo)])
-        # products: merged interval root -> factor interval roots
+                if (b, o + lo) in self.node:
+                    self.uf.union(self.node[(s, lo)], self.node[(b, o + lo)])
+
+    def _factor(self, r: int) -> int:
+        """The node of a reshape factor class: its interval, or a composite of its parts."""
+        if len(self.intervals[r]) == 1:
+            return self.uf.find(self.node[(r, 0)])
+        if r not in self._composite:
+            c = self.uf.add()
+            self._composite[r] = c
+            self.parts[c] = [(self.node[(r, lo)], lo) for lo, _hi in self.intervals[r]]
+        return self._composite[r]
+
+    def _join(self, a: int, b: int) -> bool:
+        """Joins two factors of one merged axis reshaped twice (False if they differ)."""
+        a, b = self.uf.find(a), self.uf.find(b)
+        if a == b:
+            return True
+        pa, pb = self.parts.get(a), self.parts.get(b)
+        if (pa is None) != (pb is None):
+            return False
+        if pa is not None:
+            if [lo for _n, lo in pa] != [lo for _n, lo in pb]:
+                return False
+            for (x, _lo), (y, _lo2) in zip(pa, pb, strict=True):
+                self.uf.union(x, y)
+        self.uf.union(a, b)
+        return True
+
+    def _products(self, tr: AxisTracer) -> dict[int, tuple[list[int], list[int]]]:
+        """Merged node -> (factor nodes, factor sizes), row-major."""
         prod: dict[int, tuple[list[int], list[int]]] = {}
-        product_classes: set[int] = set()
         for m, factors in tr.products:
-            rm, rf = find(m), [find(f) for f in factors]
-            whole = [len(self.intervals[r]) == 1 for r in (rm, *rf)]
-            if not all(whole):
+            rm, rf = self.find(m), [self.find(f) for f in factors]
+            if len(self.intervals[rm]) != 1 or len(set(rf)) < len(rf) or rm in rf:
                 for r in (rm, *rf):
-                    self.blocked.setdefault(r, ("reshape of a sliced or concatenated axis",
-                                                None))
+                    self._block(r, "reshape of a sliced or concatenated axis, or of an "
+                                   "axis with itself")
                 continue
-            key = uf.find(node[(rm, 0)])
-            fr = [uf.find(node[(r, 0)]) for r in rf]
+            key = self.uf.find(self.node[(rm, 0)])
+            fr = [self._factor(r) for r in rf]
             sizes = [self.length[r] for r in rf]
-            product_classes.add(rm)
-            if key in prod:
-                old_f, old_sizes = prod[key]
-                if old_sizes != sizes:
-                    for r in (rm, *rf):
-                        self.blocked.setdefault(r, ("axis reshaped in two different ways",
-                                                    None))
-                    continue
-                for a, b in zip(old_f, fr, strict=True):
-                    uf.union(a, b)
-            else:
+            if key not in prod:
                 prod[key] = (fr, sizes)
-        # re-root product definitions after the factor unions
+            elif prod[key][1] != sizes or not all(
+                    self._join(a, b) for a, b in zip(prod[key][0], fr, strict=True)):
+                for r in (rm, *rf):
+                    self._block(r, "axis reshaped in two different ways")
+        return prod
+
+    def _finish(self, prod: dict[int, tuple[list[int], list[int]]]) -> None:
+        """Re-roots products and composites after the factor unions; direct occurrences."""
+        find = self.uf.find
         self.product: dict[int, tuple[list[int], list[int]]] = {}
         for key, (fr, sizes) in prod.items():
-            self.product[uf.find(key)] = ([uf.find(f) for f in fr], sizes)
+            self.product[find(key)] = ([find(f) for f in fr], sizes)
+        parts: dict[int, list[tuple[int, int]]] = {}
+        for c, ps in self.parts.items():
+            parts.setdefault(find(c), [(find(n), lo) for n, lo in ps])
+        self.parts = parts
+        self.containers: dict[int, list[tuple[int, int]]] = {}
+        for c, ps in parts.items():
+            for n, lo in ps:
+                self.containers.setdefault(n, []).append((c, lo))
         self.parents: dict[int, list[tuple[int, int]]] = {}
         for key, (fr, _sizes) in self.product.items():
             for j, f in enumerate(fr):
                 self.parents.setdefault(f, []).append((key, j))
         self.direct: dict[int, list[tuple[int, _Pattern]]] = {}
+        self.node_len: dict[int, int] = {}
         for r, ivs in self.intervals.items():
-            for lo, _hi in ivs:
-                self.direct.setdefault(uf.find(node[(r, lo)]), []).append((r, _Pattern(lo)))
-        self.node_len = {uf.find(node[(r, lo)]): hi - lo
-                         for r, ivs in self.intervals.items() for lo, hi in ivs}
+            for lo, hi in ivs:
+                n = find(self.node[(r, lo)])
+                self.direct.setdefault(n, []).append((r, _Pattern(lo)))
+                self.node_len[n] = hi - lo
         self._occ: dict[int, list[tuple[int, _Pattern]] | None] = {}
         self.atoms = [k for k in self.direct if k not in self.product]
-        self.product_classes = product_classes
+
+    def _uplinks(self, space: int) -> list[tuple[int, _Pattern]]:
+        """(containing node, pattern of ``space`` within it): products and composites."""
+        ups = []
+        for parent, j in self.parents.get(space, []):
+            sizes = self.product[parent][1]
+            inner = int(np.prod(sizes[j + 1:], dtype=np.int64))
+            outer = int(np.prod(sizes[:j], dtype=np.int64))
+            ups.append((parent, _Pattern(0, inner, outer, sizes[j] * inner) if outer > 1
+                        else _Pattern(0, inner)))
+        ups += [(c, _Pattern(lo)) for c, lo in self.containers.get(space, [])]
+        return ups
 
     def occurrences(self, space: int) -> list[tuple[int, _Pattern]] | None:
         """(class, pattern) pairs of ``space``; None if a pattern is not representable."""
         if space in self._occ:
             return self._occ[space]
-        occ: list[tuple[int, _Pattern]] | None = list(self.direct.get(space, []))
-        for parent, j in self.parents.get(space, []):
-            sizes = self.product[parent][1]
-            inner = int(np.prod(sizes[j + 1:], dtype=np.int64))
-            outer = int(np.prod(sizes[:j], dtype=np.int64))
-            mine = _Pattern(0, inner, outer, sizes[j] * inner) if outer > 1 else _Pattern(
-                0, inner)
-            up = self.occurrences(parent)
-            if up is None or occ is None:
-                occ = None
-                break
+        self._occ[space] = None  # a cycle of products is not representable
+        occ = list(self.direct.get(space, []))
+        for up_space, mine in self._uplinks(space):
+            up = self.occurrences(up_space)
+            if up is None:
+                return None
             for cls, pat in up:
                 composed = mine.within(pat)
                 if composed is None:
-                    occ = None
-                    break
+                    return None
                 occ.append((cls, composed))
         self._occ[space] = occ
         return occ
 
-    def factor_atoms(self, space: int) -> list[int]:
+    def factor_atoms(self, space: int, depth: int = 0) -> list[int]:
         """Atomic spaces inside ``space`` (itself if atomic)."""
-        if space not in self.product:
+        if depth > 64:
+            return []
+        if space in self.product:
+            inside = self.product[space][0]
+        elif space in self.parts:
+            inside = [n for n, _lo in self.parts[space]]
+        else:
             return [space]
-        return [a for f in self.product[space][0] for a in self.factor_atoms(f)]
+        return [a for f in inside for a in self.factor_atoms(f, depth + 1)]
 
 
 # ---------------------------------------------------------------------------- stage 3
@@ -394,15 +495,37 @@ class ZeroAnalysis:
 
     def contract(self, what: str, operands: Sequence[tuple[Value, Sequence[int]]],
                  out: Value) -> None:
-        """Every space summed over must be zero in at least one operand."""
+        """Every space summed over must be zero in at least one operand.
+
+        The result remembers each space with its length ``n`` and, for a sum over several
+        axes, the total length ``N`` (a GroupNorm mean over ``(h, w, C/G)`` divides by
+        ``N``, which changes with ``n``) for the mean/RMS check of `_scale_check`.
+        """
         record = set()
         for v, axes in operands:
             zs = self.get(v)
+            total = math.prod(v.shape[a] for a in axes)
             for a in axes:
                 for space in self.spaces(v.dims[a]):
                     record.add((space, v.shape[a]))
+                    record.add((space, total))
                     if space not in zs[a]:
                         self.fail(space, f"{what} sums over it where it is not zero")
+        self.contracted[out.id] = frozenset(record)
+
+    def contract_within(self, what: str, lhs: Value, lfeat: int, rhs: Value, rin: int,
+                        out: Value) -> None:
+        """A grouped convolution sums, within each group, over the kernel's in axis.
+
+        Its spaces (channel ``i`` of every input group) must be zero in the kernel's in
+        axis or on the input's feature axis (where they recur in every group).
+        """
+        zl, zr = self.get(lhs), self.get(rhs)
+        record = set()
+        for space in self.spaces(rhs.dims[rin]):
+            record.add((space, rhs.shape[rin]))
+            if space not in zr[rin] and space not in zl[lfeat]:
+                self.fail(space, f"{what} sums over it where it is not zero")
         self.contracted[out.id] = frozenset(record)
 
     def contract_pairs(self, what: str, lhs: Value, rhs: Value,
@@ -469,133 +592,231 @@ def _trace(fn: Callable, state: Any, args: tuple, kwargs: dict) -> tuple[Any, in
 
 def _analyse(closed: Any, paths: list[Path], trainable: list[bool],
              shapes: list[tuple[int, ...]], warn: bool) -> list[GroupFamily]:
-    tr = AxisTracer()
-    n_state = len(paths)
-    invals = []
-    for i, v in enumerate(closed.jaxpr.invars):
-        shape = tuple(v.aval.shape) if hasattr(v.aval, "shape") else ()
-        val = tr.new_val(shape)
-        if i < n_state:
-            val.pdims = tuple(frozenset({(i, a)}) for a in range(len(shape)))
-        else:
-            for d in val.dims:
-                tr.block(d, "model input")
-        invals.append(val)
-    param_dims = [invals[i].dims for i in range(n_state)]
-    outs = tr.run_closed(closed, invals)
-    for o in outs:
-        for d in o.dims:
-            tr.block(d, "model output")
+    """The families of a traced ``fn(state, *inputs)`` (``paths``: the state's leaves)."""
+    an = _Analysis(closed, paths, trainable)
+    families = an.families(shapes)
+    if warn:
+        an.warn(found=bool(families))
+    return families
 
-    sp = _Spaces(tr)
-    find = tr.uf.find
-    # which (leaf, axis) are members: trainable float parameters not only contracted
-    def is_member(leaf: int, axis: int) -> bool:
+
+class _Analysis:
+    """One discovery run: stage 1 on construction, stages 2-3 and the choice of families.
+
+    Steps: `_trace` (stage 1), `_candidates` (spaces with a member that reach a computed
+    value), `_zero` (stage 3), `_blocks` (spaces touching a blocked class), `_resolve`
+    (outer factor and lower axis win), then `families` and `warn`.
+    """
+
+    def __init__(self, closed: Any, paths: list[Path], trainable: list[bool]):
+        self.paths, self.trainable = paths, trainable
+        self.tr = tr = AxisTracer()
+        self._trace(closed)
+        self.sp = _Spaces(tr)
+        self.find = tr.uf.find
+        self.class_params: dict[int, list[tuple[int, int]]] = {}
+        for leaf, dims in enumerate(self.param_dims):
+            for axis, d in enumerate(dims):
+                self.class_params.setdefault(self.find(d), []).append((leaf, axis))
+        self.invalid: dict[int, str] = {}
+        self.occ = self._candidates()
+        self.zero_invalid = self._zero()
+        self.invalid.update(self.zero_invalid)
+        self.blamed = self._blocks()
+        self.valid = {s for s in self.occ if s not in self.invalid}
+        self._resolve()
+
+    def _trace(self, closed: Any) -> None:
+        tr, n_state = self.tr, len(self.paths)
+        self.invals = []
+        for i, v in enumerate(closed.jaxpr.invars):
+            shape = tuple(v.aval.shape) if hasattr(v.aval, "shape") else ()
+            val = tr.new_val(shape)
+            if i < n_state:
+                val.pdims = tuple(frozenset({(i, a)}) for a in range(len(shape)))
+            else:
+                for d in val.dims:
+                    tr.block(d, "model input")
+            self.invals.append(val)
+        self.param_dims = [self.invals[i].dims for i in range(n_state)]
+        for o in tr.run_closed(closed, self.invals):
+            for d in o.dims:
+                tr.block(d, "model output")
+
+    def is_member(self, leaf: int, axis: int) -> bool:
+        """Trainable float parameter axes that are not only contracted."""
         key = (leaf, axis)
-        return trainable[leaf] and (key in tr.produced or key not in tr.contracted)
+        return self.trainable[leaf] and (key in self.tr.produced
+                                         or key not in self.tr.contracted)
 
-    class_params: dict[int, list[tuple[int, int]]] = {}
-    for leaf, dims in enumerate(param_dims):
-        for axis, d in enumerate(dims):
-            class_params.setdefault(find(d), []).append((leaf, axis))
-    # a space must reach some computed value: axes that live only in parameters (an
-    # unused parameter, a kernel axis no rule ties to anything) are not channels
-    n_param_dims = sum(len(d) for d in param_dims)
-    computed = {find(d) for d in range(n_param_dims, len(tr.size))}
-    invalid: dict[int, str] = {}
-    occ: dict[int, list[tuple[int, _Pattern]]] = {}
-    for space in sp.atoms:
-        o = sp.occurrences(space)
-        if o is None:
-            invalid[space] = "its channels cannot be written as one slice pattern"
-            continue
-        if not any(is_member(*la) for cls, _ in o for la in class_params.get(cls, [])):
-            continue
-        if not any(cls in computed for cls, _ in o):
-            continue
-        occ[space] = o
-    class_spaces: dict[int, set[int]] = {}
-    for space, o in occ.items():
-        for cls, _ in o:
-            class_spaces.setdefault(cls, set()).add(space)
-    z = ZeroAnalysis({c: frozenset(s) for c, s in class_spaces.items()}, find)
-    for leaf, dims in enumerate(param_dims):
-        val = invals[leaf]
-        z.put(val, [z.spaces(d) if is_member(leaf, a) else frozenset()
-                    for a, d in enumerate(dims)])
-    z.run(tr.events)
-    invalid.update(z.invalid)
-    blamed: dict[str, set[int]] = {}
-    for space, o in occ.items():
-        for cls, _ in o:
-            if cls in sp.blocked:
-                reason, prim = sp.blocked[cls]
-                invalid.setdefault(space, reason)
-                if prim is not None:
-                    blamed.setdefault(prim, set()).add(space)
-    valid = {s for s in occ if s not in invalid}
+    def _candidates(self) -> dict[int, list[tuple[int, _Pattern]]]:
+        # a space must reach some computed value: axes that live only in parameters (an
+        # unused parameter, a kernel axis no rule ties to anything) are not channels
+        n_param_dims = sum(len(d) for d in self.param_dims)
+        computed = {self.find(d) for d in range(n_param_dims, len(self.tr.size))}
+        occ: dict[int, list[tuple[int, _Pattern]]] = {}
+        for space in self.sp.atoms:
+            o = self.sp.occurrences(space)
+            if o is None:
+                self.invalid[space] = "its channels cannot be written as one slice pattern"
+                continue
+            if not any(self.is_member(*la) for cls, _ in o
+                       for la in self.class_params.get(cls, [])):
+                continue
+            if any(cls in computed for cls, _ in o):
+                occ[space] = o
+        return occ
 
-    # the outer factor of a merged axis, and the lower axis of a parameter, win
-    def members_of(space: int) -> list[tuple[int, int, _Pattern]]:
-        return [(leaf, axis, pat) for cls, pat in occ[space]
-                for leaf, axis in class_params.get(cls, []) if is_member(leaf, axis)]
+    def _zero(self) -> dict[int, str]:
+        class_spaces: dict[int, set[int]] = {}
+        for space, o in self.occ.items():
+            for cls, _ in o:
+                class_spaces.setdefault(cls, set()).add(space)
+        z = ZeroAnalysis({c: frozenset(s) for c, s in class_spaces.items()}, self.find)
+        for leaf, dims in enumerate(self.param_dims):
+            z.put(self.invals[leaf], [z.spaces(d) if self.is_member(leaf, a) else frozenset()
+                                      for a, d in enumerate(dims)])
+        z.run(self.tr.events)
+        return z.invalid
 
-    changed = True
-    while changed:
-        changed = False
-        for factors, _sizes in sp.product.values():
-            live = [[a for a in sp.factor_atoms(f) if a in valid] for f in factors]
-            live = [x for x in live if x]
-            for lost in live[1:]:
-                for a in lost:
-                    valid.discard(a)
-                    invalid[a] = "inner factor of a merged axis whose outer factor is pruned"
-                    changed = True
-        by_leaf: dict[int, dict[int, set[int]]] = {}
-        for space in valid:
-            for leaf, axis, _ in members_of(space):
-                by_leaf.setdefault(leaf, {}).setdefault(axis, set()).add(space)
-        for _leaf, axes in by_leaf.items():
-            if len(axes) > 1:
+    def _blocks(self) -> dict[str, set[int]]:
+        """Spaces on a blocked class become invalid; returns primitive -> spaces it blocked."""
+        blamed: dict[str, set[int]] = {}
+        for space, o in self.occ.items():
+            for cls, _ in o:
+                if cls in self.sp.blocked:
+                    reason, prim = self.sp.blocked[cls]
+                    self.invalid.setdefault(space, reason)
+                    if prim is not None:
+                        blamed.setdefault(prim, set()).add(space)
+        return blamed
+
+    def members_of(self, space: int) -> list[tuple[int, int, _Pattern]]:
+        return [(leaf, axis, pat) for cls, pat in self.occ[space]
+                for leaf, axis in self.class_params.get(cls, []) if self.is_member(leaf, axis)]
+
+    def _drop(self, space: int, why: str) -> bool:
+        if space not in self.valid:
+            return False
+        self.valid.discard(space)
+        self.invalid[space] = why
+        return True
+
+    def _resolve(self) -> None:
+        """The outer factor of a merged axis, and the lower axis of a parameter, win."""
+        changed = True
+        while changed:
+            changed = False
+            for factors, _sizes in self.sp.product.values():
+                live = [[a for a in self.sp.factor_atoms(f) if a in self.valid]
+                        for f in factors]
+                for lost in [x for x in live if x][1:]:
+                    for a in lost:
+                        changed |= self._drop(a, "inner factor of a merged axis whose outer "
+                                                 "factor is pruned")
+            by_leaf: dict[int, dict[int, set[int]]] = {}
+            for space in self.valid:
+                for leaf, axis, _ in self.members_of(space):
+                    by_leaf.setdefault(leaf, {}).setdefault(axis, set()).add(space)
+            for axes in by_leaf.values():
                 for axis in sorted(axes)[1:]:
                     for space in axes[axis]:
-                        if space in valid:
-                            valid.discard(space)
-                            invalid[space] = "a parameter holds a family on a lower axis"
-                            changed = True
+                        changed |= self._drop(space, "a parameter holds a family on a "
+                                                     "lower axis")
 
-    if warn:
-        for prim, spaces in sorted(blamed.items()):
-            hit = sorted({format_path(paths[leaf]) for s in spaces
-                          for leaf, _a, _p in members_of(s)})
-            if hit:
-                warnings.warn(
-                    f"discover_groups: primitive {prim!r} could not be proven safe; these "
-                    f"parameters are not pruned along the axes it touches: {hit}",
-                    DiscoveryWarning, stacklevel=3)
-        odd = [s for s, why in invalid.items() if s in occ and "slice pattern" in why]
-        for s in odd:
-            hit = sorted({format_path(paths[leaf]) for leaf, _a, _p in members_of(s)})
-            warnings.warn(f"discover_groups: not pruning {hit}: {invalid[s]}",
-                          DiscoveryWarning, stacklevel=3)
+    def families(self, shapes: list[tuple[int, ...]]) -> list[GroupFamily]:
+        """The valid spaces as families, in forward (first-use) order."""
+        first_use = self.tr.first_use
+        families = []
+        for space in self.valid:
+            members, dependents = [], []
+            for cls, pat in self.occ[space]:
+                for leaf, axis in self.class_params.get(cls, []):
+                    m = Member(self.paths[leaf], axis, pat.block, pat.offset, pat.repeat,
+                               pat.stride)
+                    (members if self.is_member(leaf, axis) else dependents).append(
+                        (leaf, axis, m))
+            members.sort(key=lambda t: (first_use.get(t[0], 1 << 30), t[0], t[1]))
+            dependents.sort(key=lambda t: (first_use.get(t[0], 1 << 30), t[0], t[1]))
+            order = min(first_use.get(leaf, 1 << 30) for leaf, _a, _m in members)
+            name = _family_name([m.path for _l, _a, m in members],
+                                [len(shapes[leaf]) for leaf, _a, _m in members])
+            families.append((order, name, GroupFamily(
+                self.sp.node_len[space], tuple(m for _l, _a, m in members),
+                tuple(m for _l, _a, m in dependents), name)))
+        families.sort(key=lambda t: (t[0], t[1]))
+        return [f for _o, _n, f in families]
 
-    families = []
-    for space in valid:
-        members, dependents = [], []
-        for cls, pat in occ[space]:
-            for leaf, axis in class_params.get(cls, []):
-                m = Member(paths[leaf], axis, pat.block, pat.offset, pat.repeat, pat.stride)
-                (members if is_member(leaf, axis) else dependents).append((leaf, axis, m))
-        members.sort(key=lambda t: (tr.first_use.get(t[0], 1 << 30), t[0], t[1]))
-        dependents.sort(key=lambda t: (tr.first_use.get(t[0], 1 << 30), t[0], t[1]))
-        order = min(tr.first_use.get(leaf, 1 << 30) for leaf, _a, _m in members)
-        name = _family_name([m.path for _l, _a, m in members],
-                            [len(shapes[leaf]) for leaf, _a, _m in members])
-        families.append((order, name, GroupFamily(
-            sp.node_len[space], tuple(m for _l, _a, m in members),
-            tuple(m for _l, _a, m in dependents), name)))
-    families.sort(key=lambda t: (t[0], t[1]))
-    return [f for _o, _n, f in families]
+    # ------------------------------------------------------------------ explanations
+    def hit(self, spaces: Any) -> list[str]:
+        """Formatted paths of the members of ``spaces``."""
+        return sorted({format_path(self.paths[leaf]) for s in spaces
+                       for leaf, _a, _p in self.members_of(s)})
+
+    def warn(self, found: bool) -> None:
+        """`DiscoveryWarning`s: what blocked which parameters, and why nothing was found."""
+        messages = []
+        for prim, spaces in sorted(self.blamed.items()):
+            if hit := self.hit(spaces):
+                messages.append(f"discover_groups: primitive {prim!r} could not be proven "
+                                f"safe; these parameters are not pruned along the axes it "
+                                f"touches: {hit}")
+        for s, why in self.invalid.items():
+            if s in self.occ and "slice pattern" in why:
+                messages.append(f"discover_groups: not pruning {self.hit([s])}: {why}")
+        if msg := self._const_message():
+            messages.append(msg)
+        if not found:
+            messages.append(self._nothing_message())
+        for msg in messages:
+            warnings.warn(msg, DiscoveryWarning, stacklevel=4)
+
+    def _const_message(self) -> str | None:
+        """Closed-over arrays that alone keep otherwise valid spaces from being families."""
+        sp, by_const = self.sp, {}
+        for space, o in self.occ.items():
+            if space in self.zero_invalid or space in self.valid:
+                continue
+            classes = {cls for cls, _ in o if cls in sp.blocked}
+            if not classes or classes & sp.other_blocked:
+                continue
+            for cls in classes:
+                for k in sp.const_blocked.get(cls, ()):
+                    by_const.setdefault(k, set()).add(space)
+        if not by_const:
+            return None
+        lines = [f"  #{k} {self.tr.consts[k]} (first used by "
+                 f"{self.tr.const_users.get(k, '?')!r}) blocks {self.hit(spaces)}"
+                 for k, spaces in sorted(by_const.items())]
+        return ("discover_groups: the traced function closes over arrays that touch "
+                "prunable axes; a closed-over array is a constant of fixed shape, so these "
+                "parameters are not pruned:\n" + "\n".join(lines) + "\nPass these arrays "
+                "in as part of the parameter tree instead (non-trainable: under a "
+                "'batch_stats' key, or select the trainable leaves with trainable=...), so "
+                "that they become dependents and are sliced with the parameters.")
+
+    def _nothing_message(self) -> str:
+        """Why no family was found: unused parameters, or each candidate's reason."""
+        tr = self.tr
+        closes = (f" It closes over {len(tr.consts)} array(s): "
+                  f"{', '.join(tr.consts[:6])}{', …' if len(tr.consts) > 6 else ''}; if "
+                  f"those are the model's parameters, pass them as the first argument."
+                  if tr.consts else "")
+        if not tr.first_use:
+            return ("discover_groups found no prunable groups: the function does not use "
+                    "its parameters (the first argument, or the module's state)." + closes)
+        reasons: dict[str, set[int]] = {}
+        for space in self.occ:
+            reasons.setdefault(self.invalid.get(space, "not provably zero-invariant"),
+                               set()).add(space)
+        if not reasons:
+            return ("discover_groups found no prunable groups: no axis of a trainable "
+                    "parameter reaches a computed value other than through contractions."
+                    + closes)
+        ranked = sorted(reasons.items(), key=lambda kv: -len(kv[1]))
+        lines = [f"  {why}: {self.hit(spaces)[:4]}" for why, spaces in ranked[:6]]
+        return ("discover_groups found no prunable groups; the candidate channels were "
+                "rejected because:\n" + "\n".join(lines) + closes)
 
 
 def _family_name(paths: list[Path], ndims: list[int]) -> str:
@@ -607,6 +828,18 @@ def _family_name(paths: list[Path], ndims: list[int]) -> str:
         if name not in modules:
             modules.append(name)
     return "+".join(modules[:3]) + ("+…" if len(modules) > 3 else "")
+
+
+def _check_not_bound_method(fn: Any) -> None:
+    """``discover_groups(model.__call__, x)`` would trace the module's arrays as constants."""
+    owner = getattr(fn, "__self__", None)
+    if inspect.ismethod(fn) and isinstance(owner, nnx.Module):
+        raise TypeError(
+            f"discover_groups got the bound method {type(owner).__name__}."
+            f"{fn.__name__} of an nnx.Module: its parameters would be closed-over "
+            f"constants and nothing could be pruned. Pass the module itself: "
+            f"discover_groups(model, *inputs); or a pure fn(state, *inputs) with "
+            f"graphdef, state = nnx.split(model).")
 
 
 def discover_groups(model_or_fn: Any, *args: Any, trainable: Callable[[Path], bool] | None
@@ -633,17 +866,20 @@ def discover_groups(model_or_fn: Any, *args: Any, trainable: Callable[[Path], bo
         ``jax.ShapeDtypeStruct``.
       trainable: optional predicate on a leaf path.
       warn: emit `DiscoveryWarning` for parameters left unprunable by primitives without
-        a rule or by index patterns a `Member` cannot describe.
+        a rule, by closed-over arrays (named by shape, dtype and first use) or by index
+        patterns a `Member` cannot describe, and one explaining an empty result.
       **kwargs: keyword inputs of the model / function.
 
     Returns:
       `Groups`: families in forward (first-use) order, named after their first member's
-      module path.
+      module path; ``groups.example_inputs = (args, kwargs)`` records the example call.
 
     Raises:
-      TypeError: if ``model_or_fn`` is neither an ``nnx.Module`` nor callable, or the
+      TypeError: if ``model_or_fn`` is neither an ``nnx.Module`` nor callable, is a bound
+        method of an ``nnx.Module`` (``model.__call__``: pass the module), or the
         pure-function form gets no ``params``.
     """
+    _check_not_bound_method(model_or_fn)
     if isinstance(model_or_fn, nnx.Module):
         graphdef, state = nnx.split(model_or_fn)
         params_paths = set(tree_paths(nnx.state(model_or_fn, nnx.Param)))
@@ -671,5 +907,8 @@ def discover_groups(model_or_fn: Any, *args: Any, trainable: Callable[[Path], bo
             is_trainable[i] = False
     closed, _n = _trace(fn, state, args, kwargs)
     shapes = [tuple(getattr(x, "shape", ())) for x in leaves]
-    return Groups.from_families(_analyse(closed, paths, is_trainable, shapes, warn),
-                                fingerprint=structure_fingerprint(fn, state, *args, **kwargs))
+    groups = Groups.from_families(_analyse(closed, paths, is_trainable, shapes, warn),
+                                  fingerprint=structure_fingerprint(fn, state, *args, **kwargs))
+    # the example call, for surgery to verify masked == shrunk by running it
+    groups.example_inputs = (tuple(args), dict(kwargs))
+    return groups

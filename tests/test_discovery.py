@@ -119,8 +119,9 @@ def depthwise(p, x):
 
 
 def grouped(p, x):
+    """A grouped conv whose feature_group_count comes from the shapes (C_in / k)."""
     h = jax.nn.relu(_conv(x, p["k1"]))
-    h = jax.nn.relu(_conv(h, p["k2"], groups=2))
+    h = jax.nn.relu(_conv(h, p["k2"], groups=h.shape[-1] // p["k2"].shape[-2]))
     return h.mean(axis=(1, 2)) @ p["w"]
 
 
@@ -198,9 +199,9 @@ CASES = {
     # expand + depthwise + its affine form one family of 6; project output is the output
     "depthwise": (depthwise, {"expand": (1, 1, 3, 6), "dw": (3, 3, 1, 6), "scale": (6,),
                               "shift": (6,), "project": (1, 1, 6, 4)}, (2, 5, 5, 3), [6]),
-    # grouped conv (2 groups): neither its inputs nor its outputs are pruned
+    # grouped conv (2 groups of 2 in- and 2 out-channels): whole conv-groups are pruned
     "grouped": (grouped, {"k1": (3, 3, 2, 4), "k2": (3, 3, 2, 4), "w": (4, 3)},
-                (2, 5, 5, 2), []),
+                (2, 5, 5, 2), [2]),
     # stacked layers: hidden neuron j of every layer is one group (the residual is the
     # input/output stream)
     "scan_stack": (scan_stack, {"w1": (3, 6, 5), "w2": (3, 5, 6)}, (4, 6), [5]),
@@ -299,10 +300,11 @@ def test_unknown_primitive_warns_and_blocks():
     assert [f.members[0].path for f in groups.families] == [("w3",)]
 
 
-def test_grouped_conv_warns():
+def test_grouped_conv_prunes_whole_groups():
     fn, params, x, _ = _case("grouped")
-    with pytest.warns(hj.DiscoveryWarning, match="conv_general_dilated"):
-        hj.discover_groups(fn, params, x)
+    (fam,) = _discover(fn, params, x).families
+    assert set(fam.members) == {hj.Member(("k1",), 3, block=2), hj.Member(("k2",), 3, block=2)}
+    assert fam.dependents == (hj.Member(("w",), 0, block=2),)
 
 
 def test_bad_arguments():

@@ -45,6 +45,12 @@ class Value:
     allzero: bool = False  # statically all zeros (literal 0, zero constant)
     # per axis, the (leaf, axis) pairs of the parameter this value is a view of
     pdims: tuple[frozenset, ...] | None = None
+    # a constant: computed from literals and closed-over arrays only (no parameter, no
+    # input). ``varying[a]``: its values may change along axis ``a`` (or its length is
+    # fixed); ``sources``: indices of the closed-over arrays it is computed from
+    const: bool = False
+    varying: tuple[bool, ...] = ()
+    sources: frozenset = frozenset()
 
 
 class UnionFind:
@@ -105,6 +111,7 @@ _RANDOM = {"random_bits", "random_seed", "random_wrap", "random_unwrap", "random
 _BLOCK_REDUCED = {"reduce_max", "reduce_min", "reduce_prod", "reduce_and", "reduce_or",
                   "reduce_xor", "argmax", "argmin"}
 _CUMULATIVE = {"cumsum", "cumprod", "cummax", "cummin", "cumlogsumexp"}
+_ELEMENTWISE = _ZERO_FIRST | _ZERO_NONE | _ZERO_ANY | _ZERO_ALL | {"integer_pow"}
 
 
 class AxisTracer(Interpreter):
@@ -124,6 +131,9 @@ class AxisTracer(Interpreter):
         self.first_use: dict[int, int] = {}
         self.n_uses = 0
         self.unknown: dict[str, set[int]] = {}  # primitive -> dims it blocked
+        self.consts: list[str] = []  # closed-over arrays, described ('f32[3,4]')
+        self.const_users: dict[int, str] = {}  # closed-over array -> first primitive
+        self.const_blocks: dict[int, frozenset] = {}  # dim -> closed-over arrays blocking
 
     # -- values
     def new_dim(self, n: int) -> int:
@@ -145,10 +155,15 @@ class AxisTracer(Interpreter):
         return self.new_val(eqn.outvars[i].aval.shape)
 
     def literal(self, value: Any, aval: Any) -> Value:
-        """Literals and constants: their non-trivial axes are blocked."""
+        """Literals and constants: fixed arrays, so every axis of length > 1 is *varying*.
+
+        Their own axes are never joined to anything: each use gets a fresh copy
+        (`prepare`) whose varying axes are blocked there.
+        """
         shape = tuple(getattr(aval, "shape", ()))
         arr = np.asarray(value)
-        val = self.new_val(shape, allzero=bool(arr.size) and not np.any(arr))
+        val = self.new_val(shape, allzero=bool(arr.size) and not np.any(arr), const=True,
+                           varying=tuple(n > 1 for n in shape))
         if not shape and arr.dtype.kind in "biuf":
             val.literal = float(arr)
         for d in val.dims:
@@ -156,8 +171,42 @@ class AxisTracer(Interpreter):
         return val
 
     def const(self, value: Any) -> Value:
-        """A closed-over constant, treated as a literal."""
-        return self.literal(value, jax.typeof(value) if hasattr(jax, "typeof") else value)
+        """A closed-over array: a literal that remembers which closed-over array it is."""
+        aval = jax.typeof(value) if hasattr(jax, "typeof") else value
+        val = self.literal(value, aval)
+        if val.shape:
+            dtype = np.dtype(getattr(value, "dtype", np.float32))
+            self.consts.append(f"{dtype.name}{list(val.shape)}")
+            val.sources = frozenset({len(self.consts) - 1})
+        return val
+
+    def prepare(self, eqn: Any, invals: list[Value]) -> list[Value]:
+        """Each use of a constant is independent: it reads a fresh copy of the constant.
+
+        A constant shared by several operations (a ``head_mask`` whose row ``i`` scales
+        layer ``i``) must not join their axes. The copy's varying axes are blocked (they
+        cannot be sliced with the parameters); a uniform axis (``jnp.ones``) stays free.
+        """
+        return [self._copy_const(eqn, v) if v.const and v.shape else v for v in invals]
+
+    def _copy_const(self, eqn: Any, v: Value) -> Value:
+        c = self.new_val(v.shape, literal=v.literal, allzero=v.allzero, const=True,
+                         varying=v.varying, sources=v.sources)
+        name = eqn.primitive.name
+        for k in v.sources:
+            self.const_users.setdefault(k, name)
+        for d, n, var in zip(c.dims, c.shape, v.varying, strict=True):
+            if var and n > 1:
+                if v.sources:
+                    what = ", ".join(f"#{k} {self.consts[k]}" for k in sorted(v.sources))
+                    self.block(d, f"closed-over array {what} has this axis (fixed shape)")
+                    self.const_blocks[d] = v.sources
+                else:
+                    self.block(d, "a constant computed in the trace varies along this axis")
+        if not v.allzero:
+            self.event(lambda z: z.put(c, [frozenset()] * len(c.shape),
+                                       allzero=z.is_allzero(v)))
+        return c
 
     # -- relations
     def union(self, a: int, b: int) -> None:
@@ -215,6 +264,12 @@ class AxisTracer(Interpreter):
         return outs if eqn.primitive.multiple_results else outs[0]
 
     def on_eqn(self, eqn: Any, invals: list[Value], outvals: list[Value]) -> None:
+        """Marks constant outputs (`_mark_const`) and keeps views of parameters views."""
+        if all(v.const for v in invals):
+            _mark_const(eqn, invals, outvals)
+        self._view(eqn, invals, outvals)
+
+    def _view(self, eqn: Any, invals: list[Value], outvals: list[Value]) -> None:
         """A view of a parameter (transpose, reshape, cast, ...) stays a view of it."""
         name = eqn.primitive.name
         src = invals[0] if invals else None
@@ -238,6 +293,70 @@ class AxisTracer(Interpreter):
         elif len(out.shape) == len(src.shape):
             pd = list(src.pdims)
         out.pdims = tuple(pd)
+
+
+# -- constants: which axes of a constant may vary (see `AxisTracer.prepare`)
+_UNIFORM_VIEWS = {"slice", "squeeze", "reshape", "transpose", "rev", "dynamic_slice",
+                  "gather", "copy", "copy_p", "reduce_max", "reduce_min", "pad",
+                  "concatenate", "stack", *_IDENTITY}
+
+
+def _mark_const(eqn: Any, ins: list[Value], outs: list[Value]) -> None:
+    """Outputs of an operation on constants only are constants.
+
+    ``varying`` follows the operation (broadcast axes are uniform, aligned axes of an
+    elementwise op vary if an operand does, a reshape group varies if one of its axes
+    does, iota varies along its dimension); any other operation makes every axis vary.
+    A view of a uniform constant (``literal`` set) stays uniform with the same value.
+    """
+    sources = frozenset().union(*(v.sources for v in ins))
+    for out in outs:
+        out.const, out.sources = True, sources
+        out.varying = _varying(eqn, ins, out)
+    out = outs[0]
+    if out.literal is None and eqn.primitive.name in _UNIFORM_VIEWS:
+        values = [v.literal for v in ins] if eqn.primitive.name in (
+            "concatenate", "stack", "pad") else [ins[0].literal]
+        if values[0] is not None and all(u == values[0] for u in values):
+            out.literal = values[0]
+    if out.literal is not None:
+        out.varying = (False,) * len(out.shape)
+
+
+def _varying(eqn: Any, ins: list[Value], out: Value) -> tuple[bool, ...]:
+    name, p = eqn.primitive.name, eqn.params
+    nd = len(out.shape)
+    src = ins[0] if ins else None
+    if name == "iota":
+        return tuple(i == p["dimension"] for i in range(nd))
+    if name == "broadcast_in_dim":
+        var = [False] * nd
+        for i, o in enumerate(p["broadcast_dimensions"]):
+            var[o] = src.varying[i] and src.shape[i] == out.shape[o]
+        return tuple(var)
+    if name == "transpose":
+        return tuple(src.varying[i] for i in p["permutation"])
+    if name == "squeeze":
+        dropped = {d % len(src.shape) for d in p["dimensions"]}
+        return tuple(v for i, v in enumerate(src.varying) if i not in dropped)
+    if name == "reshape" and p.get("dimensions") is None:
+        groups = _reshape_groups(src.shape, out.shape)
+        if groups or not (src.shape and out.shape):
+            var = [False] * nd
+            for gi, go in groups:
+                for o in go:
+                    var[o] = any(src.varying[i] for i in gi)
+            return tuple(var)
+    if name in ("slice", "rev", "dynamic_slice", *_CUMULATIVE):
+        return tuple(src.varying)
+    if name == "pad":
+        return tuple(v or tuple(cfg) != (0, 0, 0)
+                     for v, cfg in zip(src.varying, p["padding_config"], strict=True))
+    if name in _ELEMENTWISE:
+        arrays = [v for v in ins if len(v.shape) == nd and nd]
+        return tuple(any(v.varying[i] and v.shape[i] == out.shape[i] for v in arrays)
+                     for i in range(nd))
+    return (True,) * nd
 
 
 _RULES: dict[str, Callable[[AxisTracer, Any, list[Value]], Any]] = {}
@@ -337,7 +456,7 @@ def _fold(eqn: Any, ins: list[Value]) -> float | None:
         return None
 
 
-for _name in (_ZERO_FIRST | _ZERO_NONE | _ZERO_ANY | _ZERO_ALL | {"integer_pow"}):
+for _name in _ELEMENTWISE:
     _RULES[_name] = _elementwise
 
 
@@ -508,9 +627,17 @@ def _sort(tr: AxisTracer, eqn: Any, ins: list[Value]) -> list[Value]:
         o = tr.new_val(v.shape)
         for i in range(len(v.shape)):
             tr.union(v.dims[i], o.dims[i])
-        tr.block(v.dims[d], "sort along this axis")
+            tr.block(v.dims[d], "sort along this axis")
         outs.append(o)
-    tr.event(lambda z: [z.put(o, [frozenset()] * len(o.shape)) for o in outs])
+    kept = [i for i in range(len(ins[0].shape)) if i != d]
+
+    def zero(z: ZeroAnalysis) -> None:
+        # the operands are permuted within each fibre along ``d``: a slice at a fixed
+        # index of another axis keeps its elements (and its zeros)
+        for v, o in zip(ins, outs, strict=True):
+            _same_axes(z, v, o, kept)
+
+    tr.event(zero)
     return outs
 
 
@@ -523,6 +650,14 @@ def _top_k(tr: AxisTracer, eqn: Any, ins: list[Value]) -> list[Value]:
         for i in range(len(v.shape) - 1):
             tr.union(v.dims[i], o.dims[i])
     tr.block(v.dims[-1], "top_k along this axis")
+    kept = list(range(len(v.shape) - 1))
+
+    def zero(z: ZeroAnalysis) -> None:
+        # the values are a selection within each fibre along the last axis
+        _same_axes(z, v, outs[0], kept)
+        z.put(outs[1], [frozenset()] * len(outs[1].shape))
+
+    tr.event(zero)
     return outs
 
 
@@ -637,6 +772,46 @@ def _concatenate(tr: AxisTracer, eqn: Any, ins: list[Value]) -> Value:
     return out
 
 
+@_rule("stack")
+def _stack(tr: AxisTracer, eqn: Any, ins: list[Value]) -> Value:
+    """``stack`` of equal-shaped operands along a new axis: the other axes are aligned.
+
+    A slice of another axis is zero iff it is zero in every operand; the new axis holds
+    no channel (it is zero only where every operand is all zero).
+    """
+    out = tr.out_val(eqn)
+    axis = eqn.params["axis"] % len(out.shape)
+    others = [i for i in range(len(out.shape)) if i != axis]
+    for v in ins:
+        tr.use(v)
+        for i, o in enumerate(others):
+            tr.union(v.dims[i], out.dims[o])
+
+    def zero(z: ZeroAnalysis) -> None:
+        if all(z.is_allzero(v) for v in ins):
+            z.set_allzero(out)
+            return
+        sets = [frozenset()] * len(out.shape)
+        for i, o in enumerate(others):
+            sets[o] = frozenset.intersection(*(z.get(v)[i] for v in ins))
+        z.put(out, sets)
+
+    tr.event(zero)
+    return out
+
+
+def _same_axes(z: ZeroAnalysis, v: Value, out: Value, kept: Sequence[int]) -> None:
+    """Zero slices of ``out``, which has ``v``'s axes in place (same rank).
+
+    Only the axes in ``kept`` keep theirs (the others are padded, sliced or permuted).
+    """
+    if z.is_allzero(v):
+        z.set_allzero(out)
+        return
+    src = z.get(v)
+    z.put(out, [src[i] if i in kept else frozenset() for i in range(len(out.shape))])
+
+
 @_rule("pad")
 def _pad(tr: AxisTracer, eqn: Any, ins: list[Value]) -> Value:
     v, padval = ins
@@ -652,8 +827,10 @@ def _pad(tr: AxisTracer, eqn: Any, ins: list[Value]) -> Value:
     tr.use(v)
 
     def zero(z: ZeroAnalysis) -> None:
+        # padding with 0 keeps a zero slice zero, on the same axis; any other value
+        # fills every slice of the padded region
         if z.is_allzero(padval):
-            z.map_axes(v, out, kept)
+            _same_axes(z, v, out, kept)
         else:
             z.put(out, [frozenset()] * len(out.shape))
 
@@ -673,7 +850,7 @@ def _dynamic_slice(tr: AxisTracer, eqn: Any, ins: list[Value]) -> Value:
             tr.block(v.dims[i], "dynamic slice along this axis")
             tr.block(out.dims[i], "dynamic slice along this axis")
     tr.use(v)
-    tr.event(lambda z: z.map_axes(v, out, kept))
+    tr.event(lambda z: _same_axes(z, v, out, kept))
     return out
 
 
@@ -776,6 +953,12 @@ def _dot_general(tr: AxisTracer, eqn: Any, ins: list[Value]) -> Value:
 
 @_rule("conv_general_dilated")
 def _conv(tr: AxisTracer, eqn: Any, ins: list[Value]) -> Value:
+    """Convolution: batch and feature axes as in ``dot_general``; windows are blocked.
+
+    ``feature_group_count = 1``: out-channels are the kernel's, in-channels are contracted
+    with the kernel's in axis (`_conv_dense`). ``G = feature_group_count > 1``: see
+    `_conv_grouped`. ``batch_group_count > 1`` blocks every feature axis.
+    """
     lhs, rhs = ins
     out = tr.out_val(eqn)
     p = eqn.params
@@ -786,46 +969,99 @@ def _conv(tr: AxisTracer, eqn: Any, ins: list[Value]) -> Value:
     tr.union(lhs.dims[lb], out.dims[ob])
     for d in [lhs.dims[i] for i in lsp] + [rhs.dims[i] for i in rsp] + [out.dims[i] for i in osp]:
         tr.block(d, "convolution window axis")
-    fg, bg = p["feature_group_count"], p["batch_group_count"]
-    c_in, k_in, c_out = lhs.shape[lfeat], rhs.shape[rin], rhs.shape[rout]
-    mode = "dense" if fg == 1 and bg == 1 else (
-        "depthwise" if bg == 1 and fg == c_in and k_in == 1 and c_out == c_in else "grouped")
-    if mode == "dense":
-        tr.union(lhs.dims[lfeat], rhs.dims[rin])
-        tr.union(rhs.dims[rout], out.dims[ofeat])
-        tr.use(lhs, (lfeat,))
-        tr.use(rhs, (rin,))
-    elif mode == "depthwise":
-        tr.union(lhs.dims[lfeat], out.dims[ofeat])
-        tr.union(rhs.dims[rout], out.dims[ofeat])
-        tr.block(rhs.dims[rin], "in-channel axis of a depthwise kernel")
-        tr.use(lhs)
-        tr.use(rhs)
-    else:
+    axes = (lfeat, rin, rout, ofeat)
+    if p["batch_group_count"] != 1:
         for d in (lhs.dims[lfeat], rhs.dims[rin], rhs.dims[rout], out.dims[ofeat]):
-            tr.block(d, f"grouped convolution (feature_group_count={fg}, "
-                        f"batch_group_count={bg})", "conv_general_dilated")
+            tr.block(d, f"convolution with batch_group_count={p['batch_group_count']}",
+                     "conv_general_dilated")
         tr.use(lhs)
         tr.use(rhs)
+        tr.event(lambda z: z.put(out, [frozenset()] * len(out.shape)))
+    elif p["feature_group_count"] == 1:
+        _conv_dense(tr, lhs, rhs, out, axes)
+    else:
+        _conv_grouped(tr, lhs, rhs, out, axes, p["feature_group_count"])
+    return out
+
+
+def _conv_dense(tr: AxisTracer, lhs: Value, rhs: Value, out: Value,
+                axes: tuple[int, int, int, int]) -> None:
+    lfeat, rin, rout, ofeat = axes
+    tr.union(lhs.dims[lfeat], rhs.dims[rin])
+    tr.union(rhs.dims[rout], out.dims[ofeat])
+    tr.use(lhs, (lfeat,))
+    tr.use(rhs, (rin,))
+
+    def zero(z: ZeroAnalysis) -> None:
+        if z.is_allzero(lhs) or z.is_allzero(rhs):
+            z.set_allzero(out)
+            return
+        sets = [frozenset()] * len(out.shape)
+        sets[ofeat] = z.get(rhs)[rout]
+        z.put(out, sets)
+        z.contract_pairs("conv_general_dilated", lhs, rhs, [(lfeat, rin)], out)
+
+    tr.event(zero)
+
+
+def _conv_grouped(tr: AxisTracer, lhs: Value, rhs: Value, out: Value,
+                  axes: tuple[int, int, int, int], groups: int) -> None:
+    """A grouped convolution is a product of axes: conv-group ``g`` times channel-in-group.
+
+    With ``G`` groups, ``k = C_in / G`` in-channels and ``m = C_out / G`` out-channels per
+    group, out-channel ``g*m + j`` sums over in-channels ``g*k + i``, ``i < k`` (the
+    kernel's in axis). So the in-channel axis is the row-major product ``(G, k)`` whose
+    inner factor is contracted with the kernel's in axis, and the out-channel axis is
+    ``(G, m)``; the group factor ``G`` is the same axis on both sides (a zero input group
+    makes a zero output group, as a depthwise channel does). This yields two kinds of
+    families, both keeping the conv valid with ``feature_group_count = C_in / k``:
+
+    * whole conv-groups (the ``G`` factor: block ``k`` of the producer's channels, block
+      ``m`` of the kernel's out-channels) -- ``G`` shrinks, ``k`` and ``m`` stay;
+    * where ``G`` is not prunable (e.g. the input is the model input): channel ``j`` of
+      every group (the inner factors: repeat ``G``, stride ``m``; or ``i`` of every
+      input group, with the kernel's in axis as dependent) -- ``G`` stays.
+
+    The outer factor (whole groups) wins where both are provable. Depthwise convolutions
+    (``k = m = 1``) are the case where all three axes are one.
+    """
+    lfeat, rin, rout, ofeat = axes
+    k_in, c_out = rhs.shape[rin], rhs.shape[rout]
+    g = tr.new_dim(groups)
+    if k_in == 1:
+        tr.union(lhs.dims[lfeat], g)
+        tr.block(rhs.dims[rin], "in-channel axis of a depthwise kernel")
+    else:
+        tr.products.append((lhs.dims[lfeat], [g, rhs.dims[rin]]))
+    inner = None
+    if c_out == groups:
+        tr.union(out.dims[ofeat], g)
+    else:
+        inner = tr.new_dim(c_out // groups)
+        tr.products.append((out.dims[ofeat], [g, inner]))
+    tr.union(rhs.dims[rout], out.dims[ofeat])
+    tr.use(lhs)
+    tr.use(rhs, (rin,) if k_in > 1 else ())
 
     def zero(z: ZeroAnalysis) -> None:
         if z.is_allzero(lhs) or z.is_allzero(rhs):
             z.set_allzero(out)
             return
         zl, zr = z.get(lhs), z.get(rhs)
+        # a whole group of the input passes to the same group of the output; spaces of
+        # the channel-in-group factors (or tied to them) do not
+        whole = z.spaces(g)
+        if k_in > 1:
+            whole -= z.spaces(rhs.dims[rin])
+        if inner is not None:
+            whole -= z.spaces(inner)
         sets = [frozenset()] * len(out.shape)
-        if mode == "dense":
-            sets[ofeat] = zr[rout]
-            z.put(out, sets)
-            z.contract_pairs("conv_general_dilated", lhs, rhs, [(lfeat, rin)], out)
-        elif mode == "depthwise":
-            sets[ofeat] = zl[lfeat] | zr[rout]
-            z.put(out, sets)
-        else:
-            z.put(out, sets)
+        sets[ofeat] = zr[rout] | (zl[lfeat] & whole)
+        z.put(out, sets)
+        if k_in > 1:
+            z.contract_within("grouped conv_general_dilated", lhs, lfeat, rhs, rin, out)
 
     tr.event(zero)
-    return out
 
 
 @_rule("cond")

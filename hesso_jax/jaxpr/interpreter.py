@@ -91,6 +91,14 @@ class Interpreter:
         """Rule for a primitive without one in `rules`: must be conservative."""
         raise NotImplementedError(f"no rule for primitive {eqn.primitive.name!r}")
 
+    def prepare(self, eqn: Any, invals: list[Any]) -> list[Any]:
+        """The operands a (non-inlined) equation's rule sees; ``invals`` by default.
+
+        Lets a client hand each use of a value its own copy (group discovery gives every
+        use of a constant fresh axes, so one constant never ties two consumers).
+        """
+        return invals
+
     def on_eqn(self, eqn: Any, invals: list[Any], outvals: list[Any]) -> None:  # noqa: B027
         """Called after each (non-inlined) equation; does nothing by default."""
 
@@ -126,6 +134,7 @@ class Interpreter:
             if inner is not None:
                 outvals = self.enter(f"{name}:{eqn.params.get('name', '')}", inner, invals)
             else:
+                invals = self.prepare(eqn, invals)
                 out = rule(self, eqn, invals) if rule is not None else self.fallback(eqn, invals)
                 outvals = list(out) if eqn.primitive.multiple_results else [out]
                 self.on_eqn(eqn, invals, outvals)
