@@ -190,3 +190,34 @@ def test_resolve_budget_names_the_smallest_reachable_fraction():
     with pytest.raises(ValueError, match="other groups"):
         resolve_budget(Budget(flops=0.5), other, costs)
     assert isinstance(GroupCosts.from_dict(costs.to_dict()), GroupCosts)
+
+
+@settings(max_examples=30, deadline=None)
+@given(a=chains(), b=chains(), seed=st.integers(0, 10_000),
+       fracs=st.tuples(st.floats(0.05, 1.0), st.floats(0.05, 1.0)))
+def test_two_metrics_meet_both_targets_minimally(a, b, seed, fracs):
+    (groups, t1), (_, t2) = a, b  # same group layout (fixed SIZES), two cost models
+    G = groups.num_groups
+    rng = np.random.default_rng(seed)
+    scores = jnp.asarray(rng.random(G), jnp.float32)
+    alive = rng.random(G) < 0.9
+    target = np.asarray([(1 - fracs[0]) * t1.dense(), (1 - fracs[1]) * t2.dense()])
+    tables = (CostTable.from_terms(t1), CostTable.from_terms(t2))
+    sel = np.asarray(budget_select(scores, tables, jnp.asarray(alive), jnp.zeros(G, bool),
+                                   jnp.asarray(target)))
+    assert not (sel & ~alive).any()
+    dead = ~alive
+    removed = np.asarray([t1.removed(dead | sel), t2.removed(dead | sel)])
+    if t1.removed(np.ones(G, bool)) < target[0] or t2.removed(np.ones(G, bool)) < target[1]:
+        return
+    if not (t1.removed(dead | alive) >= target[0] and t2.removed(dead | alive) >= target[1]):
+        np.testing.assert_array_equal(sel, alive)
+        return
+    assert (removed >= target).all()
+    for g in np.flatnonzero(sel):  # some single group is the one that closed the gap
+        fewer = sel.copy()
+        fewer[g] = False
+        if t1.removed(dead | fewer) < target[0] or t2.removed(dead | fewer) < target[1]:
+            break
+    else:
+        assert not sel.any()
