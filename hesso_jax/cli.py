@@ -391,49 +391,74 @@ def _write_json(path: Path, data: Any) -> None:
     _write_atomic(path, lambda p: p.write_text(json.dumps(data, indent=1)))
 
 
+def _surgery(runs: _Runs, plan: Any, results: dict[str, Any], out: Path) -> Any:
+    """The shrunk model; its measurements are added to ``results``."""
+    import hesso_jax as hj
+
+    try:
+        small = hj.shrink_model(runs.pruned, runs.groups, plan=plan)
+        results.update(_measure(runs, small))
+    except Exception as err:
+        raise _LateError(
+            f"surgery failed ({type(err).__name__}: {err}); the training results are in "
+            f"{out / 'results.json'}") from err
+    return small
+
+
+def _plot_and_checkpoint(out: Path, runs: _Runs, small: Any, results: dict[str, Any]) -> None:
+    """Writes ``training.png`` and the checkpoint; names the checkpoint in ``results``."""
+    from flax import nnx
+
+    what = "training.png"
+    try:
+        _plot(out / what, runs.h_dense, runs.h_hesso, runs.groups.num_groups,
+              runs.status.target, runs.schedule)
+        what = "shrunk checkpoint"
+        results["checkpoint"] = str(_save_checkpoint(out, nnx.state(small)))
+    except Exception as err:
+        raise _LateError(
+            f"could not write the {what} ({type(err).__name__}: {err}); results.json, "
+            f"groups.json and keep_plan.json in {out} are complete") from err
+
+
 def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     """Runs the demo; returns the results written to ``results.json``.
 
-    Order: clean what an interrupted earlier run left in ``--out``; train; shrink;
-    measure; write ``groups.json``, ``keep_plan.json`` and ``results.json`` and print the
-    table; only then the plot and the checkpoint (saved, restored and compared before it
-    takes its final name), after which ``results.json`` names it. A failure in those last
-    steps keeps everything already written and is reported as one line (`_LateError`).
+    Order: clean what an interrupted earlier run left in ``--out``; train; write
+    ``groups.json``, ``keep_plan.json`` and the training results (``results.json``);
+    shrink and measure, rewrite ``results.json`` and print the table; only then the plot
+    and the checkpoint (saved, restored and compared before it takes its final name),
+    after which ``results.json`` names it. A failure after training keeps everything
+    already written and is reported as one line (`_LateError`).
     """
     out = _check_out_dir(args.out)
     removed = _clean_stale(out)
     if removed:
         _say(f"removed {', '.join(removed)} left in {out} by an interrupted run")
 
-    from flax import nnx
-
     import hesso_jax as hj
+    from hesso_jax.train import evaluate
 
     t_start = time.perf_counter()
     runs = _train_both(args)
-    groups = runs.groups
-    # Surgery: a physically smaller model computing what the masked one does.
+    groups, data = runs.groups, runs.data
     plan = hj.KeepPlan.from_mask(groups, ~runs.zero)
-    small = hj.shrink_model(runs.pruned, groups, plan=plan)
-    results = _results(args, runs, _measure(runs, small), t_start)
+    results = _results(args, runs, {"test_accuracy": {
+        "dense": evaluate(runs.dense, data.x_test, data.y_test),
+        "hesso_masked": evaluate(runs.pruned, data.x_test, data.y_test)}}, t_start)
     _write_atomic(out / "groups.json", lambda p: p.write_text(groups.to_json(indent=1)))
     _write_atomic(out / "keep_plan.json", lambda p: p.write_text(plan.to_json(indent=1)))
     _write_json(out / "results.json", results)
+    # Surgery: a physically smaller model computing what the masked one does.
+    small = _surgery(runs, plan, results, out)
+    results["wall_seconds"] = time.perf_counter() - t_start
+    _write_json(out / "results.json", results)
     _print_table(args, runs, results)
-    what = "training.png"
-    try:
-        _plot(out / what, runs.h_dense, runs.h_hesso, groups.num_groups,
-              runs.status.target, runs.schedule)
-        what = "shrunk checkpoint"
-        results["checkpoint"] = str(_save_checkpoint(out, nnx.state(small)))
-        results["wall_seconds"] = time.perf_counter() - t_start
-    except Exception as err:
-        raise _LateError(
-            f"could not write the {what} ({type(err).__name__}: {err}); results.json, "
-            f"groups.json and keep_plan.json in {out} are complete") from err
+    _plot_and_checkpoint(out, runs, small, results)
+    results["wall_seconds"] = time.perf_counter() - t_start
     _write_json(out / "results.json", results)
     print(f"wrote {out}/: results.json, groups.json, keep_plan.json, training.png, "
-          f"shrunk_checkpoint/  ({time.perf_counter() - t_start:.0f} s)")
+          f"shrunk_checkpoint/  ({results['wall_seconds']:.0f} s)")
     return results
 
 

@@ -365,25 +365,43 @@ def test_checkpoint_of_a_model_with_an_emptied_family(tmp_path):
 
 
 # ---------------------------------------------------------------- demo: late failure, kill
-def test_demo_keeps_its_results_when_the_checkpoint_fails(tmp_path, monkeypatch, capsys):
-    def no_space(self, *args, **kwargs):
-        raise OSError(28, "No space left on device")
+def _no_space(self, *args, **kwargs):
+    raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(ocp.StandardCheckpointer, "save", no_space)
+
+def _surgery_fails(*args, **kwargs):
+    raise ValueError("shrunk != masked")
+
+
+@pytest.mark.parametrize("where", ["surgery", "checkpoint"])
+def test_demo_keeps_its_results_when_a_late_step_fails(where, tmp_path, monkeypatch, capsys):
+    """Training is never lost: a failure after it (surgery, plot, checkpoint) is one line,
+    exit status 1, and leaves complete results and no temporary file."""
+    if where == "surgery":
+        monkeypatch.setattr(hj, "shrink_model", _surgery_fails)
+    else:
+        monkeypatch.setattr(ocp.StandardCheckpointer, "save", _no_space)
     out = tmp_path / "out"
     code = cli.main(["demo", "--steps", "20", "--periods", "1", "--no-progress",
                      "--out", str(out)])
     captured = capsys.readouterr()
     assert code == 1
     err = captured.err.strip().splitlines()[-1]
-    assert err == ("hesso-jax: error: could not write the shrunk checkpoint (OSError: [Errno "
-                   f"28] No space left on device); results.json, groups.json and "
-                   f"keep_plan.json in {out} are complete")
-    assert "HESSO shrunk" in captured.out  # the table was printed before the checkpoint
     results = json.loads((out / "results.json").read_text())
     assert results["checkpoint"] is None and results["pruned_groups"] == 96
-    assert sorted(p.name for p in out.iterdir()) == ["groups.json", "keep_plan.json",
-                                                     "results.json", "training.png"]
+    written = ["groups.json", "keep_plan.json", "results.json"]
+    if where == "surgery":
+        assert err == ("hesso-jax: error: surgery failed (ValueError: shrunk != masked); the "
+                       f"training results are in {out / 'results.json'}")
+        assert set(results["test_accuracy"]) == {"dense", "hesso_masked"}
+    else:
+        assert err == ("hesso-jax: error: could not write the shrunk checkpoint (OSError: "
+                       "[Errno 28] No space left on device); results.json, groups.json and "
+                       f"keep_plan.json in {out} are complete")
+        assert "HESSO shrunk" in captured.out  # the table was printed before the checkpoint
+        assert results["params"]["shrunk"] < results["params"]["dense"]
+        written.append("training.png")
+    assert sorted(p.name for p in out.iterdir()) == written
 
 
 def test_demo_killed_mid_run_then_rerun_restarts_cleanly(tmp_path, capsys):
