@@ -2,11 +2,12 @@
 
 Public API (see ``shared/design.md``): `discover_groups`, `Groups`, `GroupFamily`,
 `Member`, `hesso`, `hesso_status`, `cric`, `CricConfig`, `shrink`, `shrink_model`,
-`shrink_opt_state`, `KeepPlan`, `snows`, `GroupMask`.
+`shrink_opt_state`, `KeepPlan`, `check_shrinkable`, `snows`, `GroupMask`.
 """
 
 from hesso_jax.cric import CricConfig, CricResult, cric
 from hesso_jax.discovery import DiscoveryWarning, discover_groups
+from hesso_jax.frameworks import check_shrinkable
 from hesso_jax.groups import GroupFamily, Groups, Member, tree_paths
 from hesso_jax.hesso import HessoState, HessoStatus, hesso, hesso_status
 from hesso_jax.saliency import SCORES
@@ -36,6 +37,7 @@ __all__ = [
     "SnowsReport",
     "Member",
     "apply_plan",
+    "check_shrinkable",
     "cric",
     "discover_groups",
     "hesso",

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import sys
 from typing import Any
 
 import jax
@@ -39,7 +40,7 @@ from hesso_jax.groups import (
 from hesso_jax.hesso import HessoState
 
 __all__ = ["KeepPlan", "apply_plan", "remaining_schedule", "shrink", "shrink_groups",
-           "shrink_model", "shrink_opt_state"]
+           "shrink_model", "shrink_opt_state"]  # noqa: F822 (shrink_model: __getattr__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,7 +162,9 @@ def apply_plan(tree: Any, groups: Groups, plan: KeepPlan, *,
         (absent dependents are skipped, for trees holding only part of the state).
 
     Returns:
-      ``tree`` with smaller leaves; structure and dtypes are unchanged.
+      ``tree`` with smaller leaves; structure and dtypes are unchanged, except that
+      equinox modules get static fields that fit their new shapes
+      (`hesso_jax.frameworks.equinox.fix_static`).
     """
     plan.check(groups)
     leaves, treedef = jax.tree_util.tree_flatten(tree)
@@ -169,7 +172,12 @@ def apply_plan(tree: Any, groups: Groups, plan: KeepPlan, *,
         if not mask.all():
             take = np.take if isinstance(leaves[leaf], np.ndarray) else jnp.take
             leaves[leaf] = take(leaves[leaf], np.flatnonzero(mask), axis=axis)
-    return jax.tree_util.tree_unflatten(treedef, leaves)
+    out = jax.tree_util.tree_unflatten(treedef, leaves)
+    if "equinox" in sys.modules:  # equinox modules keep their sizes in static fields
+        from hesso_jax.frameworks.equinox import restatic
+
+        out = restatic(out, tree, groups, plan)
+    return out
 
 
 def _channel_keep(tree: Any, groups: Groups, plan: KeepPlan,
@@ -543,6 +551,10 @@ def remaining_schedule(opt_state: Any) -> dict[str, int]:
     return {"K": K, "P": P, "Tp": Tp, "warmup_steps": Tw}
 
 
-# Model surgery (NNX modules, and other frameworks) lives in hesso_jax.frameworks; it builds
-# on the functions above and is re-exported here.
-from hesso_jax.frameworks import shrink_model  # noqa: E402
+def __getattr__(name: str) -> Any:
+    """``shrink_model`` lives in `hesso_jax.frameworks` (built on this module)."""
+    if name == "shrink_model":
+        from hesso_jax.frameworks import shrink_model
+
+        return shrink_model
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

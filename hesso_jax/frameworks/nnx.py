@@ -14,9 +14,26 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
+from flax.core import unfreeze
+from flax.nnx import bridge
+from flax.nnx.bridge import variables as bridge_variables
 
+from hesso_jax.frameworks import linen as linen_surgery
+from hesso_jax.frameworks.common import grouped_conv_count, whole_blocks
+from hesso_jax.frameworks.verify import (
+    KeepMasks,
+    Runner,
+    compiled_call,
+    keep_by_path,
+    masked_tree,
+    patched_calls,
+    resolve_example,
+)
+from hesso_jax.frameworks.verify import verify as verify_outputs
 from hesso_jax.groups import Groups, Path, format_path, tree_paths
-from hesso_jax.surgery import KeepPlan, _channel_keep, shrink
+from hesso_jax.surgery import KeepPlan, shrink
+
+Call = tuple[tuple[Any, ...], dict[str, Any]]
 
 __all__ = ["shrink_model"]
 
@@ -63,12 +80,6 @@ class _Site:
         return np.ones(length, bool) if mask is None else mask
 
 
-def _whole_blocks(mask: np.ndarray, blocks: int) -> np.ndarray | None:
-    """Per block, whether it is kept; None unless every block is kept or removed whole."""
-    rows = mask.reshape(blocks, -1)
-    return rows[:, 0] if (rows == rows[:, :1]).all() else None
-
-
 def _fix_linear(site: _Site) -> None:
     """``in_features, out_features = kernel.shape``."""
     m = site.module
@@ -89,7 +100,11 @@ def _fix_linear_general(site: _Site) -> None:
 
 
 def _fix_conv(site: _Site) -> None:
-    """``in_features``, ``out_features``, ``feature_group_count``, ``kernel_shape`` (HWIO)."""
+    """``in_features``, ``out_features``, ``feature_group_count``, ``kernel_shape`` (HWIO).
+
+    A grouped conv (depthwise included) gets ``feature_group_count`` from
+    `grouped_conv_count` and ``in_features = feature_group_count * kernel.shape[-2]``.
+    """
     m = site.module
     shape = site.shape("kernel")
     old = tuple(m.kernel_shape)
@@ -101,25 +116,68 @@ def _fix_conv(site: _Site) -> None:
     if shape == old:
         return
     groups_ = m.feature_group_count
-    if groups_ == 1:
-        fan_in = per_group_in
-    elif groups_ == m.in_features and per_group_in == 1:
-        # depthwise: input channel c feeds outputs [c * mult, (c + 1) * mult)
-        mult = m.out_features // groups_
-        kept = _whole_blocks(site.kept("kernel", axis=len(shape) - 1, length=old[-1]),
-                             groups_)
-        if kept is None or not kept.any():
-            raise site.error(
-                f"depthwise conv (feature_group_count == in_features == {groups_}, channel "
-                f"multiplier {mult}): its output channels must be removed in whole blocks of "
-                f"{mult} (all outputs of one input channel), keeping at least one")
-        fan_in = groups_ = int(kept.sum())
-    else:
-        raise site.error(
-            f"grouped conv with 1 < feature_group_count={groups_} < in_features="
-            f"{m.in_features}: shrinking it (kernel {old} -> {shape}) is not supported")
-    m.in_features, m.out_features = fan_in, out
+    if groups_ > 1:
+        try:
+            groups_ = grouped_conv_count(
+                site.kept("kernel", axis=len(shape) - 1, length=old[-1]), groups_)
+        except ValueError as e:
+            raise site.error(str(e)) from None
+    m.in_features, m.out_features = groups_ * per_group_in, out
     m.feature_group_count, m.kernel_shape = groups_, shape
+
+
+def _fix_conv_transpose(site: _Site) -> None:
+    """``in_features``, ``out_features``, ``kernel_shape`` (``transpose_kernel`` swaps)."""
+    m = site.module
+    shape = site.shape("kernel")
+    fan_in, out = shape[-2:]
+    if m.transpose_kernel:
+        fan_in, out = out, fan_in
+    site.expect("bias", (out,))
+    if m.mask is not None and tuple(m.mask.shape) != shape:
+        raise site.error(f"its mask has shape {tuple(m.mask.shape)} but the kernel now has "
+                         f"{shape}; add the mask to the groups' dependents")
+    m.in_features, m.out_features, m.kernel_shape = fan_in, out, shape
+
+
+_GATES = {nnx.GRUCell: 3, nnx.OptimizedLSTMCell: 4, nnx.SimpleCell: 1}
+
+
+def _fix_fused_cell(site: _Site) -> None:
+    """``in_features``, ``hidden_features`` of a cell with fused gate kernels.
+
+    ``dense_i.kernel: (in, k * hidden)``, ``dense_h.kernel: (hidden, k * hidden)`` (k = 3
+    for GRU, 4 for LSTM, 1 for the simple cell); a hidden unit must go from every gate.
+    """
+    m = site.module
+    k = next(v for c, v in _GATES.items() if isinstance(m, c))
+    fan_in, gates_i = site.shape("dense_i", "kernel")
+    hidden, gates_h = site.shape("dense_h", "kernel")
+    if gates_i != k * hidden or gates_h != k * hidden:
+        raise site.error(
+            f"{k} gates of {hidden} hidden units need dense_i/dense_h kernels with "
+            f"{k * hidden} columns, got {gates_i} and {gates_h}; a hidden unit must be "
+            "removed from every gate (and from dense_h's rows) together")
+    for name in ("dense_i", "dense_h"):
+        cols = site.kept(name, "kernel", axis=1, length=k * m.hidden_features)
+        rows = cols.reshape(k, -1)
+        if not (rows == rows[:1]).all():
+            raise site.error(f"{name}.kernel: the {k} gates keep different hidden units")
+    m.in_features, m.hidden_features = fan_in, hidden
+
+
+def _fix_lstm_cell(site: _Site) -> None:
+    """``in_features``, ``hidden_features`` of ``nnx.LSTMCell`` (one Linear per gate)."""
+    m = site.module
+    ins = {site.shape(n, "kernel") for n in ("ii", "if_", "ig", "io")}
+    hid = {site.shape(n, "kernel") for n in ("hi", "hf", "hg", "ho")}
+    if len(ins) != 1 or len(hid) != 1:
+        raise site.error(f"its gate kernels disagree after shrinking: inputs {ins}, hidden "
+                         f"{hid}; a hidden unit must be removed from every gate")
+    (fan_in, hidden), = ins
+    if next(iter(hid)) != (hidden, hidden):
+        raise site.error(f"hidden kernels {next(iter(hid))} are not ({hidden}, {hidden})")
+    m.in_features, m.hidden_features = fan_in, hidden
 
 
 def _feature_count(site: _Site, names: tuple[str, ...]) -> int | None:
@@ -147,7 +205,7 @@ def _fix_group_norm(site: _Site) -> None:
     if count is None or count == old:
         return
     name = "scale" if site.shape("scale") is not None else "bias"
-    kept = _whole_blocks(site.kept(name, axis=0, length=old), m.num_groups)
+    kept = whole_blocks(site.kept(name, axis=0, length=old), m.num_groups)
     if kept is None:
         raise site.error(
             f"removed channels must form whole normalisation groups of {m.group_size} "
@@ -177,7 +235,7 @@ def _fix_attention(site: _Site) -> None:
             f"value {v}, out {out}; heads must be removed from all four together")
     rep = m.num_heads // m.num_kv_heads
     query_keep = site.kept("query", "kernel", axis=1, length=m.num_heads)
-    per_kv = _whole_blocks(query_keep, m.num_kv_heads)
+    per_kv = whole_blocks(query_keep, m.num_kv_heads)
     kv_keep = [site.kept(n, "kernel", axis=1, length=m.num_kv_heads) for n in ("key", "value")]
     if per_kv is None or any(not np.array_equal(per_kv, x) for x in kv_keep):
         raise site.error(
@@ -192,6 +250,72 @@ def _fix_attention(site: _Site) -> None:
     m.in_features, m.in_kv_features, m.out_features = fan_in, kv_in, out[-1]
 
 
+class _Stop(Exception):
+    """Ends a run once the input of the ``ToNNX`` module being resized is known."""
+
+
+def _bridge_input(model: nnx.Module, path: Path, call: Call) -> Call:
+    """The abstract call arguments of the ``ToNNX`` at ``path`` when ``model`` runs.
+
+    Runs a copy of ``model`` (eval mode) and stops it at that module's call, so modules
+    after it (and the module itself, not resized yet) do not run.
+    """
+    copy = nnx.merge(*nnx.split(model))
+    target = dict((tuple(p), m) for p, m in nnx.iter_modules(copy))[path]
+    copy.eval()
+    seen: list[Call] = []
+    orig = bridge.ToNNX.__call__
+
+    def record(self: bridge.ToNNX, *args: Any, **kwargs: Any) -> Any:
+        if self is target:
+            inputs = {k: v for k, v in kwargs.items() if k not in ("rngs", "method", "mutable")}
+            seen.append(jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype),
+                                     (args, inputs)))
+            raise _Stop
+        return orig(self, *args, **kwargs)
+
+    bridge.ToNNX.__call__ = record
+    try:
+        copy(*call[0], **call[1])
+    except _Stop:
+        pass
+    finally:
+        bridge.ToNNX.__call__ = orig
+    if not seen:
+        raise ValueError(f"shrink_model: ToNNX at {format_path(path)!r} is not called on "
+                         "the example input, so it cannot be resized")
+    return seen[0]
+
+
+def _resize_bridges(small: nnx.Module, keep: KeepMasks, call: Call | None) -> None:
+    """Resizes every linen module inside ``nnx.bridge.ToNNX`` whose variables were cut.
+
+    In call order: each one is resized from its input in the shrunk model (whose modules
+    before it are already consistent), with `hesso_jax.frameworks.linen.resize`.
+    """
+    for path, m in nnx.iter_modules(small):
+        if not isinstance(m, bridge.ToNNX):
+            continue
+        site = _Site(m, tuple(path), keep)
+        linen_keep = {("params", *p[len(site.path):]): axes for p, axes in keep.items()
+                      if p[:len(site.path)] == site.path}
+        if not linen_keep:
+            continue
+        if call is None:
+            raise site.error("a linen module inside NNX creates its layers while it runs; "
+                             "pass an example input to shrink_model so it can be resized")
+        attrs = {k: v for k, v in vars(m).items()
+                 if not k.startswith(("to_nnx__", "_pytree__"))}
+        linen_vars = bridge_variables.nnx_attrs_to_linen_vars(attrs)
+        new_shapes = unfreeze(jax.tree.map(lambda x: tuple(np.shape(x)), linen_vars))
+        inputs = _bridge_input(small, site.path, call)
+        try:
+            m.to_nnx__module = linen_surgery.resize(m.to_nnx__module, inputs, new_shapes,
+                                                    linen_keep)
+        except ValueError as e:
+            raise site.error(str(e)) from None
+
+
 _FIXERS: dict[type, Callable[[_Site], None]] = {
     nnx.Linear: _fix_linear,
     nnx.LinearGeneral: _fix_linear_general,
@@ -202,6 +326,11 @@ _FIXERS: dict[type, Callable[[_Site], None]] = {
     nnx.GroupNorm: _fix_group_norm,
     nnx.Embed: _fix_embed,
     nnx.MultiHeadAttention: _fix_attention,
+    nnx.ConvTranspose: _fix_conv_transpose,
+    nnx.GRUCell: _fix_fused_cell,
+    nnx.OptimizedLSTMCell: _fix_fused_cell,
+    nnx.SimpleCell: _fix_fused_cell,
+    nnx.LSTMCell: _fix_lstm_cell,
 }
 
 
@@ -210,82 +339,71 @@ def _fixer(cls: type) -> Callable[[_Site], None] | None:
     return next((_FIXERS[c] for c in cls.__mro__ if c in _FIXERS), None)
 
 
-def shrink_model(model: nnx.Module, groups: Groups, *, plan: KeepPlan | None = None,
-                 round_to: int = 1, tolerance: float | None = None) -> nnx.Module:
-    """A new, smaller NNX module that computes what ``model`` (with its zero groups) does.
+def shrink_model(model: nnx.Module, groups: Groups, *inputs: Any, example: Any = None,
+                 verify: bool = True, plan: KeepPlan | None = None, round_to: int = 1,
+                 tolerance: float | None = None) -> nnx.Module:
+    """A smaller NNX module computing what ``model`` (with its zero groups) does.
 
+    See `hesso_jax.shrink_model` (the dispatching entry point) for the arguments.
     ``graphdef, state = nnx.split(model)``; the whole state (parameters and BatchNorm
-    statistics) is cut by `shrink` (every dependent path must be in it); the result is
-    merged into a new module whose standard layers then get their static sizes rewritten
-    from the new parameter shapes, one fixer per layer type:
-
-    * ``nnx.Linear``: ``in_features``, ``out_features`` from the kernel;
-    * ``nnx.LinearGeneral``: ``in_features``/``out_features`` tuples and ``batch_axis``
-      sizes (``axis`` keeps its length);
-    * ``nnx.Conv``: ``in_features``, ``out_features``, ``kernel_shape`` (HWIO); a depthwise
-      conv (``feature_group_count == in_features``) keeps ``feature_group_count ==
-      in_features`` and must lose whole blocks of its channel multiplier;
-    * ``nnx.BatchNorm``, ``nnx.LayerNorm``, ``nnx.RMSNorm``: ``num_features``;
-      ``nnx.GroupNorm``: ``num_groups`` (whole normalisation groups only);
-    * ``nnx.Embed``: ``num_embeddings``, ``features``;
-    * ``nnx.MultiHeadAttention``: ``num_heads``, ``num_kv_heads``, ``qkv_features``,
-      ``in_features``, ``in_kv_features``, ``out_features`` (``head_dim`` may not change).
-
-    Subclasses use their nearest listed base's fixer. User modules composed of these need
-    nothing more; a user module with its own parameters must take its sizes from their
-    shapes (as `hesso_jax.models.transformer.SelfAttention` does). A built-in Flax layer
-    without a fixer whose parameters changed shape, and any change a fixer cannot express
-    (grouped convs, partial GroupNorm groups, mismatched heads), raise a ValueError naming
-    the module; nothing is returned half-consistent.
-
-    Re-applying a plan (a pruning history): save ``plan.to_json()`` from a pruned run;
-    later, ``shrink_model(fresh_model, groups, plan=KeepPlan.from_json(text))`` rebuilds
-    the small architecture from a freshly built model of the same architecture. The removed
-    groups of ``fresh_model`` must be zero (e.g. after loading the pruned checkpoint into
-    it); for a structure-only rebuild of a random initialisation pass
-    ``tolerance=math.inf`` and then load the small checkpoint with ``nnx.update``.
-
-    Args:
-      model: the module (not modified; the result shares no variables with it).
-      groups: the `Groups` over ``nnx.state(model)`` paths.
-      plan: a `KeepPlan` to apply instead of detecting zero groups (checked, see `shrink`).
-      round_to: round each family's kept count up to a multiple of this (see
-        `KeepPlan.from_mask`).
-      tolerance: largest ``|x|`` counted as zero (``None``: exactly zero; see `shrink`).
-
-    Returns:
-      The smaller module; on the kept channels its outputs (and train-mode BatchNorm
-      statistics updates) equal those of ``model``.
-
-    Raises:
-      ValueError: from `shrink`, or when a layer's static attributes cannot be made
-        consistent with its new parameter shapes.
+    statistics) is cut by `shrink`; the result is merged into a new module whose layers
+    get their static sizes from the new shapes (`_FIXERS`); then, given an example input,
+    the result is verified by running (`hesso_jax.frameworks.verify`, in eval mode on
+    copies, so dropout is off and no statistics change).
     """
-    if not isinstance(model, nnx.Module):
-        raise TypeError(f"shrink_model takes an nnx.Module, got {type(model).__name__}")
     graphdef, state = nnx.split(model)
     small_state, plan = shrink(state, groups, plan=plan, round_to=round_to,
                                tolerance=tolerance)
-    paths = tree_paths(state)
-    old_shapes = {p: tuple(np.shape(x)) for p, x in zip(paths, jax.tree.leaves(state),
-                                                         strict=True)}
-    keep: dict[Path, dict[int, np.ndarray]] = {}
-    for (leaf, axis), mask in _channel_keep(state, groups, plan, "require").items():
-        keep.setdefault(paths[leaf], {})[axis] = mask
+    keep = keep_by_path(state, groups, plan)
+    call = resolve_example(groups, inputs, example)
+    old_shapes = {p: tuple(np.shape(x)) for p, x in zip(tree_paths(state),
+                                                         jax.tree.leaves(state), strict=True)}
     small = nnx.merge(graphdef, small_state)
     for path, module in nnx.iter_modules(small):
-        site = _Site(module, tuple(path), keep)
-        fixer = _fixer(type(module))
-        if fixer is not None:
-            fixer(site)
-        elif type(module).__module__.startswith("flax."):
-            changed = [name for name, var in vars(module).items()
-                       if isinstance(var, nnx.Variable)
-                       and old_shapes.get((*site.path, name), tuple(var.shape))
-                       != tuple(var.shape)]
-            if changed:
-                raise site.error(
-                    f"variables {changed} changed shape but shrink_model has no rule for "
-                    f"{type(module).__name__}'s static attributes (supported: "
-                    f"{', '.join(sorted(c.__name__ for c in _FIXERS))})")
+        if not isinstance(module, bridge.ToNNX):
+            _fix(_Site(module, tuple(path), keep), old_shapes)
+    _resize_bridges(small, keep, call)
+    if verify and call is not None:
+        masked = nnx.merge(graphdef, masked_tree(state, groups, plan))
+        verify_outputs("shrink_model", _runner(masked, call),
+                       _runner(nnx.merge(*nnx.split(small)), call), keep)
     return small
+
+
+def _fix(site: _Site, old_shapes: dict[Path, tuple[int, ...]]) -> None:
+    """Runs the module's fixer; a Flax layer without one must keep its variable shapes."""
+    module = site.module
+    fixer = _fixer(type(module))
+    if fixer is not None:
+        fixer(site)
+        return
+    if not type(module).__module__.startswith("flax."):
+        return
+    changed = [name for name, var in vars(module).items()
+               if isinstance(var, nnx.Variable)
+               and old_shapes.get((*site.path, name), tuple(var.shape)) != tuple(var.shape)]
+    if changed:
+        raise site.error(
+            f"variables {changed} changed shape but shrink_model has no rule for "
+            f"{type(module).__name__}'s static attributes (supported: "
+            f"{', '.join(sorted(c.__name__ for c in _FIXERS))})")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Apply:
+    """``_Apply(graphdef)(state, *args)``: the model's call (hashable: compiled once)."""
+
+    graphdef: Any
+
+    def __call__(self, state: Any, *args: Any, **kwargs: Any) -> Any:
+        return nnx.merge(self.graphdef, state)(*args, **kwargs)
+
+
+def _runner(model: nnx.Module, call: Call) -> Runner:
+    """Runs ``model`` (a copy, put in eval mode) on the example, recording submodules."""
+    model.eval()
+    args, kwargs = call
+    graphdef, state = nnx.split(model)
+    return Runner(lambda: compiled_call(_Apply(graphdef), state, args, kwargs),
+                  lambda: model(*args, **kwargs),
+                  lambda tape: patched_calls(list(nnx.iter_modules(model)), tape))
