@@ -246,11 +246,18 @@ def full_run(tx, steps=TW + PERIODS * TP + 3, **kw):
     lambda: optax.chain(optax.adam(1e-2), hesso(cric=CricConfig(2, 0.05))),
     lambda: optax.chain(optax.adamw(1e-2, weight_decay=0.1), hesso(min_keep=2)),
 ], ids=["adam", "ema", "multisteps", "apply_if_finite", "cric", "adamw-floor"])
-@pytest.mark.parametrize("donate", [False, True], ids=["", "donated"])
-def test_no_false_alarm_over_a_whole_schedule(make_tx, donate):
+def test_no_false_alarm_over_a_whole_schedule(make_tx):
     tx = make_tx()
-    steps = (TW + PERIODS * TP + 3) * (3 if isinstance(tx, optax.MultiSteps) else 1)
-    full_run(tx, steps, donate=donate, bad={4} if "apply_if_finite" in str(tx) else ())
+    multi = isinstance(tx, optax.MultiSteps)
+    steps = (TW + PERIODS * TP + 3) * (3 if multi else 1)
+    # apply_if_finite: the skipped step 4 keeps the parameters and HESSO's state; donated
+    # buffers (MultiSteps): the probe reads the parameters before they are overwritten.
+    full_run(tx, steps + (1 if "apply_if_finite" in str(tx) else 0), donate=multi,
+             bad={4} if "apply_if_finite" in str(tx) else ())
+
+
+def test_no_false_alarm_with_donated_buffers():
+    full_run(optax.chain(optax.adam(1e-2), hesso()), donate=True)
 
 
 def test_no_false_alarm_with_bf16_and_mixed_dtypes():
@@ -457,3 +464,31 @@ def test_nan_gradient_at_a_cric_period_start():
     with pytest.raises(Exception, match=re.escape(
             f"hesso: parameters are NaN/inf since step ~{TW + 1}; wrap the chain")):
         train(tx, TW + 2, bad={TW})
+
+
+# ---------------------------------------------------------------- 8-device meshes
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (virtual) devices")
+@pytest.mark.parametrize("axis_type,fault", [("auto", "misplaced"), ("explicit", "misplaced"),
+                                             ("explicit", "nan")])
+def test_early_checks_on_an_fsdp_mesh(axis_type, fault):
+    """On 8 devices with FSDP-sharded parameters (sampled elements on sharded
+    dimensions), a misplaced HESSO is reported at update 1 and a NaN update at the next
+    update, long before the first period end; a correct run raises nothing."""
+    import test_sharding as ts
+    from jax.sharding import AxisType, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    mesh = ts.mesh_of(AxisType.Auto if axis_type == "auto" else AxisType.Explicit)
+    with jax.set_mesh(mesh):
+        params = ts.put(mesh, ts.make_params(), ts.FSDP)
+        x = jax.device_put(ts.X, NamedSharding(mesh, P("d")))
+        y = jax.device_put(ts.Y, NamedSharding(mesh, P("d")))
+        h = hj.hesso(ts.make_groups(), ts.K, ts.PERIODS, ts.TP, warmup_steps=100)
+        ok = optax.chain(optax.adam(1e-2), h)
+        jax.block_until_ready(ts.train(ok, params, x, y, steps=3))
+        if fault == "misplaced":
+            tx, match = optax.chain(h, optax.adam(1e-2)), "did not move by HESSO's last update"
+        else:
+            tx, match = optax.chain(optax.sgd(1e30), h), "parameters are NaN/inf since step ~"
+        with pytest.raises(Exception, match=match):
+            jax.block_until_ready(ts.train(tx, params, x, y, steps=3))
