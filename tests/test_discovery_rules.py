@@ -612,6 +612,38 @@ def test_axis_rules_keep_the_channel_family(rule, layout, c_pos):
     assert_sound(fn, params, x, groups, seed=layout)
 
 
+# Ops *on* the channel axis: some keep sub-families (a roll cuts it into two segments, a
+# self-concatenation repeats it), others block it; whatever is found must be sound.
+CHANNEL_OPS = {
+    "rev": (lambda h: jnp.flip(h, -1), []),
+    "cumsum": (lambda h: jnp.cumsum(h, -1), []),
+    "sort": (lambda h: jnp.sort(h, -1), []),
+    "roll": (lambda h: jnp.roll(h, 1, -1), [4, 1]),
+    "slice": (lambda h: h[..., 1:], [4, 1]),  # the dropped channel: a family of one
+    "self_concatenate": (lambda h: jnp.concatenate([h, -h], -1), [5]),
+    "take": (lambda h: jnp.take(h, jnp.array([0, 2, 4]), axis=-1), []),
+    "strided_slice": (lambda h: h[..., ::2], []),
+    "pad": (lambda h: jnp.pad(h, ((0, 0),) * (h.ndim - 1) + ((1, 1),)), []),
+}
+
+
+@pytest.mark.parametrize("rule", sorted(CHANNEL_OPS))
+def test_channel_axis_ops_are_sound(rule):
+    op, sizes = CHANNEL_OPS[rule]
+    params = params_of({"w1": (6, CHANNELS), "w2": (CHANNELS, 3)})
+    out = jax.eval_shape(op, jax.ShapeDtypeStruct((2, CHANNELS), jnp.float32)).shape[-1]
+    params["w2"] = randn(3, out, 3)
+
+    def fn(p, x):
+        return op(jax.nn.relu(x @ p["w1"])) @ p["w2"]
+
+    x = randn(4, 3, 6)
+    groups = discover(fn, params, x)
+    assert sorted((f.size for f in groups.families), reverse=True) == sizes
+    if sizes:
+        assert_sound(fn, params, x, groups)
+
+
 # --------------------------------------------------------------- 5. grouped convolution
 def resnext_block(p, x):
     """1x1 reduce -> grouped 3x3 (G = C / k from the shapes) -> 1x1 expand, residual."""
