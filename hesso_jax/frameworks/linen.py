@@ -14,8 +14,9 @@ attributes of their parents, so `resize`:
 3. finds the integer attributes (*slots*) of the root module, of modules held in its
    fields and of tuples there (``features: tuple[int, ...]``) whose values are the old
    sizes, and changes them one at a time, keeping a change only when the re-traced module
-   then differs from the current one exactly in target attributes with their target
-   values (so a slot shared by several layers is changed only when all of them need it);
+   then differs from the current one in target attributes only and reaches more targets
+   without losing any (so a slot shared by several layers is changed only when all of
+   them need it);
 4. checks that the resized module initialises variables of exactly the shrunk shapes.
 
 Sizes computed from attributes (``4 * self.d``), literal constants and global config
@@ -45,7 +46,7 @@ from hesso_jax.frameworks.verify import (
     resolve_example,
 )
 from hesso_jax.frameworks.verify import verify as verify_outputs
-from hesso_jax.groups import Groups, Path, format_path
+from hesso_jax.groups import Groups, Path, format_path, tree_paths
 from hesso_jax.surgery import KeepPlan, shrink
 
 __all__ = ["resize", "shrink_model"]
@@ -250,7 +251,11 @@ def _try(module: nn.Module, call: Call) -> Attrs | None:
 
 def _step(module: nn.Module, call: Call, current: Attrs, targets: Attrs
           ) -> tuple[nn.Module, Attrs] | None:
-    """One slot change that moves only target attributes to their targets, if any."""
+    """One slot change that touches only target attributes and reaches more targets.
+
+    (Attributes on their way may pass through other values: ``qkv_features`` first,
+    with ``head_dim`` changing until ``num_heads`` follows.)
+    """
     pending = {k: v for k, v in targets.items() if current.get(k) != v}
     for address, value in _slots(module):
         for new in sorted({v for k, v in pending.items() if current.get(k) == value}):
@@ -259,7 +264,9 @@ def _step(module: nn.Module, call: Call, current: Attrs, targets: Attrs
             if attrs is None:
                 continue
             changed = {k for k in set(attrs) | set(current) if attrs.get(k) != current.get(k)}
-            if changed and all(k in targets and attrs[k] == targets[k] for k in changed):
+            done = {k for k, v in targets.items() if attrs.get(k) == v}
+            if (changed <= set(targets) and done >= set(targets) - set(pending)
+                    and len(done) > len(targets) - len(pending)):
                 return trial, attrs
     return None
 
@@ -343,6 +350,13 @@ def _runner(module: nn.Module, variables: Any, call: Call) -> Runner:
                   lambda: module.apply(variables, *args, **kwargs), record)
 
 
+def _params_relative(variables: Any, groups: Groups) -> bool:
+    """Whether the groups' paths are relative to ``variables['params']``."""
+    paths = set(tree_paths(variables))
+    first = next((m.path for f in groups.families for m in f.members), None)
+    return first is not None and first not in paths and ("params", *first) in paths
+
+
 def shrink_model(module: nn.Module, groups: Groups, *inputs: Any, variables: Any,
                  example: Any = None, verify: bool = True, plan: KeepPlan | None = None,
                  round_to: int = 1, tolerance: float | None = None
@@ -357,11 +371,17 @@ def shrink_model(module: nn.Module, groups: Groups, *inputs: Any, variables: Any
         raise ValueError(
             "shrink_model: a linen module creates its layers while it runs, so resizing it "
             "needs an example input: shrink_model(module, groups, x, variables=variables)")
-    small, plan = shrink(variables, groups, plan=plan, round_to=round_to, tolerance=tolerance)
-    keep = keep_by_path(variables, groups, plan)
+    tree = variables
+    if _params_relative(variables, groups):    # groups discovered over variables['params']
+        tree = variables["params"]
+    small, plan = shrink(tree, groups, plan=plan, round_to=round_to, tolerance=tolerance)
+    keep = keep_by_path(tree, groups, plan)
+    masked = masked_tree(tree, groups, plan)
+    if tree is not variables:
+        small, masked = ({**variables, "params": t} for t in (small, masked))
+        keep = {("params", *p): axes for p, axes in keep.items()}
     new_module = resize(module, call, _shapes(small), keep)
     if verify:
-        masked = masked_tree(variables, groups, plan)
         verify_outputs("shrink_model", _runner(module, masked, call),
                _runner(new_module, small, call), keep)
     return new_module, small
