@@ -59,6 +59,7 @@ count as steps (and still shrink the redundant groups).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -67,6 +68,8 @@ import numpy as np
 import optax
 
 from hesso_jax import placement
+from hesso_jax.budget import METRICS, Budget, ResolvedBudget, budget_select, resolve_budget
+from hesso_jax.costs import GroupCosts
 from hesso_jax.cric import CricConfig, cric_select
 from hesso_jax.groups import (
     Groups,
@@ -94,9 +97,12 @@ class HessoState(NamedTuple):
         the trials when CRIC selects).
       cric_cycles: ``int32[]`` corrective cycles CRIC ran at the last period start (0 when
         CRIC is off).
-      schedule: ``int32[4]`` the constants ``(warmup_steps, P, Tp, K)``, for `hesso_status`.
+      schedule: ``int32[4]`` the constants ``(warmup_steps, P, Tp, K)``, for `hesso_status`;
+        with a `Budget` the K entry is negative, ``-1 − code`` (`_budget_code`).
       probe: ``uint32[PROBE_SIZE]`` bits of ``x + u'`` at the sampled elements after the
         last update: what the parameters must hold at the next one (`hesso_jax.placement`).
+      probe_tol: ``float32[PROBE_SIZE]`` how far the parameters may be from ``probe``
+        (rounding of a recomputed update, `hesso_jax.placement.tolerance`).
       probe_key: ``int32[]`` the probe layout it was written for (0: not armed).
       cric_rejected: ``int32[]`` period starts whose CRIC selection rejected a trial with a
         non-finite loss or score (`hesso_jax.cric`).
@@ -109,6 +115,7 @@ class HessoState(NamedTuple):
     cric_cycles: jax.Array
     schedule: jax.Array
     probe: jax.Array
+    probe_tol: jax.Array
     probe_key: jax.Array
     cric_rejected: jax.Array
 
@@ -199,6 +206,44 @@ def _phase(count: jax.Array, Tw: int, P: int, Tp: int) -> _Phase:
                   after_end=(k >= Tp) & (k <= P * Tp) & (k % Tp == 0))
 
 
+_CODE_BASE = 10002  # a fraction's code: 0 = not set, else round(fraction · 10⁴) + 1
+
+
+def _budget_code(budget: Budget) -> int:
+    """The schedule's K entry for ``budget``: ``-1 − (c_params · 10002 + c_flops)``.
+
+    Each code is ``round(fraction · 10⁴) + 1`` (0 when unset), so the state's ``int32``
+    schedule records the budget to 10⁻⁴ and `hesso_status` can report it.
+    """
+    codes = [0 if getattr(budget, m) is None else round(getattr(budget, m) * 1e4) + 1
+             for m in METRICS]
+    return -1 - (codes[0] * _CODE_BASE + codes[1])
+
+
+def _decode_budget(k: int) -> Budget | None:
+    """The `Budget` a negative schedule K entry records (None for a count)."""
+    if k >= 0:
+        return None
+    fracs = [(c - 1) / 1e4 if c else None for c in divmod(-1 - k, _CODE_BASE)]
+    return Budget(params=fracs[0], flops=fracs[1])
+
+
+def _budget_rule(rb: ResolvedBudget, alive: jax.Array, period: jax.Array,
+                 P: int) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    """``select(scores, candidates) -> bool[G]``: `budget_select` towards period's target.
+
+    ``alive`` are the unpruned groups; those of them outside ``candidates`` (the floors)
+    are protected. The cumulative target after ``period`` is ``(period + 1)/P`` of the
+    required removal, so an overshoot is taken off the next period.
+    """
+    target = rb.period_target(period, P)
+
+    def select(scores: jax.Array, candidates: jax.Array) -> jax.Array:
+        return budget_select(scores, rb.tables, alive, alive & ~candidates, target)
+
+    return select
+
+
 @dataclasses.dataclass(frozen=True)
 class _Hesso:
     """The static configuration of one `hesso` transformation and its init/update.
@@ -219,8 +264,9 @@ class _Hesso:
     cric: CricConfig | None
     cric_score: Any
     cric_cap: int
-    schedule: np.ndarray  # int32[4]: (Tw, P, Tp, K)
+    schedule: np.ndarray  # int32[4]: (Tw, P, Tp, K), K < 0 for a budget
     check_updates: bool = True
+    budget: ResolvedBudget | None = None  # K = hj.Budget(...): budget_select per period
     seen: list[Signature] = dataclasses.field(default_factory=list)  # trees given to init
     context: dict[str, bool] = dataclasses.field(default_factory=dict)  # from init's callers
 
@@ -243,6 +289,7 @@ class _Hesso:
             cric_cycles=jnp.zeros([], jnp.int32),
             schedule=jnp.asarray(self.schedule),
             probe=jnp.zeros([placement.PROBE_SIZE], jnp.uint32),
+            probe_tol=jnp.zeros([placement.PROBE_SIZE], jnp.float32),
             probe_key=jnp.zeros([], jnp.int32),
             cric_rejected=jnp.zeros([], jnp.int32),
         )
@@ -265,10 +312,12 @@ class _Hesso:
                      jnp.zeros([], jnp.int32)))
         coef = jnp.where(redundant & ph.in_prune, gamma(ph.s, self.Tp), 0.0)
         new_updates = project(layout, updates, params, redundant | state.pruned, coef)
-        expected = placement.predicted(x_sample, placement.sample(new_updates, probe))
+        u_sample = placement.sample(new_updates, probe)
+        expected = placement.predicted(x_sample, u_sample)
+        tol = placement.tolerance(x_sample, u_sample)
         new_state = self._advance(ph, state, redundant, scores, cycles, check)
         return new_updates, new_state._replace(
-            probe=expected, probe_key=jnp.asarray(probe.key, jnp.int32),
+            probe=expected, probe_tol=tol, probe_key=jnp.asarray(probe.key, jnp.int32),
             cric_rejected=state.cric_rejected + rejected)
 
     def _validate(self, updates: Any, state: Any, params: Any, value_fn: Any) -> Layout:
@@ -302,10 +351,11 @@ class _Hesso:
         found = placement.as_probe(x_sample)
         armed = state.probe_key == probe.key
         sampled_nonfinite = ~placement.finite(x_sample)
-        mismatch = armed & ~sampled_nonfinite & jnp.any(found != state.probe)
+        hints = placement.hints_for(params, probe, self.context.get("no_base"))
+        missed = placement.mismatch(found, state.probe, state.probe_tol, hints.dtypes)
+        mismatch = armed & ~sampled_nonfinite & jnp.any(missed)
         if not self.check_updates:
             mismatch = jnp.zeros([], bool)
-        hints = placement.hints_for(params, probe, self.context.get("no_base"))
 
         def diagnose_operands() -> tuple[jax.Array, ...]:
             bad = ph.after_end & state.pruned & (nonzero_counts(self.groups, params) > 0)
@@ -314,7 +364,7 @@ class _Hesso:
                                         if jnp.issubdtype(leaf.dtype, jnp.inexact)]))
             info = jnp.stack([state.count, mismatch, sampled_nonfinite,
                               ph.after_end & ~finite]).astype(jnp.int32)
-            return bad, info, state.probe, found
+            return bad, info, state.probe, found, missed
 
         alarm = ph.after_end | mismatch | sampled_nonfinite
         if _concrete(state.count, params):  # eager call: a plain ValueError
@@ -333,20 +383,28 @@ class _Hesso:
                 value_fn: Any) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
         """Period start: ``G_R`` = the ``K̂_p`` lowest-scoring unpruned groups (or CRIC's).
 
+        With a budget, ``G_R`` is `budget_select`'s knapsack greedy towards the period's
+        cumulative target instead of a fixed count (also as CRIC's selection rule).
         Returns ``(G_R, scores, CRIC cycles, CRIC rejected trials)``.
         """
         k_hat = jnp.asarray(self.per_period)[ph.period]
-        candidates = ~state.pruned
+        alive = ~state.pruned
+        candidates = alive
         scores = None
         if self.floor is not None or self.cric is None:
             scores = evaluate(self.score_fn, params, updates, self.groups)
         if self.floor is not None:
             candidates = self.floor.candidates(scores, candidates)
+        select = None
+        if self.budget is not None:
+            select = _budget_rule(self.budget, alive, ph.period, self.P)
         if self.cric is not None:
             res = cric_select(value_fn, params, self.groups, k_hat, candidates, self.cric,
-                              self.cric_score, self.cric_cap)
+                              self.cric_score, self.cric_cap, select=select)
             return res.redundant, res.scores, res.cycles, res.rejected
         zero = jnp.zeros([], jnp.int32)
+        if select is not None:
+            return select(scores, candidates), scores, zero, zero
         return bottom_k(scores, candidates, k_hat), scores, zero, zero
 
     def _advance(self, ph: _Phase, state: HessoState, redundant: jax.Array,
@@ -363,7 +421,7 @@ class _Hesso:
 
 def hesso(
     groups: Groups,
-    K: int | float,
+    K: int | float | Budget,
     P: int,
     Tp: int,
     *,
@@ -373,12 +431,21 @@ def hesso(
     total_steps: int | None = None,
     min_keep: int | float = 0,
     check_updates: bool = True,
+    costs: GroupCosts | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """HESSO (Algorithm 1): progressive projection of the least salient groups to zero.
 
     Args:
       groups: the prunable `Groups` (validated against ``params`` at ``init``).
-      K: total groups to prune: an int count in ``[0, G)`` or a fraction in (0, 1).
+      K: total groups to prune: an int count in ``[0, G)`` or a fraction in (0, 1); or a
+        `hesso_jax.Budget`: the shrunk model keeps at most that fraction of the dense
+        model's parameters / FLOPs (whole model, unprunable parts included). Each period
+        start ``p`` then selects, among the unpruned groups outside the floors, the
+        groups of lowest saliency per unit of exact marginal cost until the removed cost
+        reaches the cumulative target ``(p+1)/P · (1 − fraction) · dense``
+        (`hesso_jax.budget.budget_select`, a jitted knapsack greedy), so the final
+        fraction lands in ``[fraction − one group's cost, fraction]``. The costs come
+        from ``costs=`` or from ``groups.costs`` (recorded by `discover_groups`).
       P: number of pruning periods (>= 1).
       Tp: steps per pruning period (>= 1); the schedule spans ``warmup_steps + P*Tp``.
       warmup_steps: plain steps before the first period.
@@ -408,13 +475,17 @@ def hesso(
         not last in the chain is reported at the second update (`hesso_jax.placement`).
         Pass False only if you change the parameters between updates on purpose (weight
         clipping, say); the period-end check and the non-finite check stay on.
+      costs: the groups' `hesso_jax.GroupCosts` for a `Budget` ``K`` (default
+        ``groups.costs``); e.g. ``hj.group_costs(model, groups, x)`` for hand-made groups.
+        `hesso_status` then reports ``target = -1`` and the budget in ``budget``.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``. ``update`` requires ``params``;
       unknown extra keyword arguments are ignored. Place it last in ``optax.chain``.
 
     Raises:
-      TypeError / ValueError: on bad arguments, before any tracing; at ``init`` inside or
+      TypeError / ValueError: on bad arguments, before any tracing (a `Budget` without
+        costs, or one the floors and unprunable parts make unreachable); at ``init`` inside or
         after ``optax.contrib.schedule_free`` / ``optax.lookahead`` (a second copy of the
         parameters HESSO cannot prune); at ``update`` (at trace time) when the params'
         leaves changed shape or dtype since ``init``, do not match the groups, or the
@@ -427,7 +498,6 @@ def hesso(
     G = groups.num_groups
     if G < 1:
         raise ValueError("groups has no prunable groups (G = 0)")
-    k_total = resolve_count(K, G)
     P = check_int("P (number of pruning periods)", P, 1)
     Tp = check_int("Tp (steps per pruning period)", Tp, 1)
     Tw = check_int("warmup_steps", warmup_steps, 0)
@@ -445,18 +515,38 @@ def hesso(
     if cric is not None and not isinstance(cric, CricConfig):
         raise TypeError(f"cric must be None or a hesso_jax.CricConfig, got {cric!r}")
     score_fn = resolve_saliency(saliency)
-    floor = FamilyFloor.build(groups, min_keep, k_total)
-    per_period = np.asarray(schedule_counts(k_total, P), np.int32)
+    rb, k_code = None, 0
+    if isinstance(K, Budget):
+        rb = _resolve_hesso_budget(K, groups, costs, min_keep)
+        floor = FamilyFloor.build(groups, min_keep)
+        per_period = np.zeros(P, np.int32)  # unused: budget_select sizes each period
+        k_code = _budget_code(K)
+    else:
+        k_code = resolve_count(K, G)
+        floor = FamilyFloor.build(groups, min_keep, k_code)
+        per_period = np.asarray(schedule_counts(k_code, P), np.int32)
     cric_score, cric_cap = None, 0
     if cric is not None:
         cric_score = score_fn if cric.saliency is None else resolve_saliency(cric.saliency)
         cric_cap = cric.cycle_cap(G, int(per_period.max()))
-    schedule = np.asarray([Tw, P, Tp, k_total], np.int32)
+    schedule = np.asarray([Tw, P, Tp, k_code], np.int32)
     if not isinstance(check_updates, bool):
         raise TypeError(f"check_updates must be a bool, got {check_updates!r}")
     impl = _Hesso(groups, Tw, P, Tp, per_period, score_fn, floor, cric, cric_score, cric_cap,
-                  schedule, check_updates)
+                  schedule, check_updates, budget=rb)
     return optax.GradientTransformationExtraArgs(impl.init, impl.update)
+
+
+def _resolve_hesso_budget(budget: Budget, groups: Groups, costs: GroupCosts | None,
+                          min_keep: int | float) -> ResolvedBudget:
+    """`resolve_budget` with ``costs`` defaulting to ``groups.costs``; raises if none."""
+    costs = costs if costs is not None else getattr(groups, "costs", None)
+    if costs is None:
+        raise ValueError(
+            "hesso with a Budget needs the groups' costs: use groups from "
+            "hj.discover_groups(model, x) (they record them), or pass "
+            "costs=hj.group_costs(model, groups, x)")
+    return resolve_budget(budget, groups, costs, min_keep=min_keep, who="hesso")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -472,10 +562,13 @@ class HessoStatus:
       redundant: ``bool[G]`` in global group order.
       pruned: ``bool[G]`` in global group order.
       scores: ``float32[G]`` saliency from the last period start.
-      target: K, the total number of groups the schedule prunes.
+      target: K, the total number of groups the schedule prunes; ``-1`` when K is a
+        `hesso_jax.Budget` (see ``budget``).
       cric_cycles: corrective cycles CRIC ran at the last period start (0 without CRIC).
       cric_rejected: period starts at which CRIC rejected a trial whose loss or scores were
         non-finite (and kept the selection made before it).
+      budget: the `hesso_jax.Budget` the schedule prunes to (fractions to 10⁻⁴), or None
+        when K is a count.
     """
 
     step: int
@@ -489,6 +582,7 @@ class HessoStatus:
     target: int
     cric_cycles: int = 0
     cric_rejected: int = 0
+    budget: Budget | None = None
 
 
 def _find_states(opt_state: Any) -> list[HessoState]:
@@ -525,5 +619,5 @@ def hesso_status(opt_state: Any) -> HessoStatus:
     redundant = np.asarray(st.redundant, bool)
     pruned = np.asarray(st.pruned, bool)
     return HessoStatus(step, phase, period, int(redundant.sum()), int(pruned.sum()),
-                       redundant, pruned, np.asarray(st.scores), K, int(st.cric_cycles),
-                       int(st.cric_rejected))
+                       redundant, pruned, np.asarray(st.scores), max(K, -1),
+                       int(st.cric_cycles), int(st.cric_rejected), _decode_budget(K))
