@@ -2,9 +2,12 @@
 
 Public API (see ``shared/design.md``): `discover_groups`, `Groups`, `GroupFamily`,
 `Member`, `hesso`, `hesso_status`, `cric`, `CricConfig`, `shrink`, `shrink_model`,
-`shrink_opt_state`, `KeepPlan`, `check_shrinkable`, `snows`, `GroupMask`.
+`shrink_opt_state`, `KeepPlan`, `check_shrinkable`, `snows`, `GroupMask`, `Budget`,
+`group_costs`, `GroupCosts`.
 """
 
+from hesso_jax.budget import Budget, budget_select, resolve_budget
+from hesso_jax.costs import GroupCosts, group_costs
 from hesso_jax.cric import CricConfig, CricResult, cric
 from hesso_jax.discovery import DiscoveryWarning, discover_groups
 from hesso_jax.frameworks import check_shrinkable
@@ -25,9 +28,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     "SCORES",
+    "Budget",
     "CricConfig",
     "CricResult",
     "DiscoveryWarning",
+    "GroupCosts",
     "GroupFamily",
     "GroupMask",
     "Groups",
@@ -37,11 +42,14 @@ __all__ = [
     "SnowsReport",
     "Member",
     "apply_plan",
+    "budget_select",
     "check_shrinkable",
     "cric",
     "discover_groups",
+    "group_costs",
     "hesso",
     "hesso_status",
+    "resolve_budget",
     "shrink",
     "shrink_groups",
     "shrink_model",

@@ -2,9 +2,11 @@
 
 ``hesso-jax demo`` trains the reference CNN on scikit-learn's bundled digits twice from the
 same initialisation and batches — densely with Adam, and with
-``optax.chain(optax.adam, hj.hesso(...))`` at the requested group sparsity — then shrinks
-the pruned model, prints a comparison table and writes the shrunk checkpoint (orbax), the
-groups and keep-plan (JSON), the results (JSON) and a plot (PNG) to ``--out``.
+``optax.chain(optax.adam, hj.hesso(...))`` at the requested group sparsity (or, with
+``--flops`` / ``--params``, a `hesso_jax.Budget`: a fraction of the dense FLOPs or
+parameters) — then shrinks the pruned model, prints a comparison table and writes the
+shrunk checkpoint (orbax), the groups and keep-plan (JSON), the results (JSON, with the
+kept params / FLOPs fractions) and a plot (PNG) to ``--out``.
 """
 
 from __future__ import annotations
@@ -116,8 +118,17 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train the reference CNN on scikit-learn digits densely and with HESSO "
         "on the same step budget, shrink the pruned model, print a table and save the "
         "shrunk checkpoint, plan and a plot.")
-    demo.add_argument("--sparsity", type=_fraction, default=0.5,
-                      help="fraction of groups to prune, in (0, 1) (default: 0.5)")
+    target = demo.add_mutually_exclusive_group()
+    target.add_argument("--sparsity", type=_fraction, default=0.5,
+                        help="fraction of groups to prune, in (0, 1) (default: 0.5)")
+    target.add_argument("--flops", type=_fraction, default=None,
+                        help="instead of a group sparsity: keep at most this fraction of the "
+                             "dense FLOPs, in (0, 1), as K=hj.Budget(flops=...) "
+                             "(default: none, the sparsity applies)")
+    target.add_argument("--params", type=_fraction, default=None,
+                        help="instead of a group sparsity: keep at most this fraction of the "
+                             "dense parameters, in (0, 1), as K=hj.Budget(params=...) "
+                             "(default: none, the sparsity applies)")
     demo.add_argument("--steps", type=_int_at_least(20), default=1500,
                       help="training steps of each run, at least 20 (default: 1500)")
     demo.add_argument("--seed", type=_int_at_least(0), default=0,
@@ -295,10 +306,10 @@ def _train_both(args: argparse.Namespace) -> _Runs:
     # zero-invariant groups found from the model's jaxpr (no hand-written groups)
     groups = hj.discover_groups(pruned, data.x_train[:1])
     try:
-        pruner = hj.hesso(groups, args.sparsity, args.periods, period_len,
+        pruner = hj.hesso(groups, _target(args), args.periods, period_len,
                           warmup_steps=warmup, total_steps=args.steps,
                           min_keep=args.min_keep)
-    except ValueError as err:  # e.g. --sparsity too high for --min-keep
+    except ValueError as err:  # e.g. --sparsity or a budget too high for --min-keep
         raise _UsageError(str(err)) from None
     _say(f"training the digits CNN densely and with HESSO ({args.steps} steps each)")
     common = dict(steps=args.steps, batch_size=args.batch_size, seed=args.seed,
@@ -309,8 +320,9 @@ def _train_both(args: argparse.Namespace) -> _Runs:
                                              data, groups=groups, desc="HESSO ", **common)
     status = hj.hesso_status(opt_state)
     zero = groups.zero_groups(nnx.state(pruned, nnx.Param))
-    if int(zero.sum()) != status.target or status.num_pruned != status.target:
-        raise RuntimeError(f"expected exactly {status.target} zero groups, found "
+    expected = status.num_pruned if status.budget is not None else status.target
+    if int(zero.sum()) != expected or status.num_pruned != expected:
+        raise RuntimeError(f"expected exactly {expected} zero groups, found "
                            f"{int(zero.sum())} (state says {status.num_pruned})")
     return _Runs(data, groups, dense, pruned, h_dense, h_hesso, status, zero,
                  (warmup, args.periods, period_len))
@@ -328,6 +340,8 @@ def _measure(runs: _Runs, small: Any) -> dict[str, Any]:
     x_test = jax.numpy.asarray(data.x_test)
     masked_logits = np.asarray(make_eval(pruned)(nnx.state(pruned), x_test))
     small_logits = np.asarray(make_eval(small)(nnx.state(small), x_test))
+    flops = {"dense": forward_flops(dense, data.x_test[:1]),
+             "shrunk": forward_flops(small, data.x_test[:1])}
     ratio, ms_small, ms_dense = latency_ratio(
         make_eval(small), nnx.state(small), make_eval(dense), nnx.state(dense), x_test)
     return {
@@ -338,8 +352,9 @@ def _measure(runs: _Runs, small: Any) -> dict[str, Any]:
             np.max(np.abs(masked_logits - small_logits))
             / max(1e-12, float(np.max(np.abs(masked_logits))))),
         "params": {"dense": count_params(dense), "shrunk": count_params(small)},
-        "flops_per_example": {"dense": forward_flops(dense, data.x_test[:1]),
-                              "shrunk": forward_flops(small, data.x_test[:1])},
+        "flops_per_example": flops,
+        "kept_fraction": {"params": count_params(small) / count_params(dense),
+                          "flops": flops["shrunk"] / flops["dense"]},
         "latency_ms_test_batch": {"dense": ms_dense, "shrunk": ms_small,
                                   "ratio_shrunk_over_dense": ratio},
     }
@@ -358,13 +373,37 @@ def _print_table(args: argparse.Namespace, runs: _Runs, results: dict[str, Any])
     ]
     print(f"\nhesso-jax demo — digits CNN, {args.steps} steps, seed {args.seed}, "
           f"{runs.status.num_pruned}/{runs.groups.num_groups} groups pruned "
-          f"({100 * args.sparsity:.0f}% group sparsity)")
+          f"({_target_text(args)})")
     print(f"{'':34s}{'dense':>12s}{'HESSO shrunk':>14s}")
     for name, a, b in rows:
         print(f"{name:34s}{a:>12s}{b:>14s}")
     print(f"{'latency ratio shrunk/dense':34s}{'':>12s}{lat['ratio_shrunk_over_dense']:>14.3f}")
+    kept = results["kept_fraction"]
+    print(f"{'kept fraction: params / FLOPs':34s}{'':>12s}"
+          f"{kept['params']:>6.3f} / {kept['flops']:.3f}")
     print(f"masked vs shrunk logits: max relative difference "
           f"{results['shrunk_vs_masked_max_rel_logit_diff']:.2e}", flush=True)
+
+
+def _budget_args(args: argparse.Namespace) -> dict[str, float]:
+    """``{'flops': f}`` or ``{'params': p}`` from ``--flops`` / ``--params`` (else empty)."""
+    return {m: getattr(args, m) for m in ("params", "flops")
+            if getattr(args, m, None) is not None}
+
+
+def _target(args: argparse.Namespace) -> Any:
+    """HESSO's K: ``hj.Budget(...)`` for ``--flops`` / ``--params``, else ``--sparsity``."""
+    import hesso_jax as hj
+
+    budget = _budget_args(args)
+    return hj.Budget(**budget) if budget else args.sparsity
+
+
+def _target_text(args: argparse.Namespace) -> str:
+    budget = _budget_args(args)
+    if not budget:
+        return f"{100 * args.sparsity:.0f}% group sparsity"
+    return ", ".join(f"budget: {100 * v:.0f}% of the dense {m}" for m, v in budget.items())
 
 
 def _say(message: str) -> None:
@@ -378,7 +417,9 @@ def _results(args: argparse.Namespace, runs: _Runs, metrics: dict[str, Any],
     """The content of ``results.json`` (``checkpoint`` is None until it is saved)."""
     warmup, periods, period_len = runs.schedule
     return {
-        "steps": args.steps, "seed": args.seed, "sparsity": args.sparsity,
+        "steps": args.steps, "seed": args.seed,
+        "sparsity": None if _budget_args(args) else args.sparsity,
+        "budget": _budget_args(args) or None,
         "groups": runs.groups.num_groups, "pruned_groups": int(runs.zero.sum()),
         "schedule": {"warmup": warmup, "periods": periods, "period_len": period_len},
         **metrics,

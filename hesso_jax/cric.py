@@ -54,6 +54,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hesso_jax.budget import Budget, budget_select, resolve_budget
+from hesso_jax.costs import GroupCosts
 from hesso_jax.groups import Groups, check_int, resolve_count
 from hesso_jax.projection import bottom_k, gamma, project
 from hesso_jax.saliency import SaliencyFn, evaluate, resolve_saliency
@@ -121,19 +123,30 @@ class CricResult(NamedTuple):
     rejected: jax.Array
 
 
+Select = Callable[[jax.Array, jax.Array], jax.Array]
+
+
 def cric_select(loss_fn: Callable[[Any], jax.Array], params: Any, groups: Groups,
                 k: jax.Array | int, candidates: jax.Array, config: CricConfig,
-                saliency: SaliencyFn, cap: int) -> CricResult:
+                saliency: SaliencyFn, cap: int, *, select: Select | None = None
+                ) -> CricResult:
     """The CRIC loop for ``k`` groups among ``candidates`` (traced ``k`` allowed).
 
     Used by `cric` and by HESSO-CRIC at period starts (where ``candidates`` excludes the
-    groups already pruned). ``cap`` is the static corrective-cycle cap.
+    groups already pruned). ``cap`` is the static corrective-cycle cap. ``select(scores,
+    candidates) -> bool[G]`` is the selection rule used for the greedy pick and after every
+    trial (default ``bottom_k(scores, candidates, k)``; a `hesso_jax.Budget` passes
+    `hesso_jax.budget.budget_select`, and ``k`` is then ignored).
     """
     layout = groups.layout(params, dependents="present")
     G = groups.num_groups
     S = config.sample_steps
     lr = config.learning_rate
     k = jnp.asarray(k, jnp.int32)
+    custom = select is not None
+    if select is None:
+        def select(scores: jax.Array, cand: jax.Array) -> jax.Array:
+            return bottom_k(scores, cand, k)
 
     def direction(x: Any) -> tuple[jax.Array, Any]:
         loss, grads = jax.value_and_grad(loss_fn)(x)
@@ -156,7 +169,8 @@ def cric_select(loss_fn: Callable[[Any], jax.Array], params: Any, groups: Groups
         return acc, finite & jnp.all(jnp.isfinite(acc))
 
     greedy = evaluate(saliency, params, direction(params)[1], groups)
-    first = bottom_k(greedy, candidates, k)
+    first = select(greedy, candidates)
+    has_work = jnp.any(first) if custom else k > 0
 
     class Carry(NamedTuple):
         violating: jax.Array
@@ -167,7 +181,7 @@ def cric_select(loss_fn: Callable[[Any], jax.Array], params: Any, groups: Groups
         rejected: jax.Array
 
     def cond(c: Carry) -> jax.Array:
-        first_trial = (c.trials == 0) & (k > 0)
+        first_trial = (c.trials == 0) & has_work
         pending = (jnp.sum(c.violating) > config.tolerance) & (c.trials > 0)
         return ~c.rejected & (first_trial | (pending & (c.trials <= cap)))
 
@@ -175,7 +189,7 @@ def cric_select(loss_fn: Callable[[Any], jax.Array], params: Any, groups: Groups
         acc, finite = trial(c.violating, c.acc)
         acc = jnp.where(finite, acc, c.acc)  # a rejected trial leaves A as it was
         tested = c.tested | c.violating
-        violating = jnp.where(finite, bottom_k(acc, candidates, k) & ~tested, False)
+        violating = jnp.where(finite, select(acc, candidates) & ~tested, False)
         sizes = c.sizes.at[c.trials].set(jnp.sum(violating, dtype=jnp.int32))
         return Carry(violating, tested, acc, c.trials + finite.astype(jnp.int32), sizes,
                      ~finite)
@@ -186,14 +200,15 @@ def cric_select(loss_fn: Callable[[Any], jax.Array], params: Any, groups: Groups
     out = jax.lax.while_loop(cond, body, init)
     cycles = jnp.maximum(out.trials - 1, 0)
     none_accepted = out.trials == 0
-    redundant = jnp.where(none_accepted, first, bottom_k(out.acc, candidates, k))
+    redundant = jnp.where(none_accepted, first, select(out.acc, candidates))
     scores = jnp.where(none_accepted & out.rejected, greedy, out.acc)
     return CricResult(redundant, cycles, out.sizes, scores, out.rejected.astype(jnp.int32))
 
 
-def cric(loss_fn: Callable[[Any], jax.Array], params: Any, groups: Groups, K: int | float,
-         *, sample_steps: int, learning_rate: float, tolerance: int = 0,
-         max_cycles: int | None = None, saliency: Any = None) -> CricResult:
+def cric(loss_fn: Callable[[Any], jax.Array], params: Any, groups: Groups,
+         K: int | float | Budget, *, sample_steps: int, learning_rate: float,
+         tolerance: int = 0, max_cycles: int | None = None, saliency: Any = None,
+         costs: GroupCosts | None = None) -> CricResult:
     """Selects ``K`` redundant groups with the corrective cycle (Algorithm 2).
 
     Pure and jittable (wrap it in ``jax.jit`` with ``loss_fn`` closed over; ``K`` and the
@@ -203,15 +218,23 @@ def cric(loss_fn: Callable[[Any], jax.Array], params: Any, groups: Groups, K: in
       loss_fn: ``params -> scalar`` loss (e.g. on a calibration batch).
       params: the parameters to start every trial from.
       groups: the prunable `Groups`.
-      K: groups to select: an int in ``[0, G)`` or a fraction in (0, 1).
+      K: groups to select: an int in ``[0, G)`` or a fraction in (0, 1); or a
+        `hesso_jax.Budget`: every selection (greedy and after each trial) is then
+        `hesso_jax.budget.budget_select` with the whole requirement as target, so the
+        result keeps at most that fraction of the dense params / FLOPs.
       sample_steps: trial steps per cycle.
       learning_rate: trial gradient-step size.
       tolerance: stop when at most this many new violating groups appear.
       max_cycles: cap on corrective cycles (default: the Corollary 3.4 bound).
       saliency: see `hesso` (default: equal mix of the five scores).
+      costs: the groups' `hesso_jax.GroupCosts` for a `Budget` (default
+        ``groups.costs``, recorded by `hesso_jax.discover_groups`).
 
     Returns:
       A `CricResult`.
+
+    Raises:
+      ValueError: for a `Budget` without costs or one that cannot be met.
     """
     if not isinstance(groups, Groups):
         raise TypeError(f"groups must be a hesso_jax.Groups, got {type(groups).__name__}")
@@ -219,7 +242,28 @@ def cric(loss_fn: Callable[[Any], jax.Array], params: Any, groups: Groups, K: in
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
     config = CricConfig(sample_steps, learning_rate, tolerance, max_cycles, saliency)
     G = groups.num_groups
-    k = resolve_count(K, G)
+    select = None
+    if isinstance(K, Budget):
+        select, k = _budget_rule(K, groups, costs), 0
+    else:
+        k = resolve_count(K, G)
     groups.validate(params, dependents="present")
     return cric_select(loss_fn, params, groups, k, jnp.ones([G], bool), config,
-                       resolve_saliency(saliency), config.cycle_cap(G, k))
+                       resolve_saliency(saliency), config.cycle_cap(G, k), select=select)
+
+
+def _budget_rule(budget: Budget, groups: Groups, costs: GroupCosts | None) -> Select:
+    """One-shot `budget_select` rule of `cric` (all groups alive, whole requirement)."""
+    costs = costs if costs is not None else getattr(groups, "costs", None)
+    if costs is None:
+        raise ValueError("cric with a Budget needs the groups' costs: use groups from "
+                         "hj.discover_groups(model, x) or pass "
+                         "costs=hj.group_costs(model, groups, x)")
+    rb = resolve_budget(budget, groups, costs, who="cric")
+    alive = jnp.ones([groups.num_groups], bool)
+    target = rb.period_target(0, 1)
+
+    def select(scores: jax.Array, candidates: jax.Array) -> jax.Array:
+        return budget_select(scores, rb.tables, alive, alive & ~candidates, target)
+
+    return select

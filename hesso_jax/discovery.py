@@ -71,6 +71,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from hesso_jax.costs import CostWarning, GroupCosts, costs_from_jaxpr
 from hesso_jax.groups import (
     GroupFamily,
     Groups,
@@ -889,6 +890,7 @@ def discover_groups(model_or_fn: Any, *args: Any, trainable: Callable[[Path], bo
 
         paths = tree_paths(state)
         is_trainable = [p in params_paths for p in paths]
+        counted = list(is_trainable)
     elif callable(model_or_fn):
         if not args:
             raise TypeError("discover_groups(fn, params, *args): the pure-function form needs "
@@ -897,6 +899,7 @@ def discover_groups(model_or_fn: Any, *args: Any, trainable: Callable[[Path], bo
         paths = tree_paths(state)
         pred = trainable or (lambda p: "batch_stats" not in p)
         is_trainable = [bool(pred(p)) for p in paths]
+        counted = ["batch_stats" not in p for p in paths]  # as hj.group_costs counts
     else:
         raise TypeError(f"discover_groups takes an nnx.Module or a callable, got "
                         f"{type(model_or_fn).__name__}")
@@ -904,11 +907,35 @@ def discover_groups(model_or_fn: Any, *args: Any, trainable: Callable[[Path], bo
     for i, x in enumerate(leaves):
         dtype = getattr(x, "dtype", None)
         if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
-            is_trainable[i] = False
+            is_trainable[i] = counted[i] = False
     closed, _n = _trace(fn, state, args, kwargs)
     shapes = [tuple(getattr(x, "shape", ())) for x in leaves]
     groups = Groups.from_families(_analyse(closed, paths, is_trainable, shapes, warn),
                                   fingerprint=structure_fingerprint(fn, state, *args, **kwargs))
     # the example call, for surgery to verify masked == shrunk by running it
     groups.example_inputs = (tuple(args), dict(kwargs))
+    groups.costs = _costs(closed, state, groups, counted, warn)
     return groups
+
+
+def _costs(closed: Any, state: Any, groups: Groups, counted: list[bool],
+           warn: bool) -> GroupCosts | None:
+    """The groups' `GroupCosts` from the jaxpr discovery traced (None if it fails).
+
+    A failure of the cost model never fails discovery: it is reported as a
+    `DiscoveryWarning` (``hj.Budget`` then needs ``costs=``). The cost model's own
+    `CostWarning` (``cond``/``while`` bounds) is left to ``hj.group_costs``, so discovery
+    warns about what it always warned about.
+    """
+    if not groups.families:  # nothing to budget
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CostWarning)
+        try:
+            return costs_from_jaxpr(closed, state, groups, counted)
+        except Exception as err:  # noqa: BLE001 - costs are an optional extra
+            if warn:
+                warnings.warn(f"discover_groups: no costs recorded ({type(err).__name__}: "
+                              f"{err}); pass costs=hj.group_costs(...) for a Budget",
+                              DiscoveryWarning, stacklevel=3)
+            return None

@@ -41,12 +41,15 @@ import hashlib
 import json
 import re
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec
+
+if TYPE_CHECKING:
+    from hesso_jax.costs import GroupCosts
 
 PathKey = str | int
 Path = tuple[PathKey, ...]
@@ -424,9 +427,14 @@ class Groups:
     NamedTuples, lists.
 
     ``fingerprint`` (optional, set by `discover_groups`) identifies the program the groups
-    were found on; `check_structure` compares a model against it. Equality and hashing
-    compare the families only.
+    were found on; `check_structure` compares a model against it. ``costs`` (a
+    `hesso_jax.GroupCosts` or None, also set by `discover_groups`) holds the groups'
+    parameter and FLOP costs for the example input, used by ``hj.hesso(groups,
+    hj.Budget(...), ...)``. Equality and hashing compare the families only; neither
+    survives `hesso_jax.shrink_groups` (both describe the program before surgery).
     """
+
+    costs: GroupCosts | None
 
     def __init__(self, families: Iterable[GroupFamily], *,
                  fingerprint: Fingerprint | None = None):
@@ -438,6 +446,7 @@ class Groups:
             raise TypeError(f"fingerprint must be a Fingerprint or None, got {fingerprint!r}")
         self._families = families
         self._fingerprint = fingerprint
+        self.costs = None
         sizes = [f.size for f in families]
         self._starts = tuple(int(s) for s in np.cumsum([0, *sizes])[:-1])
         self._num_groups = int(sum(sizes))

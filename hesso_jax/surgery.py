@@ -298,7 +298,8 @@ def shrink_groups(groups: Groups, plan: KeepPlan, tree: Any = None) -> Groups:
 
     Each family shrinks to its kept groups (at least one, see `KeepPlan`); member and
     dependent offsets move down by the channels removed before them on the same axis. The
-    result records no structure fingerprint (the shrunk tree is a new structure).
+    result records no structure fingerprint and no ``costs`` (the shrunk tree is a new
+    structure; ``hj.group_costs(small_model, new_groups, x)`` recomputes them).
 
     Args:
       groups: the groups the plan was made for.

@@ -31,7 +31,8 @@ def test_help_names_every_default(capsys):
     for flag, default in [("--sparsity", "0.5"), ("--steps", "1500"), ("--seed", "0"),
                           ("--out", "./hesso_demo_out"), ("--batch-size", "64"),
                           ("--lr", "0.003"), ("--periods", "5"), ("--min-keep", "0, none"),
-                          ("--no-progress", "shown")]:
+                          ("--no-progress", "shown"), ("--flops", "none, the sparsity applies"),
+                          ("--params", "none, the sparsity applies")]:
         after = options.split(f"{flag} ", 1)[1]
         help_text = re.split(r" --[a-z-]+ ", after, maxsplit=1)[0]
         assert f"(default: {default})" in help_text, flag
@@ -114,3 +115,30 @@ def test_demo_small_run_writes_outputs(tmp_path):
     assert (out / "shrunk_checkpoint").is_dir()
     assert not (out / ".shrunk_checkpoint.tmp").exists()
     assert "HESSO shrunk" in proc.stdout
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["demo", "--flops", "0.5", "--sparsity", "0.3"], "not allowed with"),
+    (["demo", "--flops", "0.5", "--params", "0.3"], "not allowed with"),
+    (["demo", "--params", "1.5"], "strictly between 0 and 1"),
+])
+def test_budget_flags_are_exclusive_fractions(args, fragment, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 2
+    assert fragment in capsys.readouterr().err
+
+
+def test_demo_flops_budget_reports_kept_fractions(tmp_path):
+    out = tmp_path / "out"
+    proc = run_cli("demo", "--steps", "30", "--periods", "2", "--flops", "0.5",
+                   "--no-progress", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert results["budget"] == {"flops": 0.5} and results["sparsity"] is None
+    kept = results["kept_fraction"]
+    assert 0.45 <= kept["flops"] <= 0.52, kept
+    assert kept["flops"] == results["flops_per_example"]["shrunk"] / results[
+        "flops_per_example"]["dense"]
+    assert "budget: 50% of the dense flops" in proc.stdout
+    assert "kept fraction: params / FLOPs" in proc.stdout
