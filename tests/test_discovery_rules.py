@@ -46,7 +46,9 @@ def discover(fn, params, *args):
 
 
 def _close(got, want, rtol=1e-5):
-    scale = float(jnp.max(jnp.abs(want))) + 1e-12
+    # the inputs are O(1): an output that is exactly 0 (e.g. a stacked x - x) is compared
+    # at that scale, not at 0, where float32 rounding of the shrunk sums (~1e-7) would fail
+    scale = max(float(jnp.max(jnp.abs(want))), 1e-2)
     err = float(jnp.max(jnp.abs(got - want)))
     assert err <= rtol * scale, f"max error {err:.3g} vs scale {scale:.3g}"
 
@@ -750,3 +752,9 @@ def test_llama_kv_head_and_swiglu_families():
     assert [f.size for f in groups.families] == [2, 24, 2, 24]
     graphdef, state = nnx.split(model)
     assert_sound(lambda st, t: nnx.merge(graphdef, st)(t), state, tokens, groups)
+
+
+def test_stack_rule_regression_exactly_zero_output():
+    """Hypothesis found layout 852 / c_pos 1 of the stack rule: the reference output is
+    exactly 0 and the shrunk one ~1e-7; the family itself is sound."""
+    test_axis_rules_keep_the_channel_family.hypothesis.inner_test("stack", 852, 1)
