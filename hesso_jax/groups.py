@@ -577,6 +577,18 @@ class Groups:
             self._layouts[key] = cached
         return cached
 
+    def _check_overlaps(self, claims: dict[tuple[int, int], list[tuple[int, int, int, str]]],
+                        paths: list[Path]) -> None:
+        """Raises if two claimed ``[lo, hi)`` channel spans on one leaf axis overlap."""
+        for (leaf, axis), spans in claims.items():
+            spans.sort()
+            for (_lo1, hi1, f1, k1), (lo2, hi2, f2, k2) in zip(spans, spans[1:], strict=False):
+                if lo2 < hi1:
+                    raise ValueError(
+                        f"{format_path(paths[leaf])!r} axis {axis}: channels [{lo2}, "
+                        f"{min(hi1, hi2)}) are claimed twice ({self._label(f1)} as {k1}, "
+                        f"{self._label(f2)} as {k2})")
+
     def _build_layout(self, tree: Any, leaves: list[Any], treedef: Any,
                       mode: DependentsMode) -> Layout:
         paths = tree_paths(tree)
@@ -614,19 +626,7 @@ class Groups:
                             f"range for a leaf of shape {tuple(shape)} (ndim {ndim})")
                     axis = m.axis % ndim
                     length = shape[axis]
-                    span = fam.size * m.block
-                    if m.repeat > 1 and m.stride < span:
-                        raise ValueError(
-                            f"{label}: {kind} {format_path(m.path)!r} axis {axis}: stride "
-                            f"{m.stride} is shorter than the span size {fam.size} * block "
-                            f"{m.block} = {span}, so recurrences would overlap")
-                    hi = m.starts()[-1] + span
-                    if hi > length:
-                        raise ValueError(
-                            f"{label}: {kind} {format_path(m.path)!r} axis {axis}: slice "
-                            f"offset {m.offset} + (repeat {m.repeat} - 1) * stride "
-                            f"{m.stride} + size {fam.size} * block {m.block} = {hi} "
-                            f"runs past the axis length {length}")
+                    span = _check_span(label, kind, m, fam.size, axis, length)
                     if kind == "member":
                         dtype = getattr(leaves[leaf], "dtype", None)
                         if dtype is None or not jnp.issubdtype(dtype, jnp.inexact):
@@ -642,14 +642,7 @@ class Groups:
                         member_axis[leaf] = (axis, fi)
                     for lo in m.starts():
                         claims.setdefault((leaf, axis), []).append((lo, lo + span, fi, kind))
-        for (leaf, axis), spans in claims.items():
-            spans.sort()
-            for (_lo1, hi1, f1, k1), (lo2, hi2, f2, k2) in zip(spans, spans[1:], strict=False):
-                if lo2 < hi1:
-                    raise ValueError(
-                        f"{format_path(paths[leaf])!r} axis {axis}: channels [{lo2}, "
-                        f"{min(hi1, hi2)}) are claimed twice ({self._label(f1)} as {k1}, "
-                        f"{self._label(f2)} as {k2})")
+        self._check_overlaps(claims, paths)
 
         def build(kind: str) -> list[AxisMap]:
             maps: dict[tuple[int, int], np.ndarray] = {}
@@ -831,3 +824,21 @@ def resolve_min_keep(min_keep: int | float, groups: Groups, k: int | None = None
             f"{groups.num_groups} groups, so K can be at most "
             f"{groups.num_groups - int(floors.sum())}")
     return floors.astype(np.int32)
+
+
+def _check_span(label: str, kind: str, m: Member, size: int, axis: int, length: int) -> int:
+    """The span ``size · block`` of ``m``'s slices; raises if they overlap or overrun."""
+    span = size * m.block
+    if m.repeat > 1 and m.stride < span:
+        raise ValueError(
+            f"{label}: {kind} {format_path(m.path)!r} axis {axis}: stride "
+            f"{m.stride} is shorter than the span size {size} * block "
+            f"{m.block} = {span}, so recurrences would overlap")
+    hi = m.starts()[-1] + span
+    if hi > length:
+        raise ValueError(
+            f"{label}: {kind} {format_path(m.path)!r} axis {axis}: slice "
+            f"offset {m.offset} + (repeat {m.repeat} - 1) * stride "
+            f"{m.stride} + size {size} * block {m.block} = {hi} "
+            f"runs past the axis length {length}")
+    return span
