@@ -24,7 +24,7 @@ from hesso_jax.data import Split
 from hesso_jax.groups import Groups
 
 __all__ = ["History", "count_params", "demo_schedule", "evaluate", "forward_flops",
-           "make_eval", "make_step", "train_classifier"]
+           "latency_ratio", "make_eval", "make_step", "make_train_step", "train_classifier"]
 
 
 def demo_schedule(steps: int, periods: int) -> tuple[int, int]:
@@ -36,13 +36,48 @@ def demo_schedule(steps: int, periods: int) -> tuple[int, int]:
     return steps // 5, max(1, (steps // 2) // periods)
 
 
+def make_train_step(loss_fn: Callable[..., Any], tx: optax.GradientTransformation, *,
+                    has_aux: bool = False, jit: bool = True) -> Callable[..., tuple]:
+    """The training recipe: one step of ``tx`` on the gradient of ``loss_fn``.
+
+    Returns ``step(params, opt_state, *batch) -> (params, opt_state, loss)`` (with
+    ``has_aux``: ``(params, opt_state, loss, aux)``), jitted unless ``jit=False``. The
+    gradient is taken with respect to ``params`` only; ``batch`` is everything else
+    ``loss_fn(params, *batch)`` needs (data, non-trainable state, targets).
+
+    The loss on the current batch is passed to ``tx`` as the optax extra argument
+    ``value_fn(params) -> loss``, which HESSO-CRIC's trial steps differentiate
+    (``hj.hesso(..., cric=hj.CricConfig(...))``); transformations without extra arguments
+    ignore it (``tx`` is wrapped with ``optax.with_extra_args_support``). With ``has_aux``,
+    ``loss_fn`` returns ``(loss, aux)`` and ``value_fn`` keeps the loss.
+
+    Example::
+
+        tx = optax.chain(optax.adam(1e-3), hj.hesso(groups, 0.5, P, Tp, cric=hj.CricConfig()))
+        step = make_train_step(lambda p, x, y: jnp.mean((f(p, x) - y) ** 2), tx)
+        params, opt_state, loss = step(params, tx.init(params), x, y)
+    """
+    tx = optax.with_extra_args_support(tx)
+
+    def step(params: Any, opt_state: Any, *batch: Any) -> tuple:
+        def value_fn(p: Any) -> jax.Array:   # the loss on this batch, for CRIC
+            out = loss_fn(p, *batch)
+            return out[0] if has_aux else out
+
+        out, grads = jax.value_and_grad(loss_fn, has_aux=has_aux)(params, *batch)
+        updates, opt_state = tx.update(grads, opt_state, params, value_fn=value_fn)
+        params = optax.apply_updates(params, updates)
+        return (params, opt_state, *out) if has_aux else (params, opt_state, out)
+
+    return jax.jit(step) if jit else step
+
+
 def make_step(graphdef: Any, tx: optax.GradientTransformation) -> Callable:
     """Jitted ``step(params, rest, opt_state, x, y) -> (params, rest, opt_state, loss)``.
 
-    The batch loss is passed to ``tx`` as the optax extra argument ``value_fn(params)``
-    (HESSO-CRIC's trial steps need it; other transformations ignore it).
+    The cross-entropy recipe of `make_train_step` for an NNX classifier split into
+    ``(graphdef, params, rest)``: ``rest`` (BatchNorm statistics) comes back updated.
     """
-    tx = optax.with_extra_args_support(tx)
 
     def loss_fn(params: Any, rest: Any, x: jax.Array, y: jax.Array) -> tuple:
         # Fresh Variable objects for `rest` at this trace level, so BatchNorm may update it.
@@ -51,14 +86,12 @@ def make_step(graphdef: Any, tx: optax.GradientTransformation) -> Callable:
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
         return loss, nnx.state(model, nnx.Not(nnx.Param))
 
+    train_step = make_train_step(loss_fn, tx, has_aux=True, jit=False)
+
     @jax.jit
     def step(params: Any, rest: Any, opt_state: Any, x: jax.Array, y: jax.Array) -> tuple:
-        (loss, rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, rest, x, y)
-        def value_fn(p: Any) -> jax.Array:
-            return loss_fn(p, rest, x, y)[0]
-
-        updates, opt_state = tx.update(grads, opt_state, params, value_fn=value_fn)
-        return optax.apply_updates(params, updates), rest, opt_state, loss
+        params, opt_state, loss, rest = train_step(params, opt_state, rest, x, y)
+        return params, rest, opt_state, loss
 
     return step
 
