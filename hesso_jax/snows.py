@@ -630,6 +630,156 @@ def _user_masks(mask: Any, params: Any, paths: list[Path]) -> dict[int, np.ndarr
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class _SolverConfig:
+    """The solver options of `snows` (validated by `_check_options`)."""
+
+    newton_steps: int
+    cg_max_iters: int
+    cg_tol: float
+    damping: float
+    gauss_newton: bool
+    loop: str
+
+
+def _check_options(cfg: _SolverConfig, criterion: str, scope: str, sparsity: Any,
+                   mask: Any, max_layer_sparsity: float) -> None:
+    """Stage 0 of `snows`: argument checks that need no model (ValueError / TypeError)."""
+    if not cfg.cg_tol > 0 or not cfg.damping >= 0:
+        raise ValueError(f"need cg_tol > 0 and damping >= 0, got {cfg.cg_tol}, "
+                         f"{cfg.damping}")
+    if criterion not in ("magnitude", "wanda"):
+        raise ValueError(f"criterion must be 'magnitude' or 'wanda', got {criterion!r}")
+    if cfg.loop not in ("host", "jit"):
+        raise ValueError(f"loop must be 'host' or 'jit', got {cfg.loop!r}")
+    if scope not in ("layer", "global"):
+        raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
+    if (sparsity is None) == (mask is None):
+        raise ValueError("give exactly one of sparsity= (N:M, fraction or GroupMask) and "
+                         "mask=")
+    if isinstance(sparsity, str):
+        parse_nm(sparsity)
+    elif sparsity is not None and not isinstance(sparsity, GroupMask):
+        _check_fraction("sparsity", sparsity)
+        _check_fraction("max_layer_sparsity", max_layer_sparsity)
+
+
+def _select_layers(program: Program, layers: Sequence[Path] | None
+                   ) -> tuple[dict[int, LinearOp], list[int]]:
+    """Stage 1: ``(first linear op of each kernel leaf, layer leaves in forward order)``."""
+    paths = program.paths
+    first_op: dict[int, LinearOp] = {}
+    for op in program.ops:
+        first_op.setdefault(op.leaf, op)
+    layer_leaves = [op.leaf for op in program.ops if first_op[op.leaf] is op]
+    if layers is not None:
+        wanted = {tuple(p) for p in layers}
+        unknown = wanted - {paths[i] for i in layer_leaves}
+        if unknown:
+            raise ValueError(f"layers {sorted(map(format_path, unknown))} are not kernels of "
+                             "linear ops (dot_general/conv) outside control flow")
+        layer_leaves = [i for i in layer_leaves if paths[i] in wanted]
+    return first_op, layer_leaves
+
+
+def _user_layer_masks(program: Program, mask: Any, params: Any,
+                      first_op: dict[int, LinearOp], layer_leaves: list[int]) -> tuple:
+    """Stage 2 (``mask=``): ``(layer_leaves, masks, zero_only={}, pattern)``."""
+    masks = _user_masks(mask, params, program.paths)
+    bad = [format_path(program.paths[i]) for i in masks if i not in first_op]
+    if bad:
+        raise ValueError(f"mask given for {bad}, which are not kernels of linear ops")
+    return [i for i in layer_leaves if i in masks], masks, {}, "user mask"
+
+
+def _group_layer_masks(gmask: GroupMask, params: Any, layer_leaves: list[int]) -> tuple:
+    """Stage 2 (`GroupMask`): ``(layer_leaves, masks, zero_only, 'groups')``.
+
+    Kernels holding a removed slice are refined; non-kernel members (biases, norm
+    scale/shift) are only zeroed (``zero_only``); dependents outside kernels (BatchNorm
+    statistics) are left alone (they multiply zeros).
+    """
+    gm = gmask.leaf_masks(params)
+    layer_leaves = [i for i in layer_leaves if i in gm]
+    if not layer_leaves:
+        raise ValueError("GroupMask removes no slice of any linear-op kernel")
+    masks = {i: gm[i] for i in layer_leaves}
+    zero_only = {i: mk for i, mk in gmask.leaf_masks(params, dependents=False).items()
+                 if i not in masks}
+    return layer_leaves, masks, zero_only, "groups"
+
+
+def _score_masks(program: Program, leaves: list, batches: list,
+                 first_op: dict[int, LinearOp], layer_leaves: list[int], sparsity: Any,
+                 criterion: str, scope: str, max_layer_sparsity: float
+                 ) -> tuple[dict[int, np.ndarray], str]:
+    """Stage 2 (N:M or a fraction): masks from magnitude or Wanda scores, and the pattern."""
+    scores = {i: jnp.abs(leaves[i]) for i in layer_leaves}
+    if criterion == "wanda":
+        for i in layer_leaves:
+            energy, seg = _energy_fn(program, first_op[i])
+            bnd = _capture_fn(program, seg.boundary)(leaves, batches)
+            scores[i] = scores[i] * jnp.sqrt(energy(leaves[i], bnd))
+    if isinstance(sparsity, str):
+        n, m = parse_nm(sparsity)
+        return {i: np.asarray(nm_mask(scores[i], first_op[i].nm_axes, n, m,
+                                      path=program.paths[i])) for i in layer_leaves}, sparsity
+    if scope == "global":
+        got = _global_masks([np.asarray(scores[i]) for i in layer_leaves], float(sparsity),
+                            max_layer_sparsity)
+        return (dict(zip(layer_leaves, got, strict=True)),
+                f"unstructured {float(sparsity):g} (global)")
+    return ({i: np.asarray(unstructured_mask(scores[i], float(sparsity)))
+             for i in layer_leaves}, f"unstructured {float(sparsity):g} (layer)")
+
+
+def _cascade(program: Program, leaves: list, batches: list, layer_leaves: list[int],
+             masks: dict[int, np.ndarray], zero_only: dict[int, np.ndarray], K: int,
+             cfg: _SolverConfig, progress: bool) -> list[LayerReport]:
+    """Stage 3: refine the layers in forward order, in place in ``leaves``.
+
+    Targets come from the dense network; each layer's boundary inputs from the network
+    pruned so far (earlier layers refined, ``zero_only`` members zeroed).
+    """
+    dense = list(leaves)
+    for i, mk in zero_only.items():
+        leaves[i] = leaves[i] * jnp.asarray(mk, leaves[i].dtype)
+    plans = []
+    for i in layer_leaves:
+        ops = program.downstream_ops(i)[:K + 1]
+        plans.append((i, ops, program.segment(i, [op.out_key for op in ops])))
+    target_keys = tuple(sorted({k for _, _, s in plans for k in s.targets},
+                               key=lambda k: k[1:]))
+    dense_vals = dict(zip(target_keys,
+                          _capture_fn(program, target_keys)(dense, batches), strict=True))
+    reports = []
+    for i, ops, seg in tqdm(plans, desc="snows", disable=not progress, leave=False):
+        t0 = time.perf_counter()
+        boundary = _capture_fn(program, seg.boundary)(leaves, batches)
+        targets = [dense_vals[k] for k in seg.targets]
+        w, f0, f1, cg_it, taken = _solve_layer(program, seg, leaves[i],
+                                               jnp.asarray(masks[i]), boundary, targets, cfg)
+        leaves[i] = w = jax.block_until_ready(w)
+        reports.append(LayerReport(
+            program.paths[i], tuple(op.index for op in ops), float(f0), float(f1),
+            int(cg_it), int(taken), float(np.mean(np.asarray(w) == 0)),
+            time.perf_counter() - t0))
+    return reports
+
+
+def _solve_layer(program: Program, seg: Segment, w0: jax.Array, mask: jax.Array,
+                 boundary: list, targets: list, cfg: _SolverConfig) -> tuple:
+    """One layer's solve with the driver ``cfg.loop``: ``(w, L_start, L_end, cg, steps)``."""
+    if cfg.loop == "jit":
+        solve = newton_solve(program, seg, gauss_newton=cfg.gauss_newton)
+        return solve(w0, mask, boundary, targets, jnp.int32(cfg.newton_steps),
+                     jnp.int32(cfg.cg_max_iters), jnp.float32(cfg.cg_tol),
+                     jnp.float32(cfg.damping))
+    return _host_solve(_host_fns(program, seg, cfg.gauss_newton), w0, mask, boundary,
+                       targets, cfg.newton_steps, cfg.cg_max_iters, cfg.cg_tol,
+                       cfg.damping)
+
+
 def snows(model_or_fn: Any, *args: Any, sparsity: str | float | GroupMask | None = None,
           K: int = 2, mask: Any = None, criterion: Literal["magnitude", "wanda"] = "magnitude",
           scope: Literal["layer", "global"] = "layer", max_layer_sparsity: float = 0.99,
@@ -684,118 +834,28 @@ def snows(model_or_fn: Any, *args: Any, sparsity: str | float | GroupMask | None
     """
     t_start = time.perf_counter()
     K = check_int("K", K, 0)
-    check_int("newton_steps", newton_steps, 0)
-    check_int("cg_max_iters", cg_max_iters, 1)
-    if not cg_tol > 0 or not damping >= 0:
-        raise ValueError(f"need cg_tol > 0 and damping >= 0, got {cg_tol}, {damping}")
-    if criterion not in ("magnitude", "wanda"):
-        raise ValueError(f"criterion must be 'magnitude' or 'wanda', got {criterion!r}")
-    if loop not in ("host", "jit"):
-        raise ValueError(f"loop must be 'host' or 'jit', got {loop!r}")
-    if scope not in ("layer", "global"):
-        raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
-    if (sparsity is None) == (mask is None):
-        raise ValueError("give exactly one of sparsity= (N:M, fraction or GroupMask) and "
-                         "mask=")
-    if isinstance(sparsity, str):
-        nm = parse_nm(sparsity)
-    elif sparsity is not None and not isinstance(sparsity, GroupMask):
-        _check_fraction("sparsity", sparsity)
-        _check_fraction("max_layer_sparsity", max_layer_sparsity)
-
+    cfg = _SolverConfig(check_int("newton_steps", newton_steps, 0),
+                        check_int("cg_max_iters", cg_max_iters, 1), cg_tol, damping,
+                        bool(gauss_newton), loop)
+    _check_options(cfg, criterion, scope, sparsity, mask, max_layer_sparsity)
     fn, params, calib, rebuild = _resolve_model(model_or_fn, args)
-    batches, bs = _split_batches(calib, batch_size)
+    batches, _ = _split_batches(calib, batch_size)
     program = trace(fn, params, *(b[0] for b in batches))
     leaves, treedef = jax.tree_util.tree_flatten(params)
     leaves = list(leaves)
-    paths = program.paths
-
-    first_op: dict[int, LinearOp] = {}
-    for op in program.ops:
-        first_op.setdefault(op.leaf, op)
-    layer_leaves = [op.leaf for op in program.ops if first_op[op.leaf] is op]
-    if layers is not None:
-        wanted = {tuple(p) for p in layers}
-        unknown = wanted - {paths[i] for i in layer_leaves}
-        if unknown:
-            raise ValueError(f"layers {sorted(map(format_path, unknown))} are not kernels of "
-                             "linear ops (dot_general/conv) outside control flow")
-        layer_leaves = [i for i in layer_leaves if paths[i] in wanted]
-
-    # ------------------------------------------------------------------ masks
-    zero_only: dict[int, np.ndarray] = {}
+    first_op, layer_leaves = _select_layers(program, layers)
     if mask is not None:
-        masks = _user_masks(mask, params, paths)
-        bad = [format_path(paths[i]) for i in masks if i not in first_op]
-        if bad:
-            raise ValueError(f"mask given for {bad}, which are not kernels of linear ops")
-        layer_leaves = [i for i in layer_leaves if i in masks]
-        pattern = "user mask"
+        layer_leaves, masks, zero_only, pattern = _user_layer_masks(
+            program, mask, params, first_op, layer_leaves)
     elif isinstance(sparsity, GroupMask):
-        gm = sparsity.leaf_masks(params)
-        layer_leaves = [i for i in layer_leaves if i in gm]
-        if not layer_leaves:
-            raise ValueError("GroupMask removes no slice of any linear-op kernel")
-        masks = {i: gm[i] for i in layer_leaves}
-        # Non-kernel members (biases, norm scale/shift) are zeroed, not refined; dependents
-        # outside kernels (BatchNorm statistics) are left alone (they multiply zeros).
-        zero_only = {i: mk for i, mk in sparsity.leaf_masks(params, dependents=False).items()
-                     if i not in masks}
-        pattern = "groups"
+        layer_leaves, masks, zero_only, pattern = _group_layer_masks(
+            sparsity, params, layer_leaves)
     else:
-        scores = {i: jnp.abs(leaves[i]) for i in layer_leaves}
-        if criterion == "wanda":
-            for i in layer_leaves:
-                energy, seg = _energy_fn(program, first_op[i])
-                bnd = _capture_fn(program, seg.boundary)(leaves, batches)
-                scores[i] = scores[i] * jnp.sqrt(energy(leaves[i], bnd))
-        if isinstance(sparsity, str):
-            n, m = nm
-            masks = {i: np.asarray(nm_mask(scores[i], first_op[i].nm_axes, n, m,
-                                           path=paths[i])) for i in layer_leaves}
-            pattern = sparsity
-        elif scope == "global":
-            got = _global_masks([np.asarray(scores[i]) for i in layer_leaves],
-                                float(sparsity), max_layer_sparsity)
-            masks = dict(zip(layer_leaves, got, strict=True))
-            pattern = f"unstructured {float(sparsity):g} (global)"
-        else:
-            masks = {i: np.asarray(unstructured_mask(scores[i], float(sparsity)))
-                     for i in layer_leaves}
-            pattern = f"unstructured {float(sparsity):g} (layer)"
-
-    # ------------------------------------------------------------------ cascade
-    dense = list(leaves)
-    for i, mk in zero_only.items():
-        leaves[i] = leaves[i] * jnp.asarray(mk, leaves[i].dtype)
-    plans = []
-    for i in layer_leaves:
-        ops = program.downstream_ops(i)[:K + 1]
-        plans.append((i, ops, program.segment(i, [op.out_key for op in ops])))
-    target_keys = tuple(sorted({k for _, _, s in plans for k in s.targets},
-                               key=lambda k: k[1:]))
-    dense_vals = dict(zip(target_keys,
-                          _capture_fn(program, target_keys)(dense, batches), strict=True))
-    reports = []
-    args_num = (jnp.int32(newton_steps), jnp.int32(cg_max_iters), jnp.float32(cg_tol),
-                jnp.float32(damping))
-    for i, ops, seg in tqdm(plans, desc="snows", disable=not progress, leave=False):
-        t0 = time.perf_counter()
-        boundary = _capture_fn(program, seg.boundary)(leaves, batches)
-        targets = [dense_vals[k] for k in seg.targets]
-        if loop == "jit":
-            solve = newton_solve(program, seg, gauss_newton=gauss_newton)
-            w, f0, f1, cg_it, taken = solve(leaves[i], jnp.asarray(masks[i]), boundary,
-                                            targets, *args_num)
-        else:
-            w, f0, f1, cg_it, taken = _host_solve(
-                _host_fns(program, seg, gauss_newton), leaves[i], jnp.asarray(masks[i]),
-                boundary, targets, newton_steps, cg_max_iters, cg_tol, damping)
-        w = jax.block_until_ready(w)
-        leaves[i] = w
-        reports.append(LayerReport(
-            paths[i], tuple(op.index for op in ops), float(f0), float(f1), int(cg_it),
-            int(taken), float(np.mean(np.asarray(w) == 0)), time.perf_counter() - t0))
+        masks, pattern = _score_masks(program, leaves, batches, first_op, layer_leaves,
+                                      sparsity, criterion, scope, max_layer_sparsity)
+        zero_only = {}
+    reports = _cascade(program, leaves, batches, layer_leaves, masks, zero_only, K, cfg,
+                       progress)
     sizes = np.array([np.size(leaves[i]) for i in layer_leaves], float)
     zeros = np.array([np.sum(np.asarray(leaves[i]) == 0) for i in layer_leaves], float)
     new_params = jax.tree_util.tree_unflatten(treedef, leaves)
