@@ -203,12 +203,14 @@ def publish(out: Path, section: str | None, body: str, *,
             results: Mapping[str, Any] | None = None, json_name: str | None = None,
             write: bool = True, indent: int = 1) -> None:
     """Prints ``body``; unless ``write`` is false, also writes ``out/json_name`` (the
-    ``results``) and the ``section`` of ``out/RESULTS.md`` (skipped when ``None``)."""
-    print(body)
+    ``results``; skipped when ``None``) and the ``section`` of ``out/RESULTS.md`` (skipped
+    when ``None``)."""
+    if body:
+        print(body)
     if not write:
         return
     out.mkdir(parents=True, exist_ok=True)
     if json_name is not None:
-        (out / json_name).write_text(json.dumps(results, indent=indent))
+        (out / json_name).write_text(json.dumps(results, indent=indent) + "\n")
     if section is not None:
         upsert_section(out / "RESULTS.md", section, body)

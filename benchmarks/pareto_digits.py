@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from common import HERE, command_line, environment_line, parser, upsert_section
 from flax import nnx
 from tqdm.auto import tqdm
 
@@ -49,10 +49,6 @@ from hesso_jax.train import (
     train_classifier,
 )
 
-sys.path.insert(0, str(Path(__file__).parent))
-from results_md import upsert_section  # noqa: E402
-
-HERE = Path(__file__).parent
 SECTION = "## Digits Pareto front: HESSO vs one-shot baselines"
 ARCHS = {
     "cnn": ("CNN(48, 96)", lambda seed: CNN(rngs=nnx.Rngs(seed))),
@@ -64,7 +60,8 @@ METHODS = ("hesso", "hesso_cric", "magnitude", "taylor")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = parser(__doc__, out=None,
+               no_write_help="print only: do not write the JSON, the plot or RESULTS.md")
     p.add_argument("--archs", default="cnn,resnet")
     p.add_argument("--sparsities", default="0.3,0.5,0.7,0.9")
     p.add_argument("--methods", default=",".join(METHODS))
@@ -77,8 +74,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--min-keep", type=float, default=0,
                    help="per-family floor of every pruning method (hj.hesso(min_keep=...), "
                         "one_shot_prune(min_keep=...)): an int count or a fraction in (0, 1)")
-    p.add_argument("--no-write", action="store_true",
-                   help="print only: do not write the JSON, the plot or RESULTS.md")
     p.add_argument("--merge", action="store_true",
                    help="add these runs to the rows already in pareto_digits.json "
                         "(same arch/method/sparsity/seed replaced)")
@@ -232,7 +227,7 @@ def main(argv: list[str] | None = None) -> None:
     methods = args.methods.split(",")
     rows: list[dict[str, Any]] = []
     out_json = HERE / "pareto_digits.json"
-    commands = [" ".join(["python benchmarks/pareto_digits.py", *(argv or sys.argv[1:])])]
+    commands = [command_line("pareto_digits.py", argv)]
     old_rows: list[dict[str, Any]] = []
     if args.merge and out_json.exists():
         old = json.loads(out_json.read_text())
@@ -295,10 +290,10 @@ def main(argv: list[str] | None = None) -> None:
         plot(summary, HERE / "pareto_digits.png")
         cmd = "`, then `".join(c.strip() for c in commands)
         body = (f"Commands: `{cmd}` ({args.steps} steps, Adam "
-                f"lr {args.lr}, batch {args.batch_size}, P={args.periods}; 2 CPU cores "
-                "shared with other jobs, so `train s` and latency are only comparable "
-                "within the table). Accuracy is the shrunk model's; every pruned run has "
-                "exactly K groups at 0.0. Plot: `benchmarks/pareto_digits.png`.\n\n" + table)
+                f"lr {args.lr}, batch {args.batch_size}, P={args.periods}; last command on "
+                f"{environment_line()}; `train s` and latency are only comparable within the "
+                "table). Accuracy is the shrunk model's; every pruned run has exactly K groups "
+                "at 0.0. Plot: `benchmarks/pareto_digits.png`.\n\n" + table)
         upsert_section(HERE / "RESULTS.md", SECTION, body)
 
 

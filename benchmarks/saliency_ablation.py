@@ -26,8 +26,6 @@ import hashlib
 import json
 import os
 import platform
-import shlex
-import sys
 import sysconfig
 import time
 from collections.abc import Callable
@@ -39,15 +37,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from common import command_line, parser, publish, upsert_section
 from flax import nnx
 from tqdm.auto import tqdm
 
 import hesso_jax as hj
 from hesso_jax.models.charlm import VOCAB_SIZE, CharLM, encode, lm_loss
-from hesso_jax.train import count_params, demo_schedule
-
-sys.path.insert(0, str(Path(__file__).parent))
-from results_md import upsert_section  # noqa: E402
+from hesso_jax.train import count_params, demo_schedule, make_train_step
 
 SECTION = "## Saliency ablation on a character-level LM (paper Table 6)"
 
@@ -123,16 +119,9 @@ def make_loss(graphdef: Any) -> Callable[[Any, jax.Array, jax.Array], jax.Array]
 
 
 def make_step(graphdef: Any, tx: optax.GradientTransformationExtraArgs) -> Callable:
-    loss = make_loss(graphdef)
-
-    @jax.jit
-    def step(params: Any, opt_state: Any, x: jax.Array, y: jax.Array) -> tuple:
-        value, grads = jax.value_and_grad(loss)(params, x, y)
-        updates, opt_state = tx.update(grads, opt_state, params,
-                                       value_fn=lambda p: loss(p, x, y))
-        return optax.apply_updates(params, updates), opt_state, value
-
-    return step
+    """Jitted ``step(params, opt_state, x, y) -> (params, opt_state, loss)`` (the library's
+    recipe: ``value_fn`` = the loss on the step's batch, for CRIC)."""
+    return make_train_step(make_loss(graphdef), tx)
 
 
 def make_eval(graphdef: Any, batch: int) -> Callable[[Any, np.ndarray, np.ndarray], float]:
@@ -421,7 +410,7 @@ def plot(args: argparse.Namespace, res: dict[str, Any], path: Path) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = parser(__doc__)
     p.add_argument("--quick", action="store_true", help="smoke run: few steps, small eval")
     p.add_argument("--steps", type=int, default=None,
                    help="training steps (default 800; 60 with --quick)")
@@ -443,8 +432,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--eval-batch", type=int, default=256)
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=Path(__file__).parent)
-    p.add_argument("--no-write", action="store_true", help="print only")
     p.add_argument("--replot", action="store_true",
                    help="no training: redo the PNG and the RESULTS.md section from the JSON")
     args = p.parse_args(argv)
@@ -470,8 +457,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.replot:
         replot(args)
         return
-    command = ("python benchmarks/saliency_ablation.py " + " ".join(
-        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))).strip()
+    command = command_line("saliency_ablation.py", argv)
     machine = {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "cpu": cpu_name(), "cores": str(os.cpu_count()), "platform": platform.platform(),
@@ -482,14 +468,12 @@ def main(argv: list[str] | None = None) -> None:
     res = run(args)
     machine["load_end"] = load_average()
     body = markdown(args, res, command, machine)
-    print(body)
+    out = {"command": command, "machine": machine, "settings": {
+        k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, **res}
+    publish(args.out, SECTION, body, results=out, json_name="saliency_ablation.json",
+            write=not args.no_write)
     if not args.no_write:
-        args.out.mkdir(parents=True, exist_ok=True)
-        out = {"command": command, "machine": machine, "settings": {
-            k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, **res}
-        (args.out / "saliency_ablation.json").write_text(json.dumps(out, indent=1))
         plot(args, res, args.out / "saliency_ablation.png")
-        upsert_section(args.out / "RESULTS.md", SECTION, body)
 
 
 if __name__ == "__main__":

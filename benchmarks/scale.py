@@ -18,8 +18,8 @@ The HESSO state is built with a chosen ``count`` so the same compiled step runs 
 branch on the same gradient and state (new state discarded; the parameters are donated and
 fed back, as in a training loop, so XLA reuses their buffers). Minimum of ``--reps`` calls,
 each followed by ``block_until_ready``; compile time excluded. Growth exponents are
-least-squares slopes of ``log time`` against ``log size``. The machine is shared (2 cores,
-other jobs running), so ratios and exponents are the meaningful figures, not absolute times.
+least-squares slopes of ``log time`` against ``log size``. On a shared machine (the RESULTS
+section states the load) ratios and exponents are the meaningful figures, not absolute times.
 
 Memory: ``jax.devices()[0].memory_stats()`` is ``None`` on XLA:CPU, so the step's memory is
 taken from the compiled executable's ``memory_analysis()`` (argument, output and temporary
@@ -44,14 +44,9 @@ projection vs G and N (CPU)`` of ``RESULTS.md`` in ``--out`` (default: this dire
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
 import gc
 import json
-import os
-import platform
-import shlex
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -61,14 +56,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from common import command_line, environment, min_time, parser, publish
 from tqdm import tqdm
 
 import hesso_jax as hj
 from hesso_jax.cric import CricConfig
 from hesso_jax.projection import bottom_k
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results_md import upsert_section  # noqa: E402
 
 SECTION = "## Scale: identification and projection vs G and N (CPU)"
 PERIODS, TP = 2, 10
@@ -76,10 +69,9 @@ PERIODS, TP = 2, 10
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = parser(__doc__, no_write=False)
     p.add_argument("--quick", action="store_true", help="small sizes only (smoke test)")
     p.add_argument("--reps", type=int, default=7, help="timed calls per measurement")
-    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent)
     p.add_argument("--no-results-md", action="store_true", help="do not touch RESULTS.md")
     p.add_argument("--from-json", type=Path, default=None,
                    help="re-render the plot, table and RESULTS.md section from a saved "
@@ -103,24 +95,6 @@ def make_problem(rows: int, num_groups: int) -> tuple[dict, dict, hj.Groups]:
     groups = hj.Groups.from_families([hj.GroupFamily(
         num_groups, (hj.Member(("w",), 1), hj.Member(("b",), 0)))])
     return params, grads, groups
-
-
-def timed(fn: Callable[[], Any], reps: int) -> tuple[float, float]:
-    """Minimum wall and process-CPU seconds of ``reps`` calls (one untimed warm call first).
-
-    Other jobs on a shared machine only ever *add* time (preemption, cache and memory
-    bandwidth contention), so the minimum over repeats is the most reproducible estimate
-    of a step's own cost; CPU time (all threads of this process) is in addition insensitive
-    to waiting for a core. Growth exponents are fitted on both.
-    """
-    jax.block_until_ready(fn())
-    wall, cpu = [], []
-    for _ in range(reps):
-        t0, c0 = time.perf_counter(), time.process_time()
-        jax.block_until_ready(fn())
-        wall.append(time.perf_counter() - t0)
-        cpu.append(time.process_time() - c0)
-    return float(np.min(wall)), float(np.min(cpu))
 
 
 def memory(compiled: Any) -> dict[str, int]:
@@ -184,10 +158,10 @@ def measure_steps(rows: int, num_groups: int, reps: int, *, cric: bool = False) 
 
         return call
 
-    res["start_s"], res["start_cpu_s"] = timed(looped(f, start), reps)
+    res["start_s"], res["start_cpu_s"] = min_time(looped(f, start), reps)
     if not cric:
-        res["ordinary_s"], res["ordinary_cpu_s"] = timed(looped(f, mid), reps)
-        res["base_s"], res["base_cpu_s"] = timed(looped(fb, bstate), reps)
+        res["ordinary_s"], res["ordinary_cpu_s"] = min_time(looped(f, mid), reps)
+        res["base_s"], res["base_cpu_s"] = min_time(looped(fb, bstate), reps)
     res["memory_hesso_step"] = memory(f)
     res["memory_base_step"] = memory(fb)
     abstract = jax.eval_shape(lambda: params)
@@ -233,7 +207,7 @@ def measure_donation(rows: int, num_groups: int, reps: int) -> dict:
                 return box[0]
 
             key = f"{name}_{'donated' if donate else 'not_donated'}"
-            out[key + "_cpu_s"] = timed(call, reps)[1]
+            out[key + "_cpu_s"] = min_time(call, reps)[1]
             out[key + "_temp_bytes"] = memory(f)["temp"]
     return out
 
@@ -243,7 +217,7 @@ def measure_bottom_k(num_groups: int, reps: int) -> tuple[float, float]:
     scores = jax.random.uniform(jax.random.key(0), (num_groups,))
     cand = jnp.arange(num_groups) % 7 != 0
     f = jax.jit(bottom_k).lower(scores, cand, num_groups // 4).compile()
-    return timed(lambda: f(scores, cand, num_groups // 4), reps)
+    return min_time(lambda: f(scores, cand, num_groups // 4), reps)
 
 
 def measure_reductions(reps: int, shapes: list[tuple[int, ...]]) -> list[dict]:
@@ -262,9 +236,9 @@ def measure_reductions(reps: int, shapes: list[tuple[int, ...]]) -> list[dict]:
         np.testing.assert_allclose(np.asarray(lead(x)), np.asarray(flat(x)), rtol=1e-4)
         np.testing.assert_allclose(np.asarray(lead(x)), np.asarray(matvec(x)), rtol=1e-3)
         out.append({"shape": list(shape), "elements": int(x.size),
-                    "sum_leading_axes_s": timed(functools.partial(lead, x), reps)[1],
-                    "reshape_then_sum_s": timed(functools.partial(flat, x), reps)[1],
-                    "ones_matvec_s": timed(functools.partial(matvec, x), reps)[1]})
+                    "sum_leading_axes_s": min_time(functools.partial(lead, x), reps)[1],
+                    "reshape_then_sum_s": min_time(functools.partial(flat, x), reps)[1],
+                    "ones_matvec_s": min_time(functools.partial(matvec, x), reps)[1]})
     return out
 
 
@@ -285,15 +259,16 @@ def run(args: argparse.Namespace) -> dict:
         n_sweep_g, n_rows = 10**4, [100, 300, 1000, 3000, 10000]
         bk_sizes = [10**3, 3 * 10**3, 10**4, 3 * 10**4, 10**5, 3 * 10**5, 10**6]
         red_shapes = [(10, 10**6), (1000, 10**4), (3, 3, 1024, 1088)]
+    env = environment()
     out: dict[str, Any] = {
-        "when": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                    "jax": jax.__version__, "backend": jax.default_backend(),
-                    "devices": len(jax.devices()),
-                    "loadavg_start": os.getloadavg()},
+        "when": env["when"],
+        "command": command_line("scale.py"),
+        "machine": {"platform": env["platform"], "cpus": env["cpus"],
+                    "jax": env["jax"], "backend": env["backend"],
+                    "devices": len(env["devices"]),
+                    "loadavg_start": env["load_average"]},
         "memory_stats_available": jax.devices()[0].memory_stats() is not None,
-        "gpu": None,
+        "gpu": None if env["backend"] == "cpu" else env["devices"],
         "schedule": {"P": PERIODS, "Tp": TP, "K": "G/2", "base": "optax.sgd(1e-3)"},
     }
     t0 = time.perf_counter()
@@ -330,7 +305,7 @@ def run(args: argparse.Namespace) -> dict:
     fits["step_temp_bytes_vs_N"] = slope([r["N"] for r in ns],
                                          [max(r["memory_hesso_step"]["temp"], 1) for r in ns])
     out["fits"] = fits
-    out["machine"]["loadavg_end"] = os.getloadavg()
+    out["machine"]["loadavg_end"] = environment()["load_average"]
     out["wall_seconds"] = time.perf_counter() - t0
     return out
 
@@ -381,11 +356,36 @@ def plot(res: dict, path: Path) -> None:
     ax.set_title("step memory vs N")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, which="both")
-    fig.suptitle("hesso-jax scale on CPU (shared, loaded 2-core machine; "
+    m = res["machine"]
+    fig.suptitle(f"hesso-jax scale on {m['backend'].upper()} ("
+                 f"{'loaded ' if loaded(m) else ''}{m['cpus']}-core machine; "
                  "min over repeats of process CPU time)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def loaded(machine: dict) -> bool:
+    """Whether the 1-minute load average exceeded half the cores at the start or end."""
+    loads = [v[0] for v in (machine.get("loadavg_start"), machine.get("loadavg_end")) if v]
+    return bool(loads) and max(loads) > 0.5 * (machine.get("cpus") or 1)
+
+
+def machine_text(res: dict) -> tuple[str, str]:
+    """The prose on the load and the backend that is true for this run."""
+    m = res["machine"]
+    load = (f"load average {m['loadavg_start'][0]:.1f} at the start, "
+            f"{m['loadavg_end'][0]:.1f} at the end, on {m['cpus']} cores")
+    if loaded(m):
+        head = (f"**The machine was loaded** ({load}, from other jobs), so absolute times "
+                "are inflated and noisy: read")
+    else:
+        head = f"The machine was not loaded ({load}); read"
+    if m.get("backend", "cpu") == "cpu":
+        tail = "No GPU was available to this run, so there are no GPU figures."
+    else:
+        tail = f"Backend: {m['backend']} ({m['devices']} device(s))."
+    return head, tail
 
 
 def markdown(res: dict) -> str:
@@ -397,18 +397,17 @@ def markdown(res: dict) -> str:
     def row(name: str, key: str, expected: str) -> str:
         return f"| {name} | {f[key + '_cpu']:.2f} | {f[key]:.2f} | {expected} |"
 
+    head, tail = machine_text(res)
     lines = [
         f"Command: `{res['command']}` ({res['when']}, {m['cpus']} CPU cores, JAX {m['jax']}, "
-        f"{res['wall_seconds']:.0f} s). **The machine was loaded** (load average "
-        f"{m['loadavg_start'][0]:.1f} at the start, {m['loadavg_end'][0]:.1f} at the end, on "
-        "2 cores, from other jobs), so absolute times are inflated and noisy: read the "
+        f"{res['wall_seconds']:.0f} s). {head} the "
         "exponents and ratios, fitted on the minimum over repeats of process CPU time (all "
         "threads; other jobs only add time, and CPU time does not count waiting for a core; "
         "wall times are in `scale.json`). Synthetic model "
         "`w[R, G]` + `b[G]`, one group per column, base `optax.sgd`, HESSO "
         "`K = G/2, P = 2, Tp = 10`; jitted steps with donated parameters, compile "
         "excluded. Plot: "
-        "`scale.png`. No GPU was available to this run, so there are no GPU figures.",
+        f"`scale.png`. {tail}",
         "",
         "Fitted growth (least-squares slope of log time vs log size):",
         "",
@@ -520,13 +519,9 @@ def main(argv: list[str] | None = None) -> None:
         res = json.loads(args.from_json.read_text())
     else:
         res = run(args)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "scale.json").write_text(json.dumps(res, indent=1))
+    section = None if args.no_results_md or args.quick else SECTION
+    publish(args.out, section, markdown(res), results=res, json_name="scale.json")
     plot(res, args.out / "scale.png")
-    body = markdown(res)
-    print(body)
-    if not args.no_results_md and not args.quick:
-        upsert_section(args.out / "RESULTS.md", SECTION, body)
 
 
 if __name__ == "__main__":

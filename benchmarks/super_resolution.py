@@ -21,12 +21,6 @@ Writes ``super_resolution.json``, ``super_resolution.png`` and the section
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
-import platform
-import shlex
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -36,16 +30,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from common import command_line, environment_line, parser, publish, time_call
 from flax import nnx
 from tqdm.auto import tqdm
 
 import hesso_jax as hj
 from hesso_jax.groups import resolve_count
 from hesso_jax.models.carn import CARN, bicubic_upsample
-from hesso_jax.train import count_params
-
-sys.path.insert(0, str(Path(__file__).parent))
-from results_md import upsert_section  # noqa: E402
+from hesso_jax.train import count_params, make_train_step
 
 SECTION = "## CRIC on super-resolution (paper §4.1)"
 SHAVE = 2  # border pixels (= scale) left out of the PSNR, as is customary in SR
@@ -132,21 +124,13 @@ def psnr_table(preds: list[np.ndarray], test: list) -> dict[str, float]:
 
 # ----------------------------------------------------------------------------- training
 def make_step(graphdef: Any, tx: optax.GradientTransformation) -> Callable:
-    """Jitted ``step(params, opt_state, lr, hr) -> (params, opt_state, loss)`` (L1 loss)."""
+    """Jitted ``step(params, opt_state, lr, hr) -> (params, opt_state, loss)`` (L1 loss;
+    the library's recipe, ``value_fn`` = the loss on the current batch for CRIC)."""
 
     def loss_of(params: Any, lr: jax.Array, hr: jax.Array) -> jax.Array:
         return jnp.mean(jnp.abs(nnx.merge(graphdef, params)(lr) - hr))
 
-    @jax.jit
-    def step(params: Any, opt_state: Any, lr: jax.Array, hr: jax.Array) -> tuple:
-        def value_fn(p: Any) -> jax.Array:  # the loss on the current batch, for CRIC
-            return loss_of(p, lr, hr)
-
-        loss, grads = jax.value_and_grad(value_fn)(params)
-        updates, opt_state = tx.update(grads, opt_state, params, value_fn=value_fn)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    return step
+    return make_train_step(loss_of, tx)
 
 
 def make_predict(graphdef: Any) -> Callable:
@@ -276,11 +260,6 @@ def time_cric(args: argparse.Namespace, data: dict, dense: dict, sparsity: float
     s_start_c = state_at(tx_c, warmup)
     lr, hr = batches[0]
 
-    def once(fn: Callable[[], Any]) -> float:
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        return time.perf_counter() - t0
-
     def period() -> Any:
         p, s = params, s_start_h
         for b_lr, b_hr in batches:
@@ -298,7 +277,7 @@ def time_cric(args: argparse.Namespace, data: dict, dense: dict, sparsity: float
         del calls["cric_start_stock"]
     repeats = {"hesso_period": 1, "cric_start_stock": 1}
     for fn in calls.values():  # compile and warm
-        once(fn)
+        time_call(fn)
     _, s_after = jax.block_until_ready(step_c(params, s_start_c, lr, hr))[:2]
     cycles = hj.hesso_status(s_after).cric_cycles
     res: dict[str, list[float]] = {k: [] for k in calls}
@@ -309,7 +288,7 @@ def time_cric(args: argparse.Namespace, data: dict, dense: dict, sparsity: float
             if k == "cric_start_stock" and r >= 2:  # ~10 s a call: two are enough
                 continue
             n = repeats.get(k, 3)
-            res[k].append(float(np.median([once(calls[k]) for _ in range(n)])))
+            res[k].append(float(np.median([time_call(calls[k]) for _ in range(n)])))
     med = {k: float(np.median(v)) for k, v in res.items()}
     return {"sparsity": sparsity, "Tp": tp, "rounds": rounds, "cycles": int(cycles),
             "median_s": med, "all_s": res}
@@ -328,10 +307,7 @@ def markdown(args: argparse.Namespace, res: dict, command: str) -> str:
     g = res["G"]
     lines = [
         f"- Command: `{command}` (wall time {res['wall_s']:.0f} s).",
-        f"- Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores "
-        f"(shared with another job), {platform.platform()}; devices: "
-        f"{', '.join(str(d) for d in jax.devices())}; jax {jax.__version__}; "
-        f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC.",
+        f"- Machine: {environment_line()}.",
         f"- Model: CARN(C={c}, B={args.blocks}, cascade={not args.no_cascade}), "
         f"{res['params_dense']:,} params, G = {g} groups in {len(res['families'])} families "
         f"of {c}; ×2 luminance SR with a bicubic global skip.",
@@ -445,10 +421,9 @@ def observations(res: dict, c: int, args: argparse.Namespace) -> list[str]:
              f"{', '.join(str(n) for n in r['nan_scores'])})"
              for r in res["runs"] if r["zero_groups"] != r["K"]]
     out += ["", "**Exactly K groups at 0.0:** " + (
-        "every run." if not short else "not in " + "; ".join(short) + ". When CRIC's trial "
-        "steps diverge, the accumulated scores of some groups are NaN, and "
-        "`projection.bottom_k` (NaN sorts after the +inf it gives non-candidates) then "
-        "selects fewer than K̂ groups at that period start, silently.")]
+        "every run." if not short else "not in " + "; ".join(short) + ". Every selection of "
+        "`projection.bottom_k` has exactly K̂ groups (a NaN score, from diverged CRIC trial "
+        "steps, ranks last among the candidates), so a shortfall here is a bug to report.")]
     return out
 
 
@@ -522,7 +497,7 @@ def plot(res: dict, path: Path) -> None:
 
 # ----------------------------------------------------------------------------- main
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = parser(__doc__)
     p.add_argument("--quick", action="store_true", help="smoke run (~1-2 minutes)")
     p.add_argument("--steps", type=int, default=None, help="default 1000 (quick: 250)")
     p.add_argument("--sparsities", type=float, nargs="+", default=None,
@@ -549,8 +524,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="skip timing CRIC with the stock lax convolution gradients")
     p.add_argument("--test-fraction", type=float, default=0.25)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=Path(__file__).parent)
-    p.add_argument("--no-write", action="store_true", help="print only")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     if args.steps is None:
@@ -605,15 +578,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    command = ("python benchmarks/super_resolution.py " + " ".join(
-        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))).strip()
     res = run(args)
-    body = markdown(args, res, command)
-    print(body)
+    body = markdown(args, res, command_line("super_resolution.py", argv))
+    publish(args.out, SECTION, body, results=res, json_name="super_resolution.json",
+            write=not args.no_write)
     if not args.no_write:
-        (args.out / "super_resolution.json").write_text(json.dumps(res, indent=1))
         plot(res, args.out / "super_resolution.png")
-        upsert_section(args.out / "RESULTS.md", SECTION, body)
 
 
 if __name__ == "__main__":
