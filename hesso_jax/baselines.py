@@ -106,9 +106,7 @@ def one_shot_prune(params: Any, groups: Groups, K: int | float | Budget,
             candidates = floor.candidates(scores, candidates)
         drop = np.asarray(bottom_k(scores, candidates, k))
     keep = ~drop
-    mask = groups.broadcast(jnp.asarray(keep, jnp.float32), params, fill=1.0)
-    pruned = jax.tree.map(lambda x, m: (x * m).astype(x.dtype), params, mask)
-    return pruned, keep
+    return groups.mask(params, keep), keep
 
 
 def _budget_drop(groups: Groups, budget: Budget, scores: jax.Array,
@@ -132,7 +130,7 @@ def keep_pruned(groups: Groups, keep: np.ndarray) -> optax.GradientTransformatio
     With the pruned parameters at 0.0 and their updates 0.0, fine-tuning keeps them
     exactly zero.
     """
-    keep_vec = jnp.asarray(np.asarray(keep, bool), jnp.float32)
+    keep_vec = np.asarray(keep, bool)
     if keep_vec.shape != (groups.num_groups,):
         raise ValueError(f"keep has shape {keep_vec.shape}, expected ({groups.num_groups},)")
 
@@ -142,7 +140,6 @@ def keep_pruned(groups: Groups, keep: np.ndarray) -> optax.GradientTransformatio
 
     def update(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
         del params
-        mask = groups.broadcast(keep_vec, updates, fill=1.0)
-        return jax.tree.map(lambda u, m: (u * m).astype(u.dtype), updates, mask), state
+        return groups.mask(updates, keep_vec), state
 
     return optax.GradientTransformation(init, update)

@@ -730,6 +730,66 @@ class Groups:
             out[m.leaf] = jnp.broadcast_to(m.expand(ext), m.shape)
         return jax.tree_util.tree_unflatten(treedef, out)
 
+    def mask(self, tree: Any, keep: Any, *, dependents: bool = False) -> Any:
+        """``tree`` with every member slice of the removed groups set to exactly ``0``.
+
+        The one keep-mask operation: element ``e`` of a leaf becomes
+        ``where(concat(keep, True)[index(e)], e, 0)``, with ``index`` the channel → group
+        map of each axis the groups touch (channels of no group are kept). A ``where``,
+        not a product, so a removed element is ``0`` even when it was NaN or inf.
+        Jittable: ``keep`` may be traced; leaf dtypes and shapes are unchanged.
+
+        Args:
+          tree: a pytree holding the member paths (params, updates, an ``nnx.State``).
+          keep: ``bool[G]`` in global group order, True for the groups that stay.
+          dependents: also zero the dependents' slices of removed groups (consumer
+            in-channels, norm statistics), i.e. everything `hesso_jax.shrink` would cut.
+
+        Example:
+          >>> import numpy as np, hesso_jax as hj
+          >>> g = hj.Groups.from_families([hj.GroupFamily(3, (hj.Member(("w",), 1),))])
+          >>> g.mask({"w": np.ones((2, 3))}, np.array([True, False, True]))["w"]
+          Array([[1., 0., 1.],
+                 [1., 0., 1.]], dtype=float32)
+        """
+        keep = jnp.asarray(keep)
+        if keep.shape != (self._num_groups,) or keep.dtype != jnp.bool_:
+            raise ValueError(f"keep must be bool[{self._num_groups}], got "
+                             f"{keep.dtype}{list(keep.shape)}")
+        layout = self.layout(tree, dependents="present")
+        leaves, treedef = jax.tree_util.tree_flatten(tree)
+        ext = jnp.concatenate([keep, jnp.ones((1,), bool)])
+        for m in (*layout.members, *(layout.dependents if dependents else ())):
+            x = jnp.asarray(leaves[m.leaf])
+            leaves[m.leaf] = jnp.where(m.expand(ext), x, jnp.zeros((), x.dtype))
+        return jax.tree_util.tree_unflatten(treedef, leaves)
+
+    def channel_keep(self, tree: Any, keep: np.ndarray, *,
+                     dependents: DependentsMode | None = "present"
+                     ) -> dict[tuple[int, int], np.ndarray]:
+        """Host-side keep masks per touched axis: ``{(leaf, axis): bool[length]}``.
+
+        Channel ``c`` of axis ``axis`` of leaf number ``leaf`` (in ``jax.tree.leaves``
+        order) is kept iff ``concat(keep, True)[index][c]`` for every family touching that
+        axis, the same rule as `mask`; what `hesso_jax.shrink` keeps.
+
+        Args:
+          tree: the tree whose leaves are indexed.
+          keep: ``bool[G]`` (host), True for the groups that stay.
+          dependents: ``None`` for members only, else how missing dependent paths are
+            treated (``"present"``: skipped, ``"require"``: a ValueError).
+        """
+        keep = np.asarray(keep, bool)
+        if keep.shape != (self._num_groups,):
+            raise ValueError(f"keep must be bool[{self._num_groups}], got shape {keep.shape}")
+        layout = self.layout(tree, dependents=dependents or "present")
+        ext = np.concatenate([keep, [True]])
+        out: dict[tuple[int, int], np.ndarray] = {}
+        for m in (*layout.members, *(layout.dependents if dependents else ())):
+            key, channel = (m.leaf, m.axis), ext[m.index]
+            out[key] = channel if key not in out else out[key] & channel
+        return out
+
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (``fingerprint`` only when one is recorded)."""

@@ -183,14 +183,7 @@ def apply_plan(tree: Any, groups: Groups, plan: KeepPlan, *,
 def _channel_keep(tree: Any, groups: Groups, plan: KeepPlan,
                   dependents: DependentsMode) -> dict[tuple[int, int], np.ndarray]:
     """``{(leaf, axis): bool[length]}``: the channels the plan keeps on each touched axis."""
-    layout = groups.layout(tree, dependents=dependents)
-    keep_ext = np.concatenate([plan.keep_mask(), [True]])
-    keep: dict[tuple[int, int], np.ndarray] = {}
-    for m in (*layout.members, *layout.dependents):
-        key = (m.leaf, m.axis)
-        channel_keep = keep_ext[m.index]
-        keep[key] = channel_keep if key not in keep else keep[key] & channel_keep
-    return keep
+    return groups.channel_keep(tree, plan.keep_mask(), dependents=dependents)
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -77,14 +77,7 @@ def keep_by_path(tree: Any, groups: Groups, plan: KeepPlan) -> KeepMasks:
 
 def masked_tree(tree: Any, groups: Groups, plan: KeepPlan) -> Any:
     """``tree`` with every member slice of the groups ``plan`` removes set to exactly 0."""
-    layout = groups.layout(tree, dependents="present")
-    leaves, treedef = jax.tree_util.tree_flatten(tree)
-    ext = jnp.concatenate([jnp.asarray(plan.keep_mask(), jnp.float32), jnp.ones((1,))])
-    for m in layout.members:
-        x = leaves[m.leaf]
-        mask = jnp.broadcast_to(m.expand(ext), m.shape)
-        leaves[m.leaf] = jnp.where(mask > 0, x, jnp.zeros((), x.dtype))
-    return jax.tree_util.tree_unflatten(treedef, leaves)
+    return groups.mask(tree, plan.keep_mask())
 
 
 def _is_shape_struct(x: Any) -> bool:
