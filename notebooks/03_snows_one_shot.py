@@ -1,34 +1,31 @@
-"""Cells of 03_snows_one_shot.ipynb (see make_notebooks.py)."""
+"""Source of 03_snows_one_shot.ipynb (percent format, built by make_notebooks.py)."""
 
-TITLE = "03_snows_one_shot.ipynb"
+# %% [markdown]
+# # SNOWS: one-shot pruning of a trained model, without retraining
+#
+# HESSO prunes *while* training. When a model is already trained and retraining is not an
+# option, `hj.snows` prunes it in one shot from a few hundred unlabelled calibration inputs
+# (SNOWS, [arXiv 2411.18376](https://arxiv.org/abs/2411.18376)):
+#
+# 1. pick a mask per layer: N:M (`"2:4"`: 2 weights kept in every 4 along the reduction
+#    axis, the pattern sparse tensor cores accelerate), an unstructured fraction (`0.9`),
+#    or a HESSO group mask;
+# 2. refit the kept weights of each layer, in forward order, so that the outputs of the
+#    next `K+1` linear operations match the dense network's on the calibration inputs.
+#    `K=0` is layer-wise reconstruction (as in OBC/SparseGPT); larger `K` looks further
+#    downstream. The problem is solved with Hessian-free Newton steps (Hessian-vector
+#    products by `jax.jvp` of `jax.grad`, conjugate gradient, Armijo line search).
+#
+# `newton_steps=0` applies the mask alone: that is plain magnitude pruning, the baseline.
+#
+# This notebook trains an MLP on scikit-learn's digits, prunes it at 2:4 and at 90%
+# unstructured sparsity with magnitude, SNOWS `K=0` and SNOWS `K=2`, and compares test
+# accuracy. With `HESSO_JAX_NOTEBOOK_QUICK=1` (the test suite's setting) the MLP is smaller
+# and the solver budget lower; unset it takes a minute or two on 2 CPU cores.
+# `benchmarks/RESULTS.md` ("SNOWS one-shot pruning") has the full grid with a CNN and a
+# transformer too.
 
-CELLS = [
-    ("md", r'''
-# SNOWS: one-shot pruning of a trained model, without retraining
-
-HESSO prunes *while* training. When a model is already trained and retraining is not an
-option, `hj.snows` prunes it in one shot from a few hundred unlabelled calibration inputs
-(SNOWS, [arXiv 2411.18376](https://arxiv.org/abs/2411.18376)):
-
-1. pick a mask per layer: N:M (`"2:4"`: 2 weights kept in every 4 along the reduction
-   axis, the pattern sparse tensor cores accelerate), an unstructured fraction (`0.9`),
-   or a HESSO group mask;
-2. refit the kept weights of each layer, in forward order, so that the outputs of the
-   next `K+1` linear operations match the dense network's on the calibration inputs.
-   `K=0` is layer-wise reconstruction (as in OBC/SparseGPT); larger `K` looks further
-   downstream. The problem is solved with Hessian-free Newton steps (Hessian-vector
-   products by `jax.jvp` of `jax.grad`, conjugate gradient, Armijo line search).
-
-`newton_steps=0` applies the mask alone: that is plain magnitude pruning, the baseline.
-
-This notebook trains an MLP on scikit-learn's digits, prunes it at 2:4 and at 90%
-unstructured sparsity with magnitude, SNOWS `K=0` and SNOWS `K=2`, and compares test
-accuracy. With `HESSO_JAX_NOTEBOOK_QUICK=1` (the test suite's setting) the MLP is smaller
-and the solver budget lower; unset it takes a minute or two on 2 CPU cores.
-`benchmarks/RESULTS.md` ("SNOWS one-shot pruning") has the full grid with a CNN and a
-transformer too.
-'''),
-    ("code", r'''
+# %%
 import json
 import os
 import time
@@ -45,7 +42,7 @@ from hesso_jax.data import load_digits_split
 from hesso_jax.models import MLP
 from hesso_jax.train import count_params, evaluate, make_eval, train_classifier
 
-%matplotlib inline
+# %matplotlib inline
 
 QUICK = os.environ.get("HESSO_JAX_NOTEBOOK_QUICK", "") not in ("", "0")
 if QUICK:   # smoke settings: the test suite runs these
@@ -56,13 +53,13 @@ SEED = 0
 T0 = time.perf_counter()
 print(f"QUICK={QUICK}: MLP(64, {HIDDEN}, 10), {STEPS} training steps, {CALIB} calibration "
       f"images, {NEWTON_STEPS} Newton steps per layer, CG cap {CG_MAX_ITERS}")
-'''),
-    ("md", r'''
-## A trained model
 
-Any trained model works; here a plain MLP trained densely with Adam on the 8×8 digits.
-'''),
-    ("code", r'''
+# %% [markdown]
+# ## A trained model
+#
+# Any trained model works; here a plain MLP trained densely with Adam on the 8×8 digits.
+
+# %%
 data = load_digits_split(seed=SEED)
 model = MLP(64, HIDDEN, 10, rngs=nnx.Rngs(SEED))
 train_classifier(model, optax.adam(1e-3), data, steps=STEPS, seed=SEED,
@@ -71,16 +68,16 @@ acc_dense = evaluate(model, data.x_test, data.y_test)
 x_test = jnp.asarray(data.x_test)
 logits_dense = make_eval(model)(nnx.state(model), x_test)
 print(f"dense MLP: {count_params(model):,} parameters, test accuracy {100 * acc_dense:.2f}%")
-'''),
-    ("md", r'''
-## Prune in one shot
 
-`hj.snows(model, calib_x, sparsity=..., K=...)` returns a new module (the input is not
-modified) and a `SnowsReport`. The calibration set is the first training images, without
-labels. Every `dot_general`/`conv` kernel found in the jaxpr is a layer, the output layer
-included.
-'''),
-    ("code", r'''
+# %% [markdown]
+# ## Prune in one shot
+#
+# `hj.snows(model, calib_x, sparsity=..., K=...)` returns a new module (the input is not
+# modified) and a `SnowsReport`. The calibration set is the first training images, without
+# labels. Every `dot_general`/`conv` kernel found in the jaxpr is a layer, the output layer
+# included.
+
+# %%
 calib = jnp.asarray(data.x_train[:CALIB])
 PATTERNS = ["2:4", 0.9]
 METHODS = {"magnitude": dict(K=0, newton_steps=0),
@@ -101,16 +98,16 @@ for pattern in PATTERNS:
         print(f"{str(pattern):4s} {method:10s} acc {100 * results[key]['acc']:6.2f}%  "
               f"logit MSE {results[key]['logit_mse']:8.3f}  zero fraction "
               f"{report.sparsity:.3f}  ({results[key]['seconds']:.1f} s)")
-'''),
-    ("md", r'''
-## Accuracy
 
-Magnitude pruning at high sparsity breaks the network; refitting the kept weights to the
-dense network's outputs recovers most of the accuracy, and looking `K=2` operations
-downstream usually recovers more than layer-wise reconstruction (`K=0`), most visibly at
-90%. At 2:4 (50%) a small MLP has little to lose, so all refits sit near dense.
-'''),
-    ("code", r'''
+# %% [markdown]
+# ## Accuracy
+#
+# Magnitude pruning at high sparsity breaks the network; refitting the kept weights to the
+# dense network's outputs recovers most of the accuracy, and looking `K=2` operations
+# downstream usually recovers more than layer-wise reconstruction (`K=0`), most visibly at
+# 90%. At 2:4 (50%) a small MLP has little to lose, so all refits sit near dense.
+
+# %%
 lines = ["| pattern | " + " | ".join(METHODS) + " |", "|---|" + "---:|" * len(METHODS)]
 for pattern in PATTERNS:
     lines.append(f"| {pattern} | " + " | ".join(
@@ -129,16 +126,16 @@ ax.set_ylabel("test accuracy (%)")
 ax.set_ylim(0, 105)
 ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
 plt.show()
-'''),
-    ("md", r'''
-## Per-layer report
 
-`report.layers` has one `LayerReport` per pruned kernel, in forward order: the linear ops
-in its objective (its own op, then up to `K` downstream), the reconstruction objective
-at the masked start `W_dense ⊙ m` and after the Newton steps (never larger), CG
-iterations, accepted Newton steps, and the zero fraction of the kernel.
-'''),
-    ("code", r'''
+# %% [markdown]
+# ## Per-layer report
+#
+# `report.layers` has one `LayerReport` per pruned kernel, in forward order: the linear ops
+# in its objective (its own op, then up to `K` downstream), the reconstruction objective
+# at the masked start `W_dense ⊙ m` and after the Newton steps (never larger), CG
+# iterations, accepted Newton steps, and the zero fraction of the kernel.
+
+# %%
 report = reports[("0.9", "SNOWS K=2")]
 lines = ["| layer | ops | objective before | objective after | ratio | CG its | Newton "
          "| zero fraction | s |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -161,15 +158,15 @@ ax.set_ylabel("K-step reconstruction objective")
 ax.set_title("90% unstructured, K=2")
 ax.legend()
 plt.show()
-'''),
-    ("md", r'''
-## Check the masks
 
-The kept weights were refitted, but the masks hold exactly: every run of 4 consecutive
-input weights of a 2:4 kernel has at most 2 nonzeros, and every 90% kernel has at least
-`round(0.9 · size)` zeros.
-'''),
-    ("code", r'''
+# %% [markdown]
+# ## Check the masks
+#
+# The kept weights were refitted, but the masks hold exactly: every run of 4 consecutive
+# input weights of a 2:4 kernel has at most 2 nonzeros, and every 90% kernel has at least
+# `round(0.9 · size)` zeros.
+
+# %%
 def kernels(m):
     """``{path: kernel}`` of a module's Dense kernels."""
     return {"/".join(map(str, p)): np.asarray(v) for p, v in nnx.to_flat_state(
@@ -190,15 +187,15 @@ objective_never_worse = all(lr.objective_after <= lr.objective_before * (1 + 1e-
 print("max nonzeros in a run of 4 (2:4):", max_nonzeros_per_4)
 print("every 90% kernel has >= round(0.9 * size) zeros:", min_extra_zeros_90 >= 0)
 print("objective after <= before in every layer:", objective_never_worse)
-'''),
-    ("md", r'''
-SNOWS also takes a structured `hj.GroupMask(groups, keep)` (e.g.
-`hj.GroupMask.from_hesso(groups, opt_state)` after a HESSO run), in which case the
-consumers of removed channels are refitted to compensate, and `criterion="wanda"` scores
-weights by `|W| · ‖X‖` instead of magnitude. For GELU/softmax models pass
-`gauss_newton=True`.
-'''),
-    ("code", r'''
+
+# %% [markdown]
+# SNOWS also takes a structured `hj.GroupMask(groups, keep)` (e.g.
+# `hj.GroupMask.from_hesso(groups, opt_state)` after a HESSO run), in which case the
+# consumers of removed channels are refitted to compensate, and `criterion="wanda"` scores
+# weights by `|W| · ‖X‖` instead of magnitude. For GELU/softmax models pass
+# `gauss_newton=True`.
+
+# %%
 RESULT = dict(
     acc_dense=acc_dense,
     acc={f"{p} {m}": r["acc"] for (p, m), r in results.items()},
@@ -210,5 +207,3 @@ RESULT = dict(
     seconds=time.perf_counter() - T0,
 )
 print("NOTEBOOK_RESULT", json.dumps(RESULT))
-'''),
-]

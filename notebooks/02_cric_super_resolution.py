@@ -1,47 +1,44 @@
-"""Cells of 02_cric_super_resolution.ipynb (see make_notebooks.py)."""
+"""Source of 02_cric_super_resolution.ipynb (percent format, built by make_notebooks.py)."""
 
-TITLE = "02_cric_super_resolution.ipynb"
+# %% [markdown]
+# # HESSO-CRIC on super-resolution: when greedy saliency picks the wrong channels
+#
+# HESSO chooses what to prune with a *greedy* saliency score measured at the current
+# parameters. In image super-resolution that can go wrong (HESSO paper §4.1): a channel with
+# a small norm but large downstream weights looks redundant, and at high sparsity greedy
+# HESSO can remove the **whole entry convolution**, cutting the input off the learned
+# residual branch. The network then degrades to its bicubic skip connection.
+#
+# **CRIC** (Corrective Redundant Identification Cycle, `hj.CricConfig`) tests the greedy
+# candidates before committing: at every period start it restarts from the current
+# parameters, runs a few trial gradient steps while projecting the candidates towards zero,
+# accumulates every group's saliency along the way and re-tests the groups that newly enter
+# the bottom-K, until the set is stable.
+#
+# This notebook trains a small CARN-style ×2 super-resolution network (luminance) three
+# times from the same initialisation and batches, densely, with HESSO and with HESSO-CRIC
+# at 90% group sparsity, and compares held-out PSNR and *which* channels each method
+# removed. The setup is the one of `benchmarks/super_resolution.py` (its data helpers are
+# imported below); `benchmarks/RESULTS.md` has the full table over sparsities and seeds.
+#
+# **Settings.** With `HESSO_JAX_NOTEBOOK_QUICK=1` (what the test suite runs) the network,
+# the patches and the step budget are much smaller and the run takes well under a minute;
+# the collapse is a property of the full setting (and even there of some seeds only) and a
+# quick run usually does **not** reproduce it: the point of the quick run is the workflow.
+# Unset, the notebook runs the benchmark's setting for seed 2 (C=32, B=3, 1000 steps), where
+# `RESULTS.md` recorded greedy HESSO collapsing to bicubic quality; this takes about 3–4
+# minutes on 2 CPU cores (4 min measured while they were shared with other jobs; that run
+# reproduced the table: HESSO 24.12 dB with the whole head family removed, HESSO-CRIC
+# 24.55 dB).
 
-CELLS = [
-    ("md", r'''
-# HESSO-CRIC on super-resolution: when greedy saliency picks the wrong channels
-
-HESSO chooses what to prune with a *greedy* saliency score measured at the current
-parameters. In image super-resolution that can go wrong (HESSO paper §4.1): a channel with
-a small norm but large downstream weights looks redundant, and at high sparsity greedy
-HESSO can remove the **whole entry convolution**, cutting the input off the learned
-residual branch. The network then degrades to its bicubic skip connection.
-
-**CRIC** (Corrective Redundant Identification Cycle, `hj.CricConfig`) tests the greedy
-candidates before committing: at every period start it restarts from the current
-parameters, runs a few trial gradient steps while projecting the candidates towards zero,
-accumulates every group's saliency along the way and re-tests the groups that newly enter
-the bottom-K, until the set is stable.
-
-This notebook trains a small CARN-style ×2 super-resolution network (luminance) three
-times from the same initialisation and batches, densely, with HESSO and with HESSO-CRIC
-at 90% group sparsity, and compares held-out PSNR and *which* channels each method
-removed. The setup is the one of `benchmarks/super_resolution.py` (its data helpers are
-imported below); `benchmarks/RESULTS.md` has the full table over sparsities and seeds.
-
-**Settings.** With `HESSO_JAX_NOTEBOOK_QUICK=1` (what the test suite runs) the network,
-the patches and the step budget are much smaller and the run takes well under a minute;
-the collapse is a property of the full setting (and even there of some seeds only) and a
-quick run usually does **not** reproduce it: the point of the quick run is the workflow.
-Unset, the notebook runs the benchmark's setting for seed 2 (C=32, B=3, 1000 steps), where
-`RESULTS.md` recorded greedy HESSO collapsing to bicubic quality; this takes about 3–4
-minutes on 2 CPU cores (4 min measured while they were shared with other jobs; that run
-reproduced the table: HESSO 24.12 dB with the whole head family removed, HESSO-CRIC
-24.55 dB).
-'''),
-    ("code", r'''
-import importlib.util
+# %%
+import importlib
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
@@ -52,9 +49,9 @@ from IPython.display import Markdown, display
 import hesso_jax as hj
 from hesso_jax.groups import resolve_count
 from hesso_jax.models.carn import CARN, bicubic_upsample
-from hesso_jax.train import count_params
+from hesso_jax.train import count_params, make_train_step
 
-%matplotlib inline
+# %matplotlib inline
 
 QUICK = os.environ.get("HESSO_JAX_NOTEBOOK_QUICK", "") not in ("", "0")
 if QUICK:   # smoke settings: the test suite runs these
@@ -67,26 +64,26 @@ CRIC = hj.CricConfig(sample_steps=5, learning_rate=1.0, tolerance=0, max_cycles=
 T0 = time.perf_counter()
 
 # The data helpers of the benchmark (scikit-learn's two sample photographs, nothing is
-# downloaded): found relative to the repository root.
+# downloaded): benchmarks/super_resolution.py, imported from the repository's benchmarks
+# folder (found upwards from the working directory) as the benchmark scripts import
+# each other.
 root = next(p for p in (Path.cwd(), *Path.cwd().parents)
             if (p / "benchmarks" / "super_resolution.py").exists())
-spec = importlib.util.spec_from_file_location(
-    "sr_bench", root / "benchmarks" / "super_resolution.py")
-sr = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(sr)
+sys.path.insert(0, str(root / "benchmarks"))
+sr = importlib.import_module("super_resolution")
 print(f"QUICK={QUICK}: CARN(C={CHANNELS}, B={BLOCKS}), {STEPS} steps of {BATCH} "
       f"{PATCH}x{PATCH} patches, sparsity {SPARSITY:.0%}, seed {SEED}")
-'''),
-    ("md", r'''
-## Data
 
-scikit-learn's `china.jpg` and `flower.jpg` as luminance in [0, 1]. A central vertical
-strip (25% of the width) of each image is held out for testing; training patches are cut
-from the regions left and right of it. The low-resolution input is the antialiased
-bicubic ×2 downsampling of the high-resolution image. PSNR is computed on the luma with a
-2-pixel border shaved; *pooled* is the PSNR of the mean squared error over both strips.
-'''),
-    ("code", r'''
+# %% [markdown]
+# ## Data
+#
+# scikit-learn's `china.jpg` and `flower.jpg` as luminance in [0, 1]. A central vertical
+# strip (25% of the width) of each image is held out for testing; training patches are cut
+# from the regions left and right of it. The low-resolution input is the antialiased
+# bicubic ×2 downsampling of the high-resolution image. PSNR is computed on the luma with a
+# 2-pixel border shaved; *pooled* is the PSNR of the mean squared error over both strips.
+
+# %%
 data = sr.load_images(0.25)
 sampler = sr.PatchSampler(data["train"], PATCH, BATCH, SEED)
 lr_batch, hr_batch = sampler()
@@ -108,18 +105,18 @@ for ax in axes:
     ax.axis("off")
 plt.tight_layout()
 plt.show()
-'''),
-    ("md", r'''
-## Model and groups
 
-`CARN`: an entry 3×3 conv, `B` residual blocks with CARN's cascading concatenation and
-1×1 fusion convs, a pixel-shuffle upsampler and an exit conv added to bicubic upsampling of
-the input (the network learns a residual). Discovery finds one family per channel space:
-the residual sums couple the entry conv with the first block's second conv (the *head*
-family), each fusion with the next block's second conv, and the upsampler's groups are
-blocks of 4 consecutive out-channels (the pixel shuffle's `2×2`).
-'''),
-    ("code", r'''
+# %% [markdown]
+# ## Model and groups
+#
+# `CARN`: an entry 3×3 conv, `B` residual blocks with CARN's cascading concatenation and
+# 1×1 fusion convs, a pixel-shuffle upsampler and an exit conv added to bicubic upsampling of
+# the input (the network learns a residual). Discovery finds one family per channel space:
+# the residual sums couple the entry conv with the first block's second conv (the *head*
+# family), each fusion with the next block's second conv, and the upsampler's groups are
+# blocks of 4 consecutive out-channels (the pixel shuffle's `2×2`).
+
+# %%
 model = CARN(CHANNELS, BLOCKS, rngs=nnx.Rngs(SEED))
 groups = hj.discover_groups(model, jnp.zeros((1, 8, 8, 1)))
 K = resolve_count(SPARSITY, groups.num_groups)
@@ -128,33 +125,26 @@ print(f"{count_params(model):,} parameters, {groups.num_groups} groups, K = {K} 
 for fam in groups.families:
     print(f"  {fam.name:28s} {fam.size} groups, members "
           + ", ".join("/".join(map(str, m.path)) for m in fam.members))
-'''),
-    ("md", r'''
-## Training: dense, HESSO, HESSO-CRIC
 
-One jitted step per method: L1 loss, `optax.chain(optax.adam(lr), hj.hesso(...))`. With
-`cric=` HESSO needs the loss of the current batch as a function of the parameters, passed
-as the optax extra argument `value_fn` (CRIC's trial steps differentiate it). Greedy HESSO
-ignores it, so one step function serves both. Warm-up is 20% of the steps, `P` periods
-span the next 50%, the last 30% fine-tune.
-'''),
-    ("code", r'''
+# %% [markdown]
+# ## Training: dense, HESSO, HESSO-CRIC
+#
+# One jitted step per method: L1 loss, `optax.chain(optax.adam(lr), hj.hesso(...))`. With
+# `cric=` HESSO needs the loss of the current batch as a function of the parameters, passed
+# as the optax extra argument `value_fn` (CRIC's trial steps differentiate it). The
+# library's recipe `hesso_jax.train.make_train_step(loss_fn, tx)` builds that step; greedy
+# HESSO ignores `value_fn`, so one recipe serves both. Warm-up is 20% of the steps, `P`
+# periods span the next 50%, the last 30% fine-tune.
+
+# %%
 def make_step(graphdef, tx):
     """Jitted ``step(params, opt_state, lr, hr) -> (params, opt_state, loss)``, L1 loss."""
 
     def loss_of(params, lr, hr):
+        """The L1 loss of the batch: also ``value_fn`` for CRIC's trial steps."""
         return jnp.mean(jnp.abs(nnx.merge(graphdef, params)(lr) - hr))
 
-    @jax.jit
-    def step(params, opt_state, lr, hr):
-        def value_fn(p):          # the loss on this batch, for CRIC's trial steps
-            return loss_of(p, lr, hr)
-
-        loss, grads = jax.value_and_grad(value_fn)(params)
-        updates, opt_state = tx.update(grads, opt_state, params, value_fn=value_fn)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    return step
+    return make_train_step(loss_of, tx)
 
 
 WARMUP, TP = STEPS // 5, max(1, (STEPS // 2) // PERIODS)
@@ -198,17 +188,17 @@ for kind in ("dense", "hesso", "cric"):
     print(f"{kind:6s} {r['seconds']:6.1f} s  pooled test PSNR {r['psnr']['pooled']:.2f} dB"
           f"  zero groups {int(r['zero'].sum())}"
           + (f"  CRIC cycles per period {r['cric_cycles']}" if kind == "cric" else ""))
-'''),
-    ("md", r'''
-## Results
 
-The bars on the left are pooled test PSNR; the dashed line is bicubic upsampling, the
-floor the network falls back to when its learned branch is cut off. On the right: how many
-of each family's groups every method removed. The first family is the *head* (the entry
-conv, coupled with block 1's second conv): removing all of it disconnects the input from
-everything but the bicubic skip. The last two are the *tail* (last fusion, upsampler).
-'''),
-    ("code", r'''
+# %% [markdown]
+# ## Results
+#
+# The bars on the left are pooled test PSNR; the dashed line is bicubic upsampling, the
+# floor the network falls back to when its learned branch is cut off. On the right: how many
+# of each family's groups every method removed. The first family is the *head* (the entry
+# conv, coupled with block 1's second conv): removing all of it disconnects the input from
+# everything but the bicubic skip. The last two are the *tail* (last fusion, upsampler).
+
+# %%
 names = {"dense": "dense (Adam)", "hesso": "HESSO", "cric": "HESSO-CRIC"}
 fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.2), gridspec_kw={"width_ratios": [1, 2]})
 vals = [runs[k]["psnr"]["pooled"] for k in names]
@@ -241,8 +231,8 @@ for p in range(PERIODS + 1):
 ax.set(xlabel="step", ylabel="L1 training loss (smoothed)", yscale="log")
 ax.legend()
 plt.show()
-'''),
-    ("code", r'''
+
+# %%
 head, tail = FAMILIES[0], FAMILIES[-2:]
 dense_psnr = runs["dense"]["psnr"]["pooled"]
 lines = ["| method | pooled PSNR | Δ vs dense | head pruned | tail pruned "
@@ -267,21 +257,21 @@ display(Markdown("\n".join(lines)))
 for kind in ("hesso", "cric"):
     print(f"{names[kind]}: collapsed to bicubic quality: {collapsed[kind]}; "
           f"head family removed entirely: {runs[kind]['per_family'][head] == CHANNELS}")
-'''),
-    ("md", r'''
-**Reading the result.** In the full setting (seed 2, `RESULTS.md`), greedy HESSO removed
-all 32 groups of the head family and its PSNR fell to the bicubic baseline, while
-HESSO-CRIC kept part of the head and stayed above it. CRIC does not win everywhere: at
-90% with other seeds greedy HESSO sometimes ends higher, and CRIC's trial steps make each
-period start roughly 10× an ordinary step (still a small fraction of a period). Your
-numbers can differ from the table (different CPU, different XLA version): the table above
-says what happened in *this* run. In the quick setting the network is tiny and barely
-trained, so which families empty out is mostly noise.
 
-Whatever the choice, both methods leave exactly `K` groups at `0.0`, and surgery turns the
-masked CARN into a smaller one with the same outputs:
-'''),
-    ("code", r'''
+# %% [markdown]
+# **Reading the result.** In the full setting (seed 2, `RESULTS.md`), greedy HESSO removed
+# all 32 groups of the head family and its PSNR fell to the bicubic baseline, while
+# HESSO-CRIC kept part of the head and stayed above it. CRIC does not win everywhere: at
+# 90% with other seeds greedy HESSO sometimes ends higher, and CRIC's trial steps make each
+# period start roughly 10× an ordinary step (still a small fraction of a period). Your
+# numbers can differ from the table (different CPU, different XLA version): the table above
+# says what happened in *this* run. In the quick setting the network is tiny and barely
+# trained, so which families empty out is mostly noise.
+#
+# Whatever the choice, both methods leave exactly `K` groups at `0.0`, and surgery turns the
+# masked CARN into a smaller one with the same outputs:
+
+# %%
 small = hj.shrink_model(runs["cric"]["model"], groups)
 name, hr, lr = data["test"][0]
 x = jnp.asarray(lr)[None, ..., None]
@@ -302,8 +292,8 @@ for ax, (title, img) in zip(axes, panels, strict=True):
     ax.axis("off")
 plt.tight_layout()
 plt.show()
-'''),
-    ("code", r'''
+
+# %%
 RESULT = dict(
     K=int(K), num_groups=int(groups.num_groups), channels=CHANNELS, families=FAMILIES,
     psnr={k: runs[k]["psnr"]["pooled"] for k in runs}, bicubic=bicubic["pooled"],
@@ -314,5 +304,3 @@ RESULT = dict(
     seconds=time.perf_counter() - T0,
 )
 print("NOTEBOOK_RESULT", json.dumps(RESULT))
-'''),
-]
