@@ -44,6 +44,8 @@ from typing import Any
 import numpy as np
 
 HERE = Path(__file__).parent
+# This script lives one folder below the benchmarks it reuses (pareto_digits, common);
+# Python puts only its own folder on sys.path, so the parent folder is added here.
 sys.path.insert(0, str(HERE.parent))
 
 SECTION = "## Peer side by side: Torch-Pruning on digits"
@@ -354,11 +356,11 @@ def main(argv: list[str] | None = None) -> int:
         (HERE / "torch_pruning_digits.json").write_text(json.dumps(
             {"command": command, "versions": versions, "rows": rows, "summary": summary},
             indent=1))
-        from results_md import upsert_section
+        from common import environment_line, upsert_section
 
         body = (f"Command: `{command}` ({args.steps} steps, Adam lr {args.lr}, batch "
-                f"{args.batch_size}, P={args.periods}; {versions}; 2 CPU cores shared with "
-                "other jobs, so wall times compare only within the table). Torch-Pruning's "
+                f"{args.batch_size}, P={args.periods}; {versions}; {environment_line()}; "
+                "wall times compare only within the table). Torch-Pruning's "
                 "channel ratio is bisected to HESSO's shrunk parameter count of the same "
                 "seed; HESSO's rows are those of the Pareto benchmark, run again here.\n\n"
                 + text)
