@@ -7,8 +7,7 @@ import this module as ``common`` without touching the path.
 * `parser` / `command_line`: the argument-parser skeleton (``--out``, ``--no-write``) and
   the command line a RESULTS section quotes.
 * `environment` / `environment_line`: machine, cores, load average, devices and versions,
-  read from the running process (never hard-coded), and `machine_note` for prose that
-  depends on them (loaded machine, no accelerator).
+  read from the running process (never hard-coded).
 * `time_call`, `median_time`, `min_time`, `interleaved`, `medians`, `ratio`: timing with
   ``jax.block_until_ready`` after every call; interleaving makes ratios robust to load
   that changes during a measurement on a shared machine.
@@ -40,7 +39,7 @@ RESULTS_MD = HERE / "RESULTS.md"
 VERSIONS = ("jax", "jaxlib", "flax", "optax", "numpy")
 
 __all__ = ["HERE", "RESULTS_MD", "command_line", "environment", "environment_line",
-           "interleaved", "machine_note", "median_time", "medians", "min_time", "parser",
+           "interleaved", "median_time", "medians", "min_time", "parser",
            "publish", "ratio", "time_call", "upsert_section"]
 
 
@@ -108,22 +107,6 @@ def environment_line(env: Mapping[str, Any] | None = None) -> str:
     return (f"{env['machine']}, {env['cpus']} CPU cores{load_text}; devices: "
             f"{', '.join(env['devices'])}; Python {env['python']}, {versions}; "
             f"{env['when'][:16].replace('T', ' ')} UTC")
-
-
-def machine_note(cpus: int | None, load_average: Sequence[float], backend: str) -> str:
-    """Prose about the measuring machine that is true for *these* figures.
-
-    Says the machine was loaded when the 1-minute load average exceeded half the cores
-    (so absolute times are inflated), and that there are no accelerator figures when the
-    backend was the CPU.
-    """
-    parts = []
-    if cpus and load_average and max(load_average) > 0.5 * cpus:
-        parts.append(f"The machine was loaded (load average up to {max(load_average):.1f} "
-                     f"on {cpus} cores), so absolute times are inflated and noisy.")
-    if backend == "cpu":
-        parts.append("The backend was the CPU, so there are no GPU figures.")
-    return " ".join(parts)
 
 
 # ---------------------------------------------------------------------------- timing
