@@ -27,27 +27,30 @@ later layers dense; targets come from the dense network. ``K = 0`` is layer-wise
 reconstruction (as in OBC/SparseGPT); fewer than ``K + 1`` ops are used near the output.
 The mean is over the elements of each op's output and over calibration batches.
 
-**Solver** (the paper's Hessian-free Newton method). In the active coordinates
-``w = W ⊙ m`` each Newton step solves ``(H + λ I) d = −g`` with ``g = m ⊙ ∇L(w)`` and
-``H v = m ⊙ ∇²L(w) (m ⊙ v)``: the Hessian-vector product is forward-over-reverse
-(``jax.jvp`` of ``jax.grad``) or, with ``gauss_newton=True``, the positive semi-definite
-``Σ_k (2/n_k) J_kᵀ J_k v`` (``jax.jvp`` then ``jax.vjp`` of the op outputs), the choice for
-GELU/softmax models whose exact Hessian may be indefinite. The damping is relative to the
-curvature along the gradient, ``λ = damping · |gᵀHg| / gᵀg``. Conjugate gradient runs from
-0 until ``‖r‖ ≤ cg_tol · ‖g‖``, ``cg_max_iters`` iterations or a direction of non-positive
-curvature (then it keeps its last iterate, or ``−g`` on the first iteration); it is our
-own loop rather than ``jax.scipy.sparse.linalg.cg`` because the report needs the iteration
-count and the negative-curvature exit. The step length follows Armijo backtracking
-``L(w + t d) ≤ L(w) + c t gᵀd`` (``c = 1e-4``, ``t = 1, ½, ¼, …``); the Newton loop stops
-early when no step decreases ``L``. The returned weights are never worse than the masked
-start ``W_dense ⊙ m``.
+**Solver** (the paper's Hessian-free Newton method; `hesso_jax.newton`). In the active
+coordinates ``w = W ⊙ m`` each Newton step solves ``(H + λ I) d = −g`` with
+``g = m ⊙ ∇L(w)`` and ``H v = m ⊙ ∇²L(w) (m ⊙ v)``: the Hessian-vector product is
+forward-over-reverse (``jax.jvp`` of ``jax.grad``) or, with ``gauss_newton=True``, the
+positive semi-definite ``Σ_k (2/n_k) J_kᵀ J_k v`` (``jax.jvp`` then ``jax.vjp`` of the op
+outputs), the choice for GELU/softmax models whose exact Hessian may be indefinite. The
+damping is relative to the curvature along the gradient, ``λ = damping · |gᵀHg| / gᵀg``.
+Conjugate gradient runs from 0 until ``‖r‖ ≤ cg_tol · ‖g‖``, ``cg_max_iters`` iterations
+or a direction of non-positive (or non-finite) curvature (then it keeps its last iterate,
+or ``−g`` on the first iteration). The step length follows Armijo backtracking
+``L(w + t d) ≤ L(w) + c t gᵀd`` (``c = 1e-4``, ``t = 1, ½, ¼, …``, at most 30 trials).
+A trial point whose loss is NaN or ±inf is rejected like a failed Armijo test and the
+halving goes on; when no trial is accepted the layer's Newton loop stops on its last
+(finite) iterate. The returned weights are never worse than the masked start
+``W_dense ⊙ m``.
 
-Two drivers run the same iteration. ``loop="jit"`` (`newton_solve`): one jitted call per
-layer, Newton steps, CG and line search as nested ``lax.while_loop`` and the calibration
-batches in a ``lax.map``. ``loop="host"`` (default): the loss, gradient and HVP are jitted
-top-level functions of one calibration batch, and Python drives batches, CG and the line
-search. XLA:CPU runs convolution gradients inside loop bodies ~35× slower than at the top
-level (measured on the digits CNN: 0.33 s vs 9 ms per HVP), hence the default.
+One solver, two drivers. `hesso_jax.newton.newton_cg` is written once against a loop
+driver; ``loop="jit"`` (`newton_solve`) runs it with ``lax.while_loop`` / ``lax.cond`` as
+one jitted call per layer, the calibration batches in a ``lax.map``; ``loop="host"``
+(default) runs the same iteration as Python loops on concrete values, with the loss,
+gradient and HVP jitted top-level functions of one calibration batch, averaged on the
+host. The two agree up to floating-point rounding. XLA:CPU runs convolution gradients
+inside loop bodies ~35× slower than at the top level (measured on the digits CNN: 0.33 s
+vs 9 ms per HVP), hence the default.
 
 **Masks.**
 * ``sparsity="N:M"``: N weights kept in every M consecutive weights along the reduction
@@ -91,12 +94,10 @@ from tqdm.auto import tqdm
 
 from hesso_jax.groups import Groups, Path, check_int, format_path, tree_paths
 from hesso_jax.jaxpr.capture import LinearOp, Program, Segment, trace
+from hesso_jax.newton import HOST, JIT, NewtonResult, Oracle, newton_cg
 
 __all__ = ["GroupMask", "LayerReport", "SnowsReport", "layer_objective", "masked_hvp",
            "newton_solve", "nm_mask", "parse_nm", "snows", "unstructured_mask"]
-
-_ARMIJO_C = 1e-4
-_MAX_BACKTRACK = 30
 
 
 # ---------------------------------------------------------------------------- masks
@@ -283,18 +284,51 @@ class SnowsReport:
 
 
 # ---------------------------------------------------------------------------- objective
+def _batch_loss(program: Program, seg: Segment) -> Callable[..., jax.Array]:
+    """``loss(w, b, t)``: the objective on one calibration batch (``Σ_k mean (f_k − y_k)²``)."""
+
+    def loss(w: jax.Array, b: list, t: list) -> jax.Array:
+        outs = program.eval_segment(seg, w, b)
+        return sum(jnp.mean(jnp.square((o - y).astype(jnp.float32)))
+                   for o, y in zip(outs, t, strict=True))
+
+    return loss
+
+
+def _batch_hvp(program: Program, seg: Segment, gauss_newton: bool
+               ) -> Callable[..., jax.Array]:
+    """``hvp(w, m, v, b, t) = m ⊙ ∇²L_b(w)(m ⊙ v)`` on one batch (or its Gauss-Newton form)."""
+    loss = _batch_loss(program, seg)
+
+    def exact(w: jax.Array, m: jax.Array, v: jax.Array, b: list, t: list) -> jax.Array:
+        grad = jax.grad(loss)
+        return m * jax.jvp(lambda x: grad(x, b, t), (w,), (m * v,))[1]
+
+    def gn(w: jax.Array, m: jax.Array, v: jax.Array, b: list, t: list) -> jax.Array:
+        f = lambda x: program.eval_segment(seg, x, b)  # noqa: E731
+        _, jv = jax.jvp(f, (w,), (m * v,))
+        _, vjp = jax.vjp(f, w)
+        return m * vjp([2.0 * j / j.size for j in jv])[0]
+
+    return gn if gauss_newton else exact
+
+
 def layer_objective(program: Program, seg: Segment) -> Callable[..., jax.Array]:
     """``L(w, boundary, targets)`` of one segment (see the module docstring).
 
     ``boundary`` and ``targets`` are lists of arrays with a leading calibration-batch axis
     (``[num_batches, ...]``, in ``seg.boundary`` / ``seg.targets`` order); the batches are
-    mapped sequentially (``lax.map``) and averaged.
-    """
+    mapped sequentially (``lax.map``) and averaged: ``L = mean_b Σ_k mean (f_k − y_k)²``.
 
-    def per_batch(w: jax.Array, b: list, t: list) -> jax.Array:
-        outs = program.eval_segment(seg, w, b)
-        return sum(jnp.mean(jnp.square((o - y).astype(jnp.float32)))
-                   for o, y in zip(outs, t, strict=True))
+    Examples:
+      >>> prog = trace(lambda p, x: x @ p["w"], {"w": jnp.eye(2)}, jnp.ones((3, 2)))
+      >>> seg = prog.segment(0, [prog.ops[0].out_key])
+      >>> x = jnp.ones((1, 3, 2))                     # 1 batch of 3 inputs
+      >>> loss = layer_objective(prog, seg)
+      >>> float(loss(2 * jnp.eye(2), [x], [x]))       # (2x − x)² = 1 everywhere
+      1.0
+    """
+    per_batch = _batch_loss(program, seg)
 
     def loss(w: jax.Array, boundary: list, targets: list) -> jax.Array:
         return jnp.mean(jax.lax.map(lambda bt: per_batch(w, *bt), (boundary, targets)))
@@ -306,117 +340,102 @@ def masked_hvp(program: Program, seg: Segment, *, gauss_newton: bool = False
                ) -> Callable[..., jax.Array]:
     """``hvp(w, mask, v, boundary, targets) = m ⊙ ∇²L(w)(m ⊙ v)`` (or Gauss-Newton).
 
-    Exact: forward-over-reverse, ``jax.jvp(jax.grad(L))``. Gauss-Newton:
-    ``m ⊙ mean_batches Σ_k (2/n_k) J_kᵀ J_k (m ⊙ v)`` with ``J_k = ∂f_{l+k}/∂w``.
+    Exact: forward-over-reverse, ``jax.jvp(jax.grad(L_b))`` per batch. Gauss-Newton:
+    ``m ⊙ mean_batches Σ_k (2/n_k) J_kᵀ J_k (m ⊙ v)`` with ``J_k = ∂f_{l+k}/∂w``. Batches
+    are mapped (``lax.map``) and averaged, as in `layer_objective`.
+
+    Examples:
+      >>> prog = trace(lambda p, x: x @ p["w"], {"w": jnp.ones((2, 1))}, jnp.ones((4, 2)))
+      >>> seg = prog.segment(0, [prog.ops[0].out_key])
+      >>> x, y = jnp.ones((1, 4, 2)), jnp.zeros((1, 4, 1))
+      >>> hvp = masked_hvp(prog, seg)                 # H = (2/4) XᵀX = 2 everywhere
+      >>> hvp(jnp.zeros((2, 1)), jnp.array([[True], [False]]), jnp.ones((2, 1)), [x], [y])
+      Array([[2.],
+             [0.]], dtype=float32)
     """
-    loss = layer_objective(program, seg)
+    per_batch = _batch_hvp(program, seg, gauss_newton)
 
-    def exact(w: jax.Array, m: jax.Array, v: jax.Array, boundary: list,
-              targets: list) -> jax.Array:
-        grad = jax.grad(loss)
-        return m * jax.jvp(lambda x: grad(x, boundary, targets), (w,), (m * v,))[1]
+    def hvp(w: jax.Array, mask: jax.Array, v: jax.Array, boundary: list,
+            targets: list) -> jax.Array:
+        m = mask.astype(w.dtype)
+        return jnp.mean(jax.lax.map(lambda bt: per_batch(w, m, v, *bt),
+                                    (boundary, targets)), axis=0)
 
-    def gn(w: jax.Array, m: jax.Array, v: jax.Array, boundary: list,
-           targets: list) -> jax.Array:
-        def per_batch(b: list) -> jax.Array:
-            f = lambda x: program.eval_segment(seg, x, b)  # noqa: E731
-            outs, jv = jax.jvp(f, (w,), (m * v,))
-            _, vjp = jax.vjp(f, w)
-            return vjp([2.0 * j / j.size for j in jv])[0]
-
-        return m * jnp.mean(jax.lax.map(per_batch, boundary), axis=0)
-
-    return gn if gauss_newton else exact
+    return hvp
 
 
-def _cg(matvec: Callable[[jax.Array], jax.Array], b: jax.Array, tol: jax.Array,
-        maxiter: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Conjugate gradient for ``A x = b`` from 0: relative tolerance, cap, curvature exit."""
-    bnorm = jnp.sqrt(jnp.vdot(b, b))
+# ---------------------------------------------------------------------------- solver
+def _jit_solver(program: Program, seg: Segment, gauss_newton: bool
+                ) -> Callable[..., NewtonResult]:
+    """The jitted `newton_cg` under the `JIT` driver for one segment (memoised)."""
 
-    def cond(c: tuple) -> jax.Array:
-        k, _x, _r, _p, rs, stop = c
-        return (k < maxiter) & (jnp.sqrt(rs) > tol * bnorm) & ~stop
-
-    def body(c: tuple) -> tuple:
-        k, x, r, p, rs, _ = c
-        ap = matvec(p)
-        pap = jnp.vdot(p, ap)
-        neg = pap <= 0
-        alpha = jnp.where(neg, 0.0, rs / jnp.where(neg, 1.0, pap))
-        x_new = jnp.where(neg, jnp.where(k == 0, b, x), x + alpha * p)
-        r_new = r - alpha * ap
-        rs_new = jnp.vdot(r_new, r_new)
-        p_new = r_new + (rs_new / jnp.where(rs > 0, rs, 1.0)) * p
-        return k + 1, x_new, r_new, p_new, rs_new, neg
-
-    init = (jnp.int32(0), jnp.zeros_like(b), b, b, jnp.vdot(b, b), jnp.bool_(False))
-    k, x, *_ = jax.lax.while_loop(cond, body, init)
-    return x, k
-
-
-def newton_solve(program: Program, seg: Segment, *, gauss_newton: bool = False
-                 ) -> Callable[..., tuple]:
-    """The jitted per-layer solver (memoised on ``program``).
-
-    Returns:
-      ``solve(w0, mask, boundary, targets, newton_steps, cg_max_iters, cg_tol, damping)
-      -> (w, L_start, L_end, cg_iterations, newton_steps_taken)`` where ``w`` is supported
-      on ``mask`` and ``L_end <= L_start = L(w0 ⊙ mask)``.
-    """
-
-    def make() -> Callable[..., tuple]:
+    def make() -> Callable[..., NewtonResult]:
         loss = layer_objective(program, seg)
         hvp = masked_hvp(program, seg, gauss_newton=gauss_newton)
 
         @jax.jit
         def solve(w0: jax.Array, mask: jax.Array, boundary: list, targets: list,
                   newton_steps: jax.Array, cg_max_iters: jax.Array, cg_tol: jax.Array,
-                  damping: jax.Array) -> tuple:
-            m = mask.astype(w0.dtype)
-            start = w0 * m
-            f0 = loss(start, boundary, targets)
-
-            def cond(c: tuple) -> jax.Array:
-                step, _w, _f, _cg, _taken, done = c
-                return (step < newton_steps) & ~done
-
-            def body(c: tuple) -> tuple:
-                step, w, f, cg_total, taken, _ = c
-                g = m * jax.grad(loss)(w, boundary, targets)
-                gg = jnp.vdot(g, g)
-                h = lambda v: hvp(w, m, v, boundary, targets)  # noqa: E731
-                rq = jnp.abs(jnp.vdot(g, h(g))) / jnp.where(gg > 0, gg, 1.0)
-                lam = damping * rq
-                d, iters = _cg(lambda v: h(v) + lam * v, -g, cg_tol, cg_max_iters)
-                slope = jnp.vdot(g, d)
-
-                def ls_cond(s: tuple) -> jax.Array:
-                    t, f_new, j = s
-                    return (f_new > f + _ARMIJO_C * t * slope) & (j < _MAX_BACKTRACK)
-
-                def ls_body(s: tuple) -> tuple:
-                    t, _f, j = s
-                    t = 0.5 * t
-                    return t, loss(w + t * d, boundary, targets), j + 1
-
-                t, f_new, _ = jax.lax.while_loop(
-                    ls_cond, ls_body, (jnp.float32(1.0), loss(w + d, boundary, targets),
-                                       jnp.int32(0)))
-                ok = (f_new <= f + _ARMIJO_C * t * slope) & (slope < 0) & jnp.isfinite(f_new)
-                w = jnp.where(ok, w + t * d, w)
-                f = jnp.where(ok, f_new, f)
-                return (step + 1, w, f, cg_total + iters, taken + ok.astype(jnp.int32),
-                        ~ok | (gg == 0))
-
-            init = (jnp.int32(0), start, f0, jnp.int32(0), jnp.int32(0), jnp.bool_(False))
-            _, w, f, cg_total, taken, _ = jax.lax.while_loop(cond, body, init)
-            worse = ~(f <= f0)
-            return (jnp.where(worse, start, w), f0, jnp.where(worse, f0, f), cg_total, taken)
+                  damping: jax.Array) -> NewtonResult:
+            oracle = Oracle(lambda w: loss(w, boundary, targets),
+                            lambda w: jax.grad(loss)(w, boundary, targets),
+                            lambda w, v: hvp(w, mask, v, boundary, targets))
+            return newton_cg(JIT, oracle, w0, mask, newton_steps, cg_max_iters, cg_tol,
+                             damping)
 
         return solve
 
-    return program.memo(("solve", seg, bool(gauss_newton)), make)
+    return program.memo(("newton_cg", seg, bool(gauss_newton)), make)
+
+
+def newton_solve(program: Program, seg: Segment, *, gauss_newton: bool = False
+                 ) -> Callable[..., tuple]:
+    """The jitted per-layer solver: `hesso_jax.newton.newton_cg` under ``JIT`` (memoised).
+
+    Returns:
+      ``solve(w0, mask, boundary, targets, newton_steps, cg_max_iters, cg_tol, damping)
+      -> (w, L_start, L_end, cg_iterations, newton_steps_taken)`` where ``w`` is supported
+      on ``mask`` and ``L_end <= L_start = L(w0 ⊙ mask)``.
+
+    Examples:
+      >>> prog = trace(lambda p, x: x @ p["w"], {"w": jnp.ones((2, 1))}, jnp.ones((4, 2)))
+      >>> seg = prog.segment(0, [prog.ops[0].out_key])
+      >>> x = jnp.array([[[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [1.0, -1.0]]])
+      >>> y = x @ jnp.array([[2.0], [3.0]])
+      >>> w, f0, f1, cg_it, steps = newton_solve(prog, seg)(
+      ...     jnp.ones((2, 1)), jnp.array([[True], [False]]), [x], [y], 2, 10, 1e-6, 0.0)
+      >>> round(float(w[0, 0]), 4), float(w[1, 0]), int(steps)   # least squares on x_0
+      (2.0, 0.0, 1)
+    """
+
+    def make() -> Callable[..., tuple]:
+        inner = _jit_solver(program, seg, gauss_newton)
+        return jax.jit(lambda *a: tuple(inner(*a))[:5])
+
+    return program.memo(("solve5", seg, bool(gauss_newton)), make)
+
+
+def _host_oracle(program: Program, seg: Segment, gauss_newton: bool, mask: jax.Array,
+                 boundary: list, targets: list) -> Oracle:
+    """The `HOST` oracle: jitted per-batch loss, gradient and HVP, averaged on the host.
+
+    Every evaluation is one top-level jitted call per calibration batch: XLA:CPU runs
+    convolution gradients inside loop bodies ~35× slower than at the top level.
+    """
+
+    def make() -> tuple:
+        loss = _batch_loss(program, seg)
+        return (jax.jit(loss), jax.jit(jax.grad(loss)),
+                jax.jit(_batch_hvp(program, seg, gauss_newton)))
+
+    loss_b, grad_b, hvp_b = program.memo(("host_oracle", seg, bool(gauss_newton)), make)
+    nb = (boundary or targets)[0].shape[0]
+    batches = [([v[i] for v in boundary], [v[i] for v in targets]) for i in range(nb)]
+    m = mask.astype(jnp.float32)
+    return Oracle(lambda w: sum(loss_b(w, b, t) for b, t in batches) / nb,
+                  lambda w: sum(grad_b(w, b, t) for b, t in batches) / nb,
+                  lambda w, v: sum(hvp_b(w, m.astype(w.dtype), v, b, t)
+                                   for b, t in batches) / nb)
 
 
 # ---------------------------------------------------------------------------- driver
@@ -463,99 +482,6 @@ def _energy_fn(program: Program, op: LinearOp) -> tuple[Callable[..., jax.Array]
         return sum(fn(w, [v[i] for v in boundary]) for i in range(boundary[0].shape[0]))
 
     return energy, seg
-
-
-def _host_fns(program: Program, seg: Segment, gauss_newton: bool) -> tuple:
-    """Jitted per-batch ``loss``, ``value_and_grad`` and masked ``hvp`` (memoised)."""
-
-    def make() -> tuple:
-        def loss(w: jax.Array, b: list, t: list) -> jax.Array:
-            outs = program.eval_segment(seg, w, b)
-            return sum(jnp.mean(jnp.square((o - y).astype(jnp.float32)))
-                       for o, y in zip(outs, t, strict=True))
-
-        if gauss_newton:
-            def hvp(w: jax.Array, m: jax.Array, v: jax.Array, b: list, t: list) -> jax.Array:
-                f = lambda x: program.eval_segment(seg, x, b)  # noqa: E731
-                _, jv = jax.jvp(f, (w,), (m * v,))
-                _, vjp = jax.vjp(f, w)
-                return m * vjp([2.0 * j / j.size for j in jv])[0]
-        else:
-            def hvp(w: jax.Array, m: jax.Array, v: jax.Array, b: list, t: list) -> jax.Array:
-                g = jax.grad(loss)
-                return m * jax.jvp(lambda x: g(x, b, t), (w,), (m * v,))[1]
-
-        return jax.jit(loss), jax.jit(jax.value_and_grad(loss)), jax.jit(hvp)
-
-    return program.memo(("host", seg, bool(gauss_newton)), make)
-
-
-def _host_solve(fns: tuple, w0: jax.Array, mask: jax.Array, boundary: list, targets: list,
-                newton_steps: int, cg_max_iters: int, cg_tol: float,
-                damping: float) -> tuple:
-    """The Newton-CG-Armijo iteration of `newton_solve`, driven from the host.
-
-    Same mathematics; every loss, gradient and Hessian-vector product is one jitted
-    top-level call per calibration batch (summed on the host), and CG/line-search control
-    runs in Python. On XLA:CPU this is ~35× faster than the single jitted ``while_loop``
-    for convolutional layers, whose gradients are slow inside loop bodies.
-    """
-    loss_b, vg_b, hvp_b = fns
-    nb = (boundary or targets)[0].shape[0]
-    batches = [([v[i] for v in boundary], [v[i] for v in targets]) for i in range(nb)]
-    m = mask.astype(w0.dtype)
-
-    def loss(w: jax.Array) -> float:
-        return float(sum(loss_b(w, b, t) for b, t in batches)) / nb
-
-    def value_and_grad(w: jax.Array) -> tuple[float, jax.Array]:
-        vals = [vg_b(w, b, t) for b, t in batches]
-        return (float(sum(v for v, _ in vals)) / nb,
-                m * sum(g for _, g in vals) / nb)
-
-    def hvp(w: jax.Array, v: jax.Array) -> jax.Array:
-        return sum(hvp_b(w, m, v, b, t) for b, t in batches) / nb
-
-    start = w0 * m
-    w, f0 = start, loss(start)
-    f, cg_total, taken = f0, 0, 0
-    for _ in range(newton_steps):
-        f, g = value_and_grad(w)
-        gg = float(jnp.vdot(g, g))
-        if gg == 0.0:
-            break
-        lam = damping * abs(float(jnp.vdot(g, hvp(w, g)))) / gg
-        # CG on (H + λI) d = -g from 0 (relative tolerance, cap, curvature exit)
-        d, r = jnp.zeros_like(g), -g
-        p, rs = r, gg
-        for k in range(cg_max_iters):
-            if rs ** 0.5 <= cg_tol * gg ** 0.5:
-                break
-            ap = hvp(w, p) + lam * p
-            pap = float(jnp.vdot(p, ap))
-            cg_total += 1
-            if pap <= 0:
-                d = -g if k == 0 else d
-                break
-            alpha = rs / pap
-            d, r = d + alpha * p, r - alpha * ap
-            rs_new = float(jnp.vdot(r, r))
-            p, rs = r + (rs_new / rs) * p, rs_new
-        slope = float(jnp.vdot(g, d))
-        t, accepted = 1.0, False
-        if slope < 0:
-            for _ in range(_MAX_BACKTRACK):
-                f_new = loss(w + t * d)
-                if np.isfinite(f_new) and f_new <= f + _ARMIJO_C * t * slope:
-                    accepted = True
-                    break
-                t *= 0.5
-        if not accepted:
-            break
-        w, f, taken = w + t * d, f_new, taken + 1
-    if not f <= f0:
-        w, f = start, f0
-    return w, f0, f, cg_total, taken
 
 
 def _split_batches(calib: tuple, batch_size: int | None) -> tuple[list, int]:
@@ -757,8 +683,8 @@ def _cascade(program: Program, leaves: list, batches: list, layer_leaves: list[i
         t0 = time.perf_counter()
         boundary = _capture_fn(program, seg.boundary)(leaves, batches)
         targets = [dense_vals[k] for k in seg.targets]
-        w, f0, f1, cg_it, taken = _solve_layer(program, seg, leaves[i],
-                                               jnp.asarray(masks[i]), boundary, targets, cfg)
+        w, f0, f1, cg_it, taken, _ = _solve_layer(
+            program, seg, leaves[i], jnp.asarray(masks[i]), boundary, targets, cfg)
         leaves[i] = w = jax.block_until_ready(w)
         reports.append(LayerReport(
             program.paths[i], tuple(op.index for op in ops), float(f0), float(f1),
@@ -768,16 +694,19 @@ def _cascade(program: Program, leaves: list, batches: list, layer_leaves: list[i
 
 
 def _solve_layer(program: Program, seg: Segment, w0: jax.Array, mask: jax.Array,
-                 boundary: list, targets: list, cfg: _SolverConfig) -> tuple:
-    """One layer's solve with the driver ``cfg.loop``: ``(w, L_start, L_end, cg, steps)``."""
+                 boundary: list, targets: list, cfg: _SolverConfig) -> NewtonResult:
+    """One layer's `newton_cg` with the driver ``cfg.loop`` (`JIT` or `HOST`).
+
+    Both drivers run the same iteration (`hesso_jax.newton`); they differ only in where
+    the loops run and how the oracle evaluates the calibration batches.
+    """
     if cfg.loop == "jit":
-        solve = newton_solve(program, seg, gauss_newton=cfg.gauss_newton)
-        return solve(w0, mask, boundary, targets, jnp.int32(cfg.newton_steps),
-                     jnp.int32(cfg.cg_max_iters), jnp.float32(cfg.cg_tol),
-                     jnp.float32(cfg.damping))
-    return _host_solve(_host_fns(program, seg, cfg.gauss_newton), w0, mask, boundary,
-                       targets, cfg.newton_steps, cfg.cg_max_iters, cfg.cg_tol,
-                       cfg.damping)
+        return _jit_solver(program, seg, cfg.gauss_newton)(
+            w0, mask, boundary, targets, jnp.int32(cfg.newton_steps),
+            jnp.int32(cfg.cg_max_iters), jnp.float32(cfg.cg_tol), jnp.float32(cfg.damping))
+    oracle = _host_oracle(program, seg, cfg.gauss_newton, mask, boundary, targets)
+    return newton_cg(HOST, oracle, w0, mask, cfg.newton_steps, cfg.cg_max_iters,
+                     cfg.cg_tol, cfg.damping)
 
 
 def snows(model_or_fn: Any, *args: Any, sparsity: str | float | GroupMask | None = None,
