@@ -26,28 +26,29 @@ The analysis has three stages, all on the traced jaxpr (`hesso_jax.jaxpr.Interpr
    contracted against the kernel's in axis, out-channels ``(G, m)``, with the group
    factor ``G`` shared (whole conv-groups are prunable, or, where they are not, channel
    ``j`` of every group); ``feature_group_count = C_in / k`` stays valid either way.
-2. **Channel spaces.** Embeddings are resolved by interval refinement: every class is cut
-   at the boundaries of every segment embedded in it (and vice versa) until stable, and
-   equal intervals are joined. The resulting atomic intervals are the candidate families
-   (*spaces*); a product class is not a space itself, its channels are the product of its
-   factors'. Each space knows its occurrences: on which class, at which ``offset``,
-   ``block``, ``repeat`` and ``stride`` (a head of ``(H, D)`` merged to ``H*D`` is a block
-   of ``D``; a channel ``C`` flattened from ``(h, w, C)`` recurs every ``C`` rows). A
-   factor cut into intervals (RoPE's rotate-half slices ``head_dim`` in halves; partial
-   rotary cuts it into rotary and pass-through parts) stays a factor, as the composite of
-   its intervals: the heads remain a space, and each interval recurs in every head.
-3. **Zero invariance.** With every trainable producer slice of a space set to zero
-   (parameter axes that are not only contracted), a forward pass over the recorded
-   operations tracks, per value and axis, the set of spaces whose channel slices are
-   *exactly* zero (``x·0 = 0``, ``0+0 = 0``, ``f(0) = 0`` for relu/gelu/silu/tanh, per-
-   channel BatchNorm with zero scale and shift, ...). A space is a family iff it is never
-   blocked, every contraction over it (``dot_general``, ``conv`` in-channels, ``reduce_sum``)
-   has an operand that is zero on it — so deleting the channel removes a zero term — and
-   no contraction result over it is scaled by a constant equal to its length ``n``,
-   ``√n``, ``1/n`` or ``1/√n`` (a mean or RMS over the axis: LayerNorm/RMSNorm statistics,
-   which change when the axis shrinks). Where a merged axis has several prunable factors,
-   or one parameter would hold members of two families on different axes, the outer
-   factor (lower axis) wins (heads over head_dim).
+2. **Channel spaces** (`hesso_jax.jaxpr.spaces`). Embeddings are resolved by interval
+   refinement: every class is cut at the boundaries of every segment embedded in it (and
+   vice versa) until stable, and equal intervals are joined. The resulting atomic
+   intervals are the candidate families (*spaces*); a product class is not a space itself,
+   its channels are the product of its factors'. Each space knows its occurrences: on
+   which class, at which ``offset``, ``block``, ``repeat`` and ``stride`` (a head of
+   ``(H, D)`` merged to ``H*D`` is a block of ``D``; a channel ``C`` flattened from
+   ``(h, w, C)`` recurs every ``C`` rows). A factor cut into intervals (RoPE's
+   rotate-half slices ``head_dim`` in halves; partial rotary cuts it into rotary and
+   pass-through parts) stays a factor, as the composite of its intervals: the heads
+   remain a space, and each interval recurs in every head.
+3. **Zero invariance** (`hesso_jax.jaxpr.zeros`). With every trainable producer slice of a
+   space set to zero (parameter axes that are not only contracted), a forward pass over
+   the recorded operations tracks, per value and axis, the set of spaces whose channel
+   slices are *exactly* zero (``x·0 = 0``, ``0+0 = 0``, ``f(0) = 0`` for
+   relu/gelu/silu/tanh, per-channel BatchNorm with zero scale and shift, ...). A space is
+   a family iff it is never blocked, every contraction over it (``dot_general``, ``conv``
+   in-channels, ``reduce_sum``) has an operand that is zero on it — so deleting the
+   channel removes a zero term — and no contraction result over it is scaled by a constant
+   equal to its length ``n``, ``√n``, ``1/n`` or ``1/√n`` (a mean or RMS over the axis:
+   LayerNorm/RMSNorm statistics, which change when the axis shrinks). Where a merged axis
+   has several prunable factors, or one parameter would hold members of two families on
+   different axes, the outer factor (lower axis) wins (heads over head_dim).
 
 Members of a family are its trainable, not-only-contracted parameter axes; dependents are
 contracted axes (consumer in-channels) and non-trainable state (BatchNorm statistics).
@@ -59,11 +60,9 @@ reasons of its candidates, or that the function ignores its parameters).
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
-import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -81,493 +80,15 @@ from hesso_jax.groups import (
     structure_fingerprint,
     tree_paths,
 )
-from hesso_jax.jaxpr.axes import AxisTracer, Event, UnionFind, Value
+from hesso_jax.jaxpr.axes import AxisTracer
+from hesso_jax.jaxpr.spaces import Pattern, Spaces
+from hesso_jax.jaxpr.zeros import ZeroAnalysis
 
 __all__ = ["DiscoveryWarning", "discover_groups"]
 
 
 class DiscoveryWarning(UserWarning):
     """Parameters left non-prunable because the analysis could not prove them safe."""
-
-
-# ---------------------------------------------------------------------------- stage 2
-@dataclasses.dataclass(frozen=True)
-class _Pattern:
-    """Channel ``i`` of a space ↦ ``offset + r*stride + i*block + [0, block)``, r < repeat."""
-
-    offset: int = 0
-    block: int = 1
-    repeat: int = 1
-    stride: int = 0
-
-    def shift(self, by: int) -> _Pattern:
-        return dataclasses.replace(self, offset=self.offset + by)
-
-    def within(self, outer: _Pattern) -> _Pattern | None:
-        """The pattern seen through ``outer``, the containing space's own pattern."""
-        block = self.block * outer.block
-        offset = outer.offset + self.offset * outer.block
-        stride_in = self.stride * outer.block
-        if self.repeat == 1:
-            return _Pattern(offset, block, outer.repeat, outer.stride)
-        if outer.repeat == 1:
-            return _Pattern(offset, block, self.repeat, stride_in)
-        if outer.stride == self.repeat * stride_in:
-            return _Pattern(offset, block, self.repeat * outer.repeat, stride_in)
-        return None
-
-
-class _Spaces:
-    """Stage 2: atomic channel spaces and their occurrences on axis classes.
-
-    Steps: classes and their blocks (`_classes`); embeddings cut classes into intervals
-    until stable (`_refine`); equal intervals are joined into nodes (`_interval_nodes`);
-    reshapes define product nodes (`_products`); occurrences compose the patterns
-    (`occurrences`).
-
-    A reshape factor that is itself cut into intervals (``head_dim`` sliced in halves by
-    RoPE's rotate-half, or into a rotary and a pass-through part) is a *composite* node:
-    its parts are the interval nodes at their offsets, so an interval of ``head_dim``
-    recurs in every head of the merged ``H*D`` axis, and the other factors (heads) stay
-    atomic spaces of their own. Only the merged axis itself must be whole.
-    """
-
-    def __init__(self, tr: AxisTracer):
-        self.find = tr.uf.find
-        self._classes(tr)
-        embeds = self._embeds(tr)
-        bp = self._refine(embeds)
-        self.uf = UnionFind()
-        self._interval_nodes(bp, embeds)
-        self.parts: dict[int, list[tuple[int, int]]] = {}  # composite -> (node, offset)
-        self._composite: dict[int, int] = {}  # sliced class -> its composite node
-        self._finish(self._products(tr))
-
-    def _classes(self, tr: AxisTracer) -> None:
-        find = self.find
-        self.length: dict[int, int] = {}
-        for d, n in enumerate(tr.size):
-            self.length.setdefault(find(d), n)
-        self.blocked: dict[int, tuple[str, str | None]] = {}
-        self.const_blocked: dict[int, set[int]] = {}  # class -> closed-over arrays
-        self.other_blocked: set[int] = set()  # classes blocked by anything else
-        for d, why in tr.blocked.items():
-            r = find(d)
-            self.blocked.setdefault(r, why)
-            if d in tr.const_blocks:
-                self.const_blocked.setdefault(r, set()).update(tr.const_blocks[d])
-            else:
-                self.other_blocked.add(r)
-
-    def _block(self, r: int, reason: str) -> None:
-        self.blocked.setdefault(r, (reason, None))
-        self.other_blocked.add(r)
-
-    def _embeds(self, tr: AxisTracer) -> list[tuple[int, int, int]]:
-        embeds = []
-        for s, b, o in tr.embeds:
-            rs, rb = self.find(s), self.find(b)
-            if rs == rb and o == 0:
-                continue
-            if rs == rb or o + self.length[rs] > self.length[rb]:
-                for r in (rs, rb):
-                    self._block(r, "a slice or concatenation maps the axis onto itself at "
-                                   "another offset")
-                continue
-            embeds.append((rs, rb, o))
-        return embeds
-
-    def _refine(self, embeds: list[tuple[int, int, int]]) -> dict[int, set[int]]:
-        """Cut points of every class: each embedded segment's cuts appear in both."""
-        bp: dict[int, set[int]] = {r: {0, n} for r, n in self.length.items()}
-        changed, rounds = True, 0
-        while changed and rounds < 64:
-            changed, rounds = False, rounds + 1
-            for s, b, o in embeds:
-                n = self.length[s]
-                for x in list(bp[s]):
-                    if o + x not in bp[b]:
-                        bp[b].add(o + x)
-                        changed = True
-                for x in list(bp[b]):
-                    if o <= x <= o + n and x - o not in bp[s]:
-                        bp[s].add(x - o)
-                        changed = True
-        if changed:  # did not settle: give up on every class that takes part
-            for s, b, _ in embeds:
-                for r in (s, b):
-                    self._block(r, "slices and concatenations do not settle")
-        return bp
-
-    def _interval_nodes(self, bp: dict[int, set[int]],
-                        embeds: list[tuple[int, int, int]]) -> None:
-        self.intervals: dict[int, list[tuple[int, int]]] = {}
-        self.node: dict[tuple[int, int], int] = {}
-        for r in self.length:
-            cuts = sorted(bp[r])
-            self.intervals[r] = list(zip(cuts[:-1], cuts[1:], strict=True))
-            for lo, _hi in self.intervals[r]:
-                self.node[(r, lo)] = self.uf.add()
-        for s, b, o in embeds:
-            for lo, _hi in self.intervals[s]:
-                if (b, o + lo) in self.node:
-                    self.uf.union(self.node[(s, lo)], self.node[(b, o + lo)])
-
-    def _factor(self, r: int) -> int:
-        """The node of a reshape factor class: its interval, or a composite of its parts."""
-        if len(self.intervals[r]) == 1:
-            return self.uf.find(self.node[(r, 0)])
-        if r not in self._composite:
-            c = self.uf.add()
-            self._composite[r] = c
-            self.parts[c] = [(self.node[(r, lo)], lo) for lo, _hi in self.intervals[r]]
-        return self._composite[r]
-
-    def _join(self, a: int, b: int) -> bool:
-        """Joins two factors of one merged axis reshaped twice (False if they differ)."""
-        a, b = self.uf.find(a), self.uf.find(b)
-        if a == b:
-            return True
-        pa, pb = self.parts.get(a), self.parts.get(b)
-        if (pa is None) != (pb is None):
-            return False
-        if pa is not None:
-            if [lo for _n, lo in pa] != [lo for _n, lo in pb]:
-                return False
-            for (x, _lo), (y, _lo2) in zip(pa, pb, strict=True):
-                self.uf.union(x, y)
-        self.uf.union(a, b)
-        return True
-
-    def _products(self, tr: AxisTracer) -> dict[int, tuple[list[int], list[int]]]:
-        """Merged node -> (factor nodes, factor sizes), row-major."""
-        prod: dict[int, tuple[list[int], list[int]]] = {}
-        for m, factors in tr.products:
-            rm, rf = self.find(m), [self.find(f) for f in factors]
-            if len(self.intervals[rm]) != 1 or len(set(rf)) < len(rf) or rm in rf:
-                for r in (rm, *rf):
-                    self._block(r, "reshape of a sliced or concatenated axis, or of an "
-                                   "axis with itself")
-                continue
-            key = self.uf.find(self.node[(rm, 0)])
-            fr = [self._factor(r) for r in rf]
-            sizes = [self.length[r] for r in rf]
-            if key not in prod:
-                prod[key] = (fr, sizes)
-            elif prod[key][1] != sizes or not all(
-                    self._join(a, b) for a, b in zip(prod[key][0], fr, strict=True)):
-                for r in (rm, *rf):
-                    self._block(r, "axis reshaped in two different ways")
-        return prod
-
-    def _finish(self, prod: dict[int, tuple[list[int], list[int]]]) -> None:
-        """Re-roots products and composites after the factor unions; direct occurrences."""
-        find = self.uf.find
-        self.product: dict[int, tuple[list[int], list[int]]] = {}
-        for key, (fr, sizes) in prod.items():
-            self.product[find(key)] = ([find(f) for f in fr], sizes)
-        parts: dict[int, list[tuple[int, int]]] = {}
-        for c, ps in self.parts.items():
-            parts.setdefault(find(c), [(find(n), lo) for n, lo in ps])
-        self.parts = parts
-        self.containers: dict[int, list[tuple[int, int]]] = {}
-        for c, ps in parts.items():
-            for n, lo in ps:
-                self.containers.setdefault(n, []).append((c, lo))
-        self.parents: dict[int, list[tuple[int, int]]] = {}
-        for key, (fr, _sizes) in self.product.items():
-            for j, f in enumerate(fr):
-                self.parents.setdefault(f, []).append((key, j))
-        self.direct: dict[int, list[tuple[int, _Pattern]]] = {}
-        self.node_len: dict[int, int] = {}
-        for r, ivs in self.intervals.items():
-            for lo, hi in ivs:
-                n = find(self.node[(r, lo)])
-                self.direct.setdefault(n, []).append((r, _Pattern(lo)))
-                self.node_len[n] = hi - lo
-        self._occ: dict[int, list[tuple[int, _Pattern]] | None] = {}
-        self.atoms = [k for k in self.direct if k not in self.product]
-
-    def _uplinks(self, space: int) -> list[tuple[int, _Pattern]]:
-        """(containing node, pattern of ``space`` within it): products and composites."""
-        ups = []
-        for parent, j in self.parents.get(space, []):
-            sizes = self.product[parent][1]
-            inner = int(np.prod(sizes[j + 1:], dtype=np.int64))
-            outer = int(np.prod(sizes[:j], dtype=np.int64))
-            ups.append((parent, _Pattern(0, inner, outer, sizes[j] * inner) if outer > 1
-                        else _Pattern(0, inner)))
-        ups += [(c, _Pattern(lo)) for c, lo in self.containers.get(space, [])]
-        return ups
-
-    def occurrences(self, space: int) -> list[tuple[int, _Pattern]] | None:
-        """(class, pattern) pairs of ``space``; None if a pattern is not representable."""
-        if space in self._occ:
-            return self._occ[space]
-        self._occ[space] = None  # a cycle of products is not representable
-        occ = list(self.direct.get(space, []))
-        for up_space, mine in self._uplinks(space):
-            up = self.occurrences(up_space)
-            if up is None:
-                return None
-            for cls, pat in up:
-                composed = mine.within(pat)
-                if composed is None:
-                    return None
-                occ.append((cls, composed))
-        self._occ[space] = occ
-        return occ
-
-    def factor_atoms(self, space: int, depth: int = 0) -> list[int]:
-        """Atomic spaces inside ``space`` (itself if atomic)."""
-        if depth > 64:
-            return []
-        if space in self.product:
-            inside = self.product[space][0]
-        elif space in self.parts:
-            inside = [n for n, _lo in self.parts[space]]
-        else:
-            return [space]
-        return [a for f in inside for a in self.factor_atoms(f, depth + 1)]
-
-
-# ---------------------------------------------------------------------------- stage 3
-def _shape_constant(c: float, n: int) -> bool:
-    """Whether ``|c|`` is ``n``, ``√n``, ``1/n`` or ``1/√n`` (a length-derived constant)."""
-    return any(math.isclose(abs(c), t, rel_tol=1e-5)
-               for t in (n, math.sqrt(n), 1 / n, 1 / math.sqrt(n)))
-
-
-def _neutral(name: str, v: Value) -> bool:
-    """A constant that leaves a zero at zero under ``name`` (max with c ≤ 0, min with c ≥ 0)."""
-    if v.literal is None:
-        return False
-    return (name == "max" and v.literal <= 0) or (name == "min" and v.literal >= 0)
-
-
-class ZeroAnalysis:
-    """Stage 3: which spaces are exactly zero on which axes, with members zeroed."""
-
-    def __init__(self, class_spaces: dict[int, frozenset], find: Callable[[int], int]):
-        self.class_spaces = class_spaces
-        self.find = find
-        self.sets: dict[int, tuple[frozenset, ...]] = {}
-        self.zero_vals: set[int] = set()
-        self.contracted: dict[int, frozenset] = {}
-        self.scaled: dict[int, frozenset] = {}
-        self.invalid: dict[int, str] = {}
-        self.scratch: dict[int, str] | None = None
-
-    def spaces(self, dim: int) -> frozenset:
-        return self.class_spaces.get(self.find(dim), frozenset())
-
-    def get(self, v: Value) -> tuple[frozenset, ...]:
-        if self.is_allzero(v):
-            return tuple(self.spaces(d) for d in v.dims)
-        return self.sets.get(v.id) or tuple(frozenset() for _ in v.dims)
-
-    def put(self, v: Value, sets: Sequence[frozenset], allzero: bool = False) -> None:
-        self.sets[v.id] = tuple(sets)
-        if allzero:
-            self.zero_vals.add(v.id)
-        else:
-            self.zero_vals.discard(v.id)
-
-    def is_allzero(self, v: Value) -> bool:
-        return v.allzero or v.id in self.zero_vals
-
-    def set_allzero(self, v: Value) -> None:
-        self.zero_vals.add(v.id)
-        self.sets[v.id] = tuple(self.spaces(d) for d in v.dims)
-
-    def fail(self, space: int, why: str) -> None:
-        target = self.scratch if self.scratch is not None else self.invalid
-        target.setdefault(space, why)
-
-    def copy(self, v: Value, out: Value) -> None:
-        self.put(out, self.get(v), allzero=self.is_allzero(v))
-        self.carry(v, out)
-
-    def remap(self, v: Value, out: Value,
-              per_axis: Callable[[Sequence[frozenset]], list[frozenset]]) -> None:
-        """Zero slices of a view ``out`` of ``v`` (broadcast, reshape, transpose).
-
-        They are ``per_axis(zero slices of v)``; ``out`` carries ``v``'s contractions along.
-        """
-        if self.is_allzero(v):
-            self.set_allzero(out)
-        else:
-            self.put(out, per_axis(self.get(v)))
-        self.carry(v, out)
-
-    def map_axes(self, v: Value, out: Value, kept: Sequence[int], *, filtered: bool = False,
-                 transparent: bool = False) -> None:
-        """``out``'s axes are ``v``'s axes ``kept`` (in order); others are not zero."""
-        if self.is_allzero(v):
-            self.set_allzero(out)
-            return
-        src = self.get(v)
-        sets = [src[i] for i in kept]
-        if filtered:
-            sets = [s & self.spaces(d) for s, d in zip(sets, out.dims, strict=True)]
-        sets += [frozenset()] * (len(out.shape) - len(sets))
-        self.put(out, sets)
-        if transparent:
-            self.carry(v, out)
-
-    def elementwise(self, kind: str, name: str, ins: Sequence[Value], out: Value) -> None:
-        """Zero slices of an elementwise op's output (``kind``: any/all/first/none).
-
-        ``any``: zero where some input is (``x·y``); ``all``: zero where every input is
-        (``x+y``, ``max``, ``select``); ``first``: zero where the first input is (``x/y``,
-        ``f(x)`` with ``f(0) = 0``). For ``max``/``min`` a constant ``c`` counts as zero
-        when ``max(0, c) = 0`` (``c ≤ 0``) / ``min(0, c) = 0`` (``c ≥ 0``): relu6.
-        """
-        nd = len(out.shape)
-        arrays = [v for v in ins if len(v.shape) == nd and nd]
-        zero = [self.is_allzero(v) or _neutral(name, v) for v in ins]
-        if kind == "any" and any(zero):
-            self.set_allzero(out)
-            return
-        if kind == "all" and all(zero):
-            self.set_allzero(out)
-            return
-        if kind == "first" and zero[0]:
-            self.set_allzero(out)
-            return
-        sets: list[frozenset] = []
-        for i in range(nd):
-            full = [v for v in arrays if v.shape[i] == out.shape[i]]
-            if kind == "any":
-                s = frozenset().union(*(self.get(v)[i] for v in full))
-            elif kind == "all":
-                others = [v for v, z in zip(ins, zero, strict=True) if v not in full and not z]
-                s = frozenset() if others else frozenset.intersection(
-                    *(self.get(v)[i] for v in full)) if full else frozenset()
-            elif kind == "first":
-                v0 = ins[0]
-                s = self.get(v0)[i] if v0 in full else frozenset()
-            else:
-                s = frozenset()
-            sets.append(s)
-        self.put(out, sets)
-        if name in ("mul", "div", "convert_element_type", "reduce_precision", "copy"):
-            self._scale_check(name, ins, out)
-
-    def carry(self, v: Value, out: Value) -> None:
-        """``out`` is ``v`` seen through a view: it keeps ``v``'s contraction/scale marks."""
-        self.contracted[out.id] = self.contracted.get(v.id, frozenset())
-        self.scaled[out.id] = self.scaled.get(v.id, frozenset())
-
-    def _scale_check(self, name: str, ins: Sequence[Value], out: Value) -> None:
-        """A mean, RMS or 1/√d scale over a space changes when it shrinks.
-
-        A constant ``c ∈ {n, √n, 1/n, 1/√n}`` multiplying (or dividing) the result of a
-        contraction over a space of length ``n`` (``Σ x / n``: a mean; LayerNorm/RMSNorm
-        statistics) fails that space here; the same constant applied to an activation
-        *before* it is contracted with another activation (``(q / √d) · k``, attention) is
-        recorded in ``scaled`` and checked by `contract_pairs`. (Pre-scaled inputs of a
-        layer with a parameter kernel are not checked: a mean-pooling divisor that happens
-        to equal the channel count must not block the channels.)
-        """
-        carried = frozenset().union(*(self.contracted.get(v.id, frozenset()) for v in ins))
-        scaled = frozenset().union(*(self.scaled.get(v.id, frozenset()) for v in ins))
-        if name in ("mul", "div"):
-            constants = [v for v in ins if v.literal is not None]
-            if len(ins) - len(constants) > 1:
-                return
-            for const in constants:
-                c = const.literal
-                if c == 0 or not math.isfinite(c):
-                    continue
-                scaled |= {abs(c)}
-                for space, n in carried:
-                    if _shape_constant(c, n):
-                        self.fail(space, f"scaled by the constant {c:g}, a function of its "
-                                         f"length {n} (a mean or RMS over the axis)")
-        self.contracted[out.id] = carried
-        self.scaled[out.id] = scaled
-
-    def _prescaled(self, v: Value, space: int, n: int, what: str) -> None:
-        for c in self.scaled.get(v.id, ()):
-            if _shape_constant(c, n):
-                self.fail(space, f"{what} contracts it after a scale by {c:g}, a function "
-                                 f"of its length {n}")
-
-    def contract(self, what: str, operands: Sequence[tuple[Value, Sequence[int]]],
-                 out: Value) -> None:
-        """Every space summed over must be zero in at least one operand.
-
-        The result remembers each space with its length ``n`` and, for a sum over several
-        axes, the total length ``N`` (a GroupNorm mean over ``(h, w, C/G)`` divides by
-        ``N``, which changes with ``n``) for the mean/RMS check of `_scale_check`.
-        """
-        record = set()
-        for v, axes in operands:
-            zs = self.get(v)
-            total = math.prod(v.shape[a] for a in axes)
-            for a in axes:
-                for space in self.spaces(v.dims[a]):
-                    record.add((space, v.shape[a]))
-                    record.add((space, total))
-                    if space not in zs[a]:
-                        self.fail(space, f"{what} sums over it where it is not zero")
-        self.contracted[out.id] = frozenset(record)
-
-    def contract_within(self, what: str, lhs: Value, lfeat: int, rhs: Value, rin: int,
-                        out: Value) -> None:
-        """A grouped convolution sums, within each group, over the kernel's in axis.
-
-        Its spaces (channel ``i`` of every input group) must be zero in the kernel's in
-        axis or on the input's feature axis (where they recur in every group).
-        """
-        zl, zr = self.get(lhs), self.get(rhs)
-        record = set()
-        for space in self.spaces(rhs.dims[rin]):
-            record.add((space, rhs.shape[rin]))
-            if space not in zr[rin] and space not in zl[lfeat]:
-                self.fail(space, f"{what} sums over it where it is not zero")
-        self.contracted[out.id] = frozenset(record)
-
-    def contract_pairs(self, what: str, lhs: Value, rhs: Value,
-                       pairs: Sequence[tuple[int, int]], out: Value) -> None:
-        zl, zr = self.get(lhs), self.get(rhs)
-        record = set()
-        for a, b in pairs:
-            for space in self.spaces(lhs.dims[a]):
-                record.add((space, lhs.shape[a]))
-                if lhs.pdims is None and rhs.pdims is None:  # activation · activation
-                    self._prescaled(lhs, space, lhs.shape[a], what)
-                    self._prescaled(rhs, space, lhs.shape[a], what)
-                if space not in zl[a] and space not in zr[b]:
-                    self.fail(space, f"{what} contracts it where neither operand is zero")
-        self.contracted[out.id] = frozenset(record)
-
-    def run(self, events: Sequence[Event]) -> None:
-        for ev in events:
-            ev(self)
-
-    def fixpoint(self, init: Sequence[Value], carry: Sequence[Value],
-                 events: Sequence[Event], res: Sequence[Value]) -> None:
-        """Loop carries: zero iff zero initially and after every iteration (greatest fixpoint)."""
-        state = [(self.get(v), self.is_allzero(v)) for v in init]
-        outer = self.scratch
-        for _ in range(len(carry) + 2):
-            for c, (sets, az) in zip(carry, state, strict=True):
-                self.put(c, sets, allzero=az)
-            self.scratch = {}
-            self.run(events)
-            new = []
-            for (sets, az), r in zip(state, res, strict=True):
-                rs = self.get(r)
-                new.append((tuple(a & b for a, b in zip(sets, rs, strict=True)),
-                            az and self.is_allzero(r)))
-            if new == state:
-                break
-            state = new
-        found, self.scratch = self.scratch, outer
-        for space, why in found.items():
-            self.fail(space, why)
 
 
 # ---------------------------------------------------------------------------- driver
@@ -613,7 +134,7 @@ class _Analysis:
         self.paths, self.trainable = paths, trainable
         self.tr = tr = AxisTracer()
         self._trace(closed)
-        self.sp = _Spaces(tr)
+        self.sp = Spaces(tr)
         self.find = tr.uf.find
         self.class_params: dict[int, list[tuple[int, int]]] = {}
         for leaf, dims in enumerate(self.param_dims):
@@ -650,12 +171,12 @@ class _Analysis:
         return self.trainable[leaf] and (key in self.tr.produced
                                          or key not in self.tr.contracted)
 
-    def _candidates(self) -> dict[int, list[tuple[int, _Pattern]]]:
+    def _candidates(self) -> dict[int, list[tuple[int, Pattern]]]:
         # a space must reach some computed value: axes that live only in parameters (an
         # unused parameter, a kernel axis no rule ties to anything) are not channels
         n_param_dims = sum(len(d) for d in self.param_dims)
         computed = {self.find(d) for d in range(n_param_dims, len(self.tr.size))}
-        occ: dict[int, list[tuple[int, _Pattern]]] = {}
+        occ: dict[int, list[tuple[int, Pattern]]] = {}
         for space in self.sp.atoms:
             o = self.sp.occurrences(space)
             if o is None:
@@ -692,7 +213,7 @@ class _Analysis:
                         blamed.setdefault(prim, set()).add(space)
         return blamed
 
-    def members_of(self, space: int) -> list[tuple[int, int, _Pattern]]:
+    def members_of(self, space: int) -> list[tuple[int, int, Pattern]]:
         return [(leaf, axis, pat) for cls, pat in self.occ[space]
                 for leaf, axis in self.class_params.get(cls, []) if self.is_member(leaf, axis)]
 

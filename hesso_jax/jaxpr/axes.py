@@ -12,106 +12,74 @@ value (`Value`) names every axis of a traced value by a node id. Each primitive'
 * records which parameter axes are contracted and which are used otherwise (through
   views such as transposes and reshapes);
 * appends an *event*: a closure that, given the zero analysis of stage 3
-  (`hesso_jax.discovery`), computes which channel slices of the outputs are exactly zero
-  from those of the inputs, and checks every contraction.
+  (`hesso_jax.jaxpr.zeros.ZeroAnalysis`), computes which channel slices of the outputs are
+  exactly zero from those of the inputs, and checks every contraction.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Literal
 
 import jax
 import numpy as np
 
 from hesso_jax.jaxpr.interpreter import Interpreter
+from hesso_jax.jaxpr.values import UnionFind, Value
+from hesso_jax.jaxpr.zeros import Event, ZeroAnalysis
 
-if TYPE_CHECKING:
-    from hesso_jax.discovery import ZeroAnalysis
-
-__all__ = ["AxisTracer", "Event", "UnionFind", "Value"]
-
-@dataclasses.dataclass(eq=False)
-class Value:
-    """Abstract value: one node id per axis, plus what is known statically."""
-
-    id: int
-    shape: tuple[int, ...]
-    dims: tuple[int, ...]
-    literal: float | None = None  # scalar literal / constant value
-    allzero: bool = False  # statically all zeros (literal 0, zero constant)
-    # per axis, the (leaf, axis) pairs of the parameter this value is a view of
-    pdims: tuple[frozenset, ...] | None = None
-    # a constant: computed from literals and closed-over arrays only (no parameter, no
-    # input). ``varying[a]``: its values may change along axis ``a`` (or its length is
-    # fixed); ``sources``: indices of the closed-over arrays it is computed from
-    const: bool = False
-    varying: tuple[bool, ...] = ()
-    sources: frozenset = frozenset()
+__all__ = ["BLOCK_REDUCED", "CUMULATIVE", "IDENTITY", "RANDOM", "RULES", "VIEW", "ZERO_ALL",
+           "ZERO_ANY", "ZERO_FIRST", "ZERO_KINDS", "ZERO_NONE", "AxisRule", "AxisTracer",
+           "Event", "UnionFind", "Value", "ZeroKind", "def_blocked", "def_elementwise",
+           "def_identity", "def_source", "default_rule", "elementwise_rule", "register_rule"]
 
 
-class UnionFind:
-    """Disjoint sets over integer ids."""
-
-    def __init__(self) -> None:
-        self.parent: list[int] = []
-
-    def add(self) -> int:
-        """A new singleton set; returns its id."""
-        self.parent.append(len(self.parent))
-        return len(self.parent) - 1
-
-    def find(self, a: int) -> int:
-        """Representative of ``a``'s set (with path compression)."""
-        root = a
-        while self.parent[root] != root:
-            root = self.parent[root]
-        while self.parent[a] != root:
-            self.parent[a], a = root, self.parent[a]
-        return root
-
-    def union(self, a: int, b: int) -> None:
-        """Joins the sets of ``a`` and ``b``."""
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            self.parent[max(ra, rb)] = min(ra, rb)
-
-
-Event = Callable[["ZeroAnalysis"], None]
+ZeroKind = Literal["any", "all", "first", "none"]
+"""How an elementwise primitive keeps zeros: ``any`` (zero where some operand is: ``x·y``),
+``all`` (where every operand is: ``x+y``, ``max``), ``first`` (where the first operand is:
+``x/y``, ``f(x)`` with ``f(0) = 0``), ``none`` (``exp``, ``cos``: zeros are not kept)."""
 
 # primitives by zero behaviour (all are elementwise with numpy-style size-1 broadcasting)
-_ZERO_FIRST = {
+ZERO_FIRST: frozenset[str] = frozenset({
     "neg", "abs", "sign", "sin", "tan", "tanh", "atan", "asin", "sinh", "asinh", "atanh",
     "erf", "sqrt", "cbrt", "expm1", "log1p", "square", "real", "conj", "copy", "copy_p",
     "convert_element_type", "reduce_precision", "stop_gradient", "floor", "ceil", "round",
     "div", "rem", "imag",
-}
-_ZERO_NONE = {
+})
+ZERO_NONE: frozenset[str] = frozenset({
     "exp", "exp2", "log", "cos", "cosh", "acos", "logistic", "rsqrt", "erf_inv", "erfc",
     "lgamma", "digamma", "is_finite", "not", "pow", "atan2", "eq", "ne", "lt", "gt", "le",
     "ge", "nextafter", "population_count", "clz", "shift_left", "shift_right_logical",
     "shift_right_arithmetic", "or", "xor", "igamma", "igammac", "random_gamma_grad",
     "bessel_i0e", "bessel_i1e", "regularized_incomplete_beta", "polygamma", "zeta", "clamp",
     "complex",
+})
+ZERO_ANY: frozenset[str] = frozenset({"mul", "and"})
+ZERO_ALL: frozenset[str] = frozenset({"add", "sub", "max", "min", "add_any", "select_n"})
+VIEW: frozenset[str] = frozenset({
+    "convert_element_type", "reshape", "transpose", "broadcast_in_dim", "squeeze", "copy",
+    "copy_p", "reduce_precision", "slice", "sharding_constraint", "mesh_cast", "reshard",
+    "pvary"})
+"""Primitives whose output is a view of a parameter operand (it stays that parameter)."""
+IDENTITY: frozenset[str] = frozenset({"sharding_constraint", "mesh_cast", "reshard", "pvary",
+                                      "optimization_barrier"})
+RANDOM: frozenset[str] = frozenset({
+    "random_bits", "random_seed", "random_wrap", "random_unwrap", "random_split",
+    "random_fold_in", "threefry2x32", "rng_bit_generator", "rng_uniform", "random_clone"})
+BLOCK_REDUCED: frozenset[str] = frozenset({"reduce_max", "reduce_min", "reduce_prod",
+                                           "reduce_and", "reduce_or", "reduce_xor", "argmax",
+                                           "argmin"})
+CUMULATIVE: frozenset[str] = frozenset({"cumsum", "cumprod", "cummax", "cummin",
+                                        "cumlogsumexp"})
+
+ZERO_KINDS: dict[str, ZeroKind] = {
+    **dict.fromkeys(ZERO_NONE, "none"), **dict.fromkeys(ZERO_FIRST, "first"),
+    **dict.fromkeys(ZERO_ALL, "all"), **dict.fromkeys(ZERO_ANY, "any"),
+    "integer_pow": "first",  # x**y with y > 0; y <= 0 keeps no zero (`elementwise_rule`)
 }
-_ZERO_ANY = {"mul", "and"}
-_ZERO_ALL = {"add", "sub", "max", "min", "add_any", "select_n"}
-_TRANSPARENT = {"convert_element_type", "reshape", "transpose", "broadcast_in_dim", "squeeze",
-                "copy", "copy_p", "reduce_precision", "mul", "div", "sharding_constraint"}
-_VIEW = {"convert_element_type", "reshape", "transpose", "broadcast_in_dim", "squeeze",
-         "copy", "copy_p", "reduce_precision", "slice", "sharding_constraint", "mesh_cast",
-         "reshard", "pvary"}
-_IDENTITY = {"sharding_constraint", "mesh_cast", "reshard", "pvary", "optimization_barrier"}
-_RANDOM = {"random_bits", "random_seed", "random_wrap", "random_unwrap", "random_split",
-           "random_fold_in", "threefry2x32", "rng_bit_generator", "rng_uniform",
-           "random_clone"}
-_BLOCK_REDUCED = {"reduce_max", "reduce_min", "reduce_prod", "reduce_and", "reduce_or",
-                  "reduce_xor", "argmax", "argmin"}
-_CUMULATIVE = {"cumsum", "cumprod", "cummax", "cummin", "cumlogsumexp"}
-_ELEMENTWISE = _ZERO_FIRST | _ZERO_NONE | _ZERO_ANY | _ZERO_ALL | {"integer_pow"}
+"""Elementwise primitive name -> its `ZeroKind` (`def_elementwise` adds to it)."""
 
 
 class AxisTracer(Interpreter):
@@ -248,20 +216,8 @@ class AxisTracer(Interpreter):
                     self.produced.add((leaf, pax))
 
     def fallback(self, eqn: Any, invals: list[Value]) -> Any:
-        """No rule: every axis of the inputs and outputs is blocked, with the reason."""
-        name = eqn.primitive.name
-        dims = self.unknown.setdefault(name, set())
-        for v in invals:
-            self.use(v)
-            for d in v.dims:
-                self.block(d, f"primitive {name!r} has no discovery rule", name)
-                dims.add(d)
-        outs = [self.new_val(o.aval.shape) if hasattr(o.aval, "shape") else self.new_val(())
-                for o in eqn.outvars]
-        for v in outs:
-            for d in v.dims:
-                self.block(d, f"primitive {name!r} has no discovery rule", name)
-        return outs if eqn.primitive.multiple_results else outs[0]
+        """No rule: `default_rule` (every axis of the inputs and outputs is blocked)."""
+        return default_rule(self, eqn, invals)
 
     def on_eqn(self, eqn: Any, invals: list[Value], outvals: list[Value]) -> None:
         """Marks constant outputs (`_mark_const`) and keeps views of parameters views."""
@@ -273,7 +229,7 @@ class AxisTracer(Interpreter):
         """A view of a parameter (transpose, reshape, cast, ...) stays a view of it."""
         name = eqn.primitive.name
         src = invals[0] if invals else None
-        if name not in _VIEW or src is None or src.pdims is None:
+        if name not in VIEW or src is None or src.pdims is None:
             return
         out = outvals[0]
         pd: list[frozenset] = [frozenset()] * len(out.shape)
@@ -298,7 +254,7 @@ class AxisTracer(Interpreter):
 # -- constants: which axes of a constant may vary (see `AxisTracer.prepare`)
 _UNIFORM_VIEWS = {"slice", "squeeze", "reshape", "transpose", "rev", "dynamic_slice",
                   "gather", "copy", "copy_p", "reduce_max", "reduce_min", "pad",
-                  "concatenate", "stack", *_IDENTITY}
+                  "concatenate", "stack", *IDENTITY}
 
 
 def _mark_const(eqn: Any, ins: list[Value], outs: list[Value]) -> None:
@@ -347,31 +303,110 @@ def _varying(eqn: Any, ins: list[Value], out: Value) -> tuple[bool, ...]:
                 for o in go:
                     var[o] = any(src.varying[i] for i in gi)
             return tuple(var)
-    if name in ("slice", "rev", "dynamic_slice", *_CUMULATIVE):
+    if name in ("slice", "rev", "dynamic_slice", *CUMULATIVE):
         return tuple(src.varying)
     if name == "pad":
         return tuple(v or tuple(cfg) != (0, 0, 0)
                      for v, cfg in zip(src.varying, p["padding_config"], strict=True))
-    if name in _ELEMENTWISE:
+    if name in ZERO_KINDS:
         arrays = [v for v in ins if len(v.shape) == nd and nd]
         return tuple(any(v.varying[i] and v.shape[i] == out.shape[i] for v in arrays)
                      for i in range(nd))
     return (True,) * nd
 
 
-_RULES: dict[str, Callable[[AxisTracer, Any, list[Value]], Any]] = {}
+AxisRule = Callable[[AxisTracer, Any, list[Value]], Any]
+"""``rule(tracer, eqn, invals) -> Value`` (a list when the primitive has several results).
+
+A rule joins the axes that share a channel index (`AxisTracer.union`), blocks the axes it
+treats non-uniformly (`AxisTracer.block`), records parameter uses (`AxisTracer.use`), and
+appends the zero-analysis event of its outputs (`AxisTracer.event`)."""
+
+RULES: dict[str, AxisRule] = {}
+"""Primitive name -> `AxisRule`: the rule table of group discovery (`register_rule`)."""
 
 
-def _rule(*names: str) -> Callable:
-    def register(fn: Callable) -> Callable:
+def _rule(*names: str) -> Callable[[AxisRule], AxisRule]:
+    def register(fn: AxisRule) -> AxisRule:
         for n in names:
-            _RULES[n] = fn
+            RULES[n] = fn
         return fn
 
     return register
 
 
-AxisTracer.rules = _RULES
+def _name(primitive: Any) -> str:
+    name = getattr(primitive, "name", primitive)
+    if not isinstance(name, str):
+        raise TypeError(f"a primitive or its name, got {type(primitive).__name__}")
+    return name
+
+
+def register_rule(primitive: Any, rule: AxisRule | None = None, *,
+                  override: bool = False) -> Any:
+    """Registers the discovery rule of a primitive (the extension point of discovery).
+
+    A primitive without a rule goes to `default_rule`, which blocks every axis it touches
+    (its parameters are then not pruned along them, with a `DiscoveryWarning`). Register
+    a rule built by `elementwise_rule`, or use a definer (`def_elementwise`,
+    `def_identity`, ...) for a family of primitives, or write an `AxisRule`.
+
+    Args:
+      primitive: a ``jax.extend.core.Primitive`` or its name.
+      rule: the rule; omitted, ``register_rule(p)`` is a decorator.
+      override: replace an existing rule (a built-in one included).
+
+    Returns:
+      ``rule`` (or the decorator).
+
+    Raises:
+      ValueError: if the primitive has a rule already and ``override`` is False.
+      TypeError: if ``primitive`` is neither a primitive nor a name, or ``rule`` is not
+        callable.
+
+    Examples:
+      >>> from hesso_jax.jaxpr.axes import RULES, elementwise_rule, register_rule
+      >>> _ = register_rule("my_relu", elementwise_rule("first"))
+      >>> "my_relu" in RULES
+      True
+      >>> _ = RULES.pop("my_relu")
+    """
+    name = _name(primitive)
+
+    def register(fn: AxisRule) -> AxisRule:
+        if not callable(fn):
+            raise TypeError(f"the rule of {name!r} must be callable, got {fn!r}")
+        if name in RULES and not override:
+            raise ValueError(f"primitive {name!r} has a discovery rule already; pass "
+                             f"override=True to replace it")
+        RULES[name] = fn
+        return fn
+
+    return register if rule is None else register(rule)
+
+
+def default_rule(tr: AxisTracer, eqn: Any, ins: list[Value]) -> Any:
+    """The explicit default of primitives without a rule: every axis is blocked.
+
+    Every axis of the operands and results is marked non-prunable with the primitive's
+    name (named in the `DiscoveryWarning`), and parameter operands count as used.
+    """
+    name = eqn.primitive.name
+    dims = tr.unknown.setdefault(name, set())
+    for v in ins:
+        tr.use(v)
+        for d in v.dims:
+            tr.block(d, f"primitive {name!r} has no discovery rule", name)
+            dims.add(d)
+    outs = [tr.new_val(o.aval.shape) if hasattr(o.aval, "shape") else tr.new_val(())
+            for o in eqn.outvars]
+    for v in outs:
+        for d in v.dims:
+            tr.block(d, f"primitive {name!r} has no discovery rule", name)
+    return outs if eqn.primitive.multiple_results else outs[0]
+
+
+AxisTracer.rules = RULES
 
 
 def _reshape_groups(src: Sequence[int], dst: Sequence[int]) -> list[tuple[list[int], list[int]]]:
@@ -403,6 +438,15 @@ def _reshape_groups(src: Sequence[int], dst: Sequence[int]) -> list[tuple[list[i
 
 # -- elementwise
 def _elementwise(tr: AxisTracer, eqn: Any, ins: list[Value]) -> Value:
+    """Elementwise primitive of `ZERO_KINDS` (``integer_pow`` with ``y <= 0`` keeps none)."""
+    kind = ZERO_KINDS.get(eqn.primitive.name, "none")
+    if eqn.primitive.name == "integer_pow" and eqn.params["y"] <= 0:
+        kind = "none"
+    return _elementwise_of(tr, eqn, ins, kind)
+
+
+def _elementwise_of(tr: AxisTracer, eqn: Any, ins: list[Value], kind: ZeroKind) -> Value:
+    """Aligned axes (numpy-style size-1 broadcasting) share a class; zeros follow ``kind``."""
     name = eqn.primitive.name
     out = tr.out_val(eqn)
     arrays = [v for v in ins if len(v.shape) == len(out.shape) and v.shape]
@@ -414,14 +458,6 @@ def _elementwise(tr: AxisTracer, eqn: Any, ins: list[Value]) -> Value:
                 tr.union(d, out.dims[i])
             else:
                 tr.block(d, "size-1 axis broadcast against a longer one")
-    if name in _ZERO_ANY:
-        kind = "any"
-    elif name in _ZERO_ALL:
-        kind = "all"
-    elif name in _ZERO_FIRST or (name == "integer_pow" and eqn.params["y"] > 0):
-        kind = "first"
-    else:
-        kind = "none"
     operands = ins[1:] if name == "select_n" else ins
     tr.event(lambda z: z.elementwise(kind, name, operands, out))
     out.literal = _fold(eqn, ins)
@@ -456,8 +492,97 @@ def _fold(eqn: Any, ins: list[Value]) -> float | None:
         return None
 
 
-for _name in _ELEMENTWISE:
-    _RULES[_name] = _elementwise
+# -- definers: register a family of primitives at once (as ``jax.experimental.jet``)
+def _check_kind(kind: str) -> None:
+    if kind not in ("any", "all", "first", "none"):
+        raise ValueError(f"zero kind must be 'any', 'all', 'first' or 'none', got {kind!r}")
+
+
+def elementwise_rule(kind: ZeroKind) -> AxisRule:
+    """The `AxisRule` of an elementwise primitive with zero behaviour ``kind``.
+
+    Operands broadcast numpy-style (size-1 axes); aligned axes share one class.
+
+    Args:
+      kind: a `ZeroKind` (``'first'`` for ``f`` with ``f(0) = 0``, ``'any'`` for a
+        product, ``'all'`` for a sum, ``'none'`` otherwise).
+
+    Returns:
+      A rule for `register_rule`.
+
+    Raises:
+      ValueError: for an unknown ``kind``.
+
+    Examples:
+      >>> rule = elementwise_rule("first")
+      >>> callable(rule)
+      True
+    """
+    _check_kind(kind)
+
+    def rule(tr: AxisTracer, eqn: Any, ins: list[Value]) -> Value:
+        return _elementwise_of(tr, eqn, ins, kind)
+
+    return rule
+
+
+def def_elementwise(kind: ZeroKind, *primitives: Any, override: bool = False) -> None:
+    """Registers elementwise primitives that keep zeros as ``kind`` (`ZERO_KINDS`).
+
+    Args:
+      kind: their `ZeroKind`.
+      *primitives: primitives or names.
+      override: replace existing rules.
+
+    Raises:
+      ValueError: for an unknown ``kind``, or a primitive with a rule (not ``override``).
+
+    Examples:
+      >>> def_elementwise("first", "my_gelu")
+      >>> ZERO_KINDS["my_gelu"], RULES.pop("my_gelu") is RULES["tanh"]
+      ('first', True)
+      >>> del ZERO_KINDS["my_gelu"]
+    """
+    _check_kind(kind)
+    for p in primitives:
+        register_rule(p, _elementwise, override=override)
+        ZERO_KINDS[_name(p)] = kind
+
+
+def def_identity(*primitives: Any, override: bool = False) -> None:
+    """Registers primitives that return their operands unchanged (sharding annotations).
+
+    Examples:
+      >>> def_identity("my_barrier")
+      >>> RULES.pop("my_barrier") is RULES["optimization_barrier"]
+      True
+    """
+    for p in primitives:
+        register_rule(p, _identity, override=override)
+
+
+def def_source(*primitives: Any, override: bool = False) -> None:
+    """Registers primitives whose results depend on no operand axis (random numbers).
+
+    Examples:
+      >>> def_source("my_rng")
+      >>> RULES.pop("my_rng") is RULES["random_bits"]
+      True
+    """
+    for p in primitives:
+        register_rule(p, _source, override=override)
+
+
+def def_blocked(*primitives: Any, override: bool = False) -> None:
+    """Registers primitives explicitly as `default_rule` (every axis blocked, warned).
+
+    Examples:
+      >>> def_blocked("my_opaque")
+      >>> RULES.pop("my_opaque") is default_rule
+      True
+    """
+    for p in primitives:
+        register_rule(p, default_rule, override=override)
 
 
 @_rule("bitcast_convert_type")
@@ -467,7 +592,6 @@ def _bitcast(tr: AxisTracer, eqn: Any, ins: list[Value]) -> Any:
     return _elementwise(tr, eqn, ins)
 
 
-@_rule(*_IDENTITY)
 def _identity(tr: AxisTracer, eqn: Any, ins: list[Value]) -> Any:
     outs = []
     for v in ins:
@@ -479,13 +603,18 @@ def _identity(tr: AxisTracer, eqn: Any, ins: list[Value]) -> Any:
     return outs if eqn.primitive.multiple_results else outs[0]
 
 
-@_rule(*_RANDOM, "iota")
 def _source(tr: AxisTracer, eqn: Any, ins: list[Value]) -> Any:
     outs = [tr.out_val(eqn, i) for i in range(len(eqn.outvars))]
     if eqn.primitive.name == "iota":
         d = eqn.params["dimension"]
         tr.block(outs[0].dims[d], "iota (values depend on the index)")
     return outs if eqn.primitive.multiple_results else outs[0]
+
+
+for _kind in ("none", "first", "all", "any"):
+    def_elementwise(_kind, *sorted(k for k, v in ZERO_KINDS.items() if v == _kind))
+def_identity(*sorted(IDENTITY))
+def_source(*sorted(RANDOM), "iota")
 
 
 @_rule("broadcast_in_dim")
@@ -582,7 +711,7 @@ def _squeeze(tr: AxisTracer, eqn: Any, ins: list[Value]) -> Value:
     return out
 
 
-@_rule("reduce_sum", *_BLOCK_REDUCED)
+@_rule("reduce_sum", *BLOCK_REDUCED)
 def _reduce(tr: AxisTracer, eqn: Any, ins: list[Value]) -> Value:
     name = eqn.primitive.name
     v, out = ins[0], tr.out_val(eqn)
@@ -604,7 +733,7 @@ def _reduce(tr: AxisTracer, eqn: Any, ins: list[Value]) -> Value:
     return out
 
 
-@_rule(*_CUMULATIVE, "rev")
+@_rule(*CUMULATIVE, "rev")
 def _along_axis(tr: AxisTracer, eqn: Any, ins: list[Value]) -> Value:
     name = eqn.primitive.name
     v, out = ins[0], tr.out_val(eqn)

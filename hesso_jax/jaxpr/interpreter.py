@@ -22,7 +22,8 @@ from typing import Any
 
 from jax.extend import core as jcore
 
-__all__ = ["CALL_JAXPR_PARAMS", "Interpreter", "Rule", "inner_jaxpr", "make_closed_jaxpr"]
+__all__ = ["CALL_JAXPR_PARAMS", "Interpreter", "Rule", "inner_jaxpr", "make_closed_jaxpr",
+           "source_line"]
 
 Rule = Callable[["Interpreter", Any, list[Any]], Any]
 """``rule(interp, eqn, invals) -> outval`` (or a list when the primitive has several)."""
@@ -40,6 +41,31 @@ CALL_JAXPR_PARAMS: dict[str, str] = {
     "custom_vjp_call_jaxpr": "fun_jaxpr",
 }
 """Call-like primitives and the parameter holding the jaxpr they run."""
+
+
+def source_line(source_info: Any) -> str | None:
+    """The user's ``file:line (function)`` that created an equation (its ``source_info``).
+
+    The innermost frame outside JAX (`jax._src.source_info_util.user_frame`); None when
+    unknown or when this JAX version's source info cannot be read (never raises).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> def f(x):
+      ...     return jnp.sin(x)
+      >>> eqn = jax.make_jaxpr(f)(1.0).jaxpr.eqns[0]
+      >>> source_line(eqn.source_info).endswith("(f)")
+      True
+    """
+    try:
+        from jax._src import source_info_util
+
+        frame = source_info_util.user_frame(getattr(source_info, "traceback", source_info))
+        if frame is None:
+            return None
+        return f"{frame.file_name}:{frame.start_line} ({frame.function_name})"
+    except Exception:  # noqa: BLE001 - private JAX API: degrade to no location
+        return None
 
 
 def make_closed_jaxpr(jaxpr: Any) -> jcore.ClosedJaxpr:
