@@ -59,7 +59,7 @@ count as steps (and still shrink the redundant groups).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -80,10 +80,16 @@ from hesso_jax.groups import (
     tree_paths,
 )
 from hesso_jax.projection import FamilyFloor, bottom_k, gamma, project
-from hesso_jax.saliency import evaluate, nonzero_counts, replicate, resolve_saliency
+from hesso_jax.saliency import (
+    SaliencyFn,
+    evaluate,
+    nonzero_counts,
+    replicate,
+    resolve_saliency,
+)
 
-__all__ = ["HessoState", "HessoStatus", "hesso", "hesso_status", "resolve_count",
-           "schedule_counts"]
+__all__ = ["HessoSchedule", "HessoState", "HessoStatus", "hesso", "hesso_status",
+           "resolve_count", "schedule_counts"]
 
 
 class HessoState(NamedTuple):
@@ -97,8 +103,9 @@ class HessoState(NamedTuple):
         the trials when CRIC selects).
       cric_cycles: ``int32[]`` corrective cycles CRIC ran at the last period start (0 when
         CRIC is off).
-      schedule: ``int32[4]`` the constants ``(warmup_steps, P, Tp, K)``, for `hesso_status`;
-        with a `Budget` the K entry is negative, ``-1 − code`` (`_budget_code`).
+      schedule: ``int32[4]`` the `HessoSchedule` ``(warmup_steps, periods, period_len,
+        k)`` (`HessoSchedule.as_array`), for `hesso_status`; with a `Budget` ``k`` is
+        negative, ``-1 − code`` (`_budget_code`).
       probe: ``uint32[PROBE_SIZE]`` bits of ``x + u'`` at the sampled elements after the
         last update: what the parameters must hold at the next one (`hesso_jax.placement`).
       probe_tol: ``float32[PROBE_SIZE]`` how far the parameters may be from ``probe``
@@ -118,6 +125,36 @@ class HessoState(NamedTuple):
     probe_tol: jax.Array
     probe_key: jax.Array
     cric_rejected: jax.Array
+
+
+class HessoSchedule(NamedTuple):
+    """The schedule constants of Algorithm 1, as stored in ``HessoState.schedule``.
+
+    The state keeps them as one ``int32[4]`` array in this field order (checkpoints stay
+    arrays only); `from_array` / `as_array` convert, so no code reads them by position.
+
+    Attributes:
+      warmup_steps: ``T_w``, plain steps before the first period.
+      periods: ``P``, the number of pruning periods.
+      period_len: ``T_p``, steps per period.
+      k: ``K``, the total number of groups pruned; ``-1 − code`` (negative) when K is a
+        `Budget` (`_budget_code`).
+    """
+
+    warmup_steps: int
+    periods: int
+    period_len: int
+    k: int
+
+    @classmethod
+    def from_array(cls, schedule: Any) -> HessoSchedule:
+        """The schedule recorded in a state's ``int32[4]`` ``schedule`` field (host)."""
+        return cls(*(int(v) for v in np.asarray(schedule).reshape(-1)))
+
+    def as_array(self) -> np.ndarray:
+        """``int32[4]``: the state's ``schedule`` field."""
+        return np.asarray([self.warmup_steps, self.periods, self.period_len, self.k],
+                          np.int32)
 
 
 def schedule_counts(K: int, P: int) -> tuple[int, ...]:
@@ -259,12 +296,12 @@ class _Hesso:
     P: int
     Tp: int
     per_period: np.ndarray  # int32[P]: K̂_p
-    score_fn: Any
+    score_fn: SaliencyFn
     floor: FamilyFloor | None
     cric: CricConfig | None
-    cric_score: Any
+    cric_score: SaliencyFn | None
     cric_cap: int
-    schedule: np.ndarray  # int32[4]: (Tw, P, Tp, K), K < 0 for a budget
+    schedule: HessoSchedule  # k < 0 for a budget
     check_updates: bool = True
     budget: ResolvedBudget | None = None  # K = hj.Budget(...): budget_select per period
     seen: list[Signature] = dataclasses.field(default_factory=list)  # trees given to init
@@ -287,16 +324,22 @@ class _Hesso:
             pruned=jnp.zeros([G], bool),
             scores=jnp.zeros([G], jnp.float32),
             cric_cycles=jnp.zeros([], jnp.int32),
-            schedule=jnp.asarray(self.schedule),
+            schedule=jnp.asarray(self.schedule.as_array()),
             probe=jnp.zeros([placement.PROBE_SIZE], jnp.uint32),
             probe_tol=jnp.zeros([placement.PROBE_SIZE], jnp.float32),
             probe_key=jnp.zeros([], jnp.int32),
             cric_rejected=jnp.zeros([], jnp.int32),
         )
 
-    def update(self, updates: Any, state: HessoState, params: Any = None,
+    def update(self, updates: Any, state: HessoState, params: Any = None, *,
+               value_fn: Callable[[Any], jax.Array] | None = None,
                **extra_args: Any) -> tuple[Any, HessoState]:
-        value_fn = extra_args.get("value_fn")
+        """One HESSO update: phase → select → project → advance (Algorithm 1).
+
+        ``value_fn`` (keyword-only, ``params -> scalar`` loss) is needed by CRIC only;
+        other extra arguments are ignored.
+        """
+        del extra_args  # optax passes the chain's extra arguments to every member
         layout = self._validate(updates, state, params, value_fn)
         # Per-group vectors stay replicated, so both lax.cond branches agree on sharding.
         state = state._replace(redundant=replicate(state.redundant),
@@ -320,7 +363,8 @@ class _Hesso:
             probe=expected, probe_tol=tol, probe_key=jnp.asarray(probe.key, jnp.int32),
             cric_rejected=state.cric_rejected + rejected)
 
-    def _validate(self, updates: Any, state: Any, params: Any, value_fn: Any) -> Layout:
+    def _validate(self, updates: Any, state: Any, params: Any,
+                  value_fn: Callable[[Any], jax.Array] | None) -> Layout:
         """Trace-time checks of one update call; returns the groups' layout of ``params``."""
         if params is None:
             raise ValueError("hesso needs the parameters: call update(updates, state, params)")
@@ -380,7 +424,8 @@ class _Hesso:
             lambda: jnp.zeros([], jnp.int32))
 
     def _select(self, ph: _Phase, state: HessoState, params: Any, updates: Any,
-                value_fn: Any) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+                value_fn: Callable[[Any], jax.Array] | None
+                ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
         """Period start: ``G_R`` = the ``K̂_p`` lowest-scoring unpruned groups (or CRIC's).
 
         With a budget, ``G_R`` is `budget_select`'s knapsack greedy towards the period's
@@ -426,14 +471,27 @@ def hesso(
     Tp: int,
     *,
     warmup_steps: int = 0,
-    saliency: Any = None,
-    cric: Any = None,
+    saliency: SaliencyFn | str | Mapping[str, float] | None = None,
+    cric: CricConfig | None = None,
     total_steps: int | None = None,
     min_keep: int | float = 0,
     check_updates: bool = True,
     costs: GroupCosts | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """HESSO (Algorithm 1): progressive projection of the least salient groups to zero.
+
+    With ``u_t`` the base optimizer's update (HESSO's input), ``k = t − T_w`` and, during
+    period ``p = ⌊k/T_p⌋``, ``s = k mod T_p``, Algorithm 1 of arXiv 2409.09085 applies
+
+        x_{t+1} = x_t + u_t                                  t < T_w, or g ∉ G_R ∪ G_P
+        [x_{t+1}]_g = γ_s · ([x_t]_g + [u_t]_g),  g ∈ G_R,   γ_s = (T_p − s − 1)/(T_p − s)
+        [x_{t+1}]_g = 0,                          g ∈ G_P (pruned)
+
+    where, at each period start (``s = 0``), ``G_R`` is the ``K̂_p`` unpruned groups of
+    lowest ``saliency(x_t, u_t)`` (ties → lower index), ``K̂_p = ⌊K/P⌋`` (the remainder in
+    the last period); ``G_R`` joins ``G_P`` at the period's last step, where ``γ = 0``
+    makes it exactly ``0.0``. The emitted update is ``u' = c·(x + u) − x`` on
+    ``G_R ∪ G_P`` (``c = γ_s``, or 0) and ``u`` bit for bit elsewhere.
 
     Args:
       groups: the prunable `Groups` (validated against ``params`` at ``init``).
@@ -492,6 +550,26 @@ def hesso(
         updates do not match the params; from the step (a ``ValueError`` inside the
         callback's runtime error under ``jit``) when HESSO is not last in the chain, or the
         parameters are NaN/inf.
+
+    Examples:
+      Four units (kernel column + bias entry); prune two of them in one period of two steps
+      (zero gradients, so only HESSO moves the parameters):
+
+      >>> import jax, jax.numpy as jnp, optax
+      >>> import hesso_jax as hj
+      >>> params = {"w": jnp.arange(1.0, 13.0).reshape(3, 4), "b": jnp.ones(4)}
+      >>> groups = hj.Groups.from_families([hj.GroupFamily(
+      ...     4, (hj.Member(("w",), 1), hj.Member(("b",), 0)), name="units")])
+      >>> tx = optax.chain(optax.sgd(0.1), hj.hesso(groups, 2, 1, 2))
+      >>> state = tx.init(params)
+      >>> grads = jax.tree.map(jnp.zeros_like, params)
+      >>> for _ in range(2):  # γ_0 = 1/2, then γ_1 = 0
+      ...     updates, state = tx.update(grads, state, params)
+      ...     params = optax.apply_updates(params, updates)
+      >>> hj.hesso_status(state).pruned  # the two columns of smallest norm
+      array([ True,  True, False, False])
+      >>> params["w"].tolist()
+      [[0.0, 0.0, 3.0, 4.0], [0.0, 0.0, 7.0, 8.0], [0.0, 0.0, 11.0, 12.0]]
     """
     if not isinstance(groups, Groups):
         raise TypeError(f"groups must be a hesso_jax.Groups, got {type(groups).__name__}")
@@ -529,7 +607,7 @@ def hesso(
     if cric is not None:
         cric_score = score_fn if cric.saliency is None else resolve_saliency(cric.saliency)
         cric_cap = cric.cycle_cap(G, int(per_period.max()))
-    schedule = np.asarray([Tw, P, Tp, k_code], np.int32)
+    schedule = HessoSchedule(warmup_steps=Tw, periods=P, period_len=Tp, k=k_code)
     if not isinstance(check_updates, bool):
         raise TypeError(f"check_updates must be a bool, got {check_updates!r}")
     impl = _Hesso(groups, Tw, P, Tp, per_period, score_fn, floor, cric, cric_score, cric_cap,
@@ -598,8 +676,24 @@ def hesso_status(opt_state: Any) -> HessoStatus:
       opt_state: a `HessoState`, the state of an ``optax.chain`` containing `hesso`, or an
         ``nnx.Optimizer``'s ``opt_state``.
 
+    Returns:
+      A `HessoStatus`: ``phase`` and ``period`` of the *next* update (``count`` against the
+      `HessoSchedule` ``T_w, P, T_p``: warm-up while ``count < T_w``, pruning period
+      ``⌊(count − T_w)/T_p⌋`` while ``count < T_w + P·T_p``, then fine-tune).
+
     Raises:
       ValueError: if ``opt_state`` holds no HESSO state, or more than one.
+
+    Examples:
+      >>> import jax.numpy as jnp, optax
+      >>> import hesso_jax as hj
+      >>> params = {"w": jnp.ones((3, 4))}
+      >>> groups = hj.Groups.from_families([hj.GroupFamily(4, (hj.Member(("w",), 1),))])
+      >>> state = optax.chain(optax.sgd(0.1), hj.hesso(groups, 2, 2, 5,
+      ...                                              warmup_steps=3)).init(params)
+      >>> status = hj.hesso_status(state)
+      >>> status.phase, status.period, status.num_pruned, status.target
+      ('warmup', -1, 0, 2)
     """
     found = _find_states(opt_state)
     if not found:
@@ -609,7 +703,8 @@ def hesso_status(opt_state: Any) -> HessoStatus:
     # Each field is one array, possibly wrapped (an nnx.Optimizer wraps state leaves).
     st = HessoState(*(np.asarray(jax.tree.leaves(field)[0]) for field in found[0]))
     step = int(st.count)
-    Tw, P, Tp, K = (int(v) for v in st.schedule)
+    sch = HessoSchedule.from_array(st.schedule)
+    Tw, P, Tp = sch.warmup_steps, sch.periods, sch.period_len
     if step < Tw:
         phase, period = "warmup", -1
     elif step < Tw + P * Tp:
@@ -619,5 +714,5 @@ def hesso_status(opt_state: Any) -> HessoStatus:
     redundant = np.asarray(st.redundant, bool)
     pruned = np.asarray(st.pruned, bool)
     return HessoStatus(step, phase, period, int(redundant.sum()), int(pruned.sum()),
-                       redundant, pruned, np.asarray(st.scores), max(K, -1),
-                       int(st.cric_cycles), int(st.cric_rejected), _decode_budget(K))
+                       redundant, pruned, np.asarray(st.scores), max(sch.k, -1),
+                       int(st.cric_cycles), int(st.cric_rejected), _decode_budget(sch.k))

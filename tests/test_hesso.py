@@ -1,5 +1,6 @@
 """HESSO as an optax transformation: schedule, exact zeros, placement, optax composition."""
 
+import doctest
 import re
 
 import jax
@@ -478,3 +479,26 @@ def test_bottom_k_selects_exactly_k_with_nan_and_inf_scores():
         assert not np.any(chosen & ~np.asarray(candidates))
     # finite scores first (0.5, 2.0), then inf/NaN by index (0, 2, 3, 7)
     np.testing.assert_array_equal(np.flatnonzero(bottom_k(scores, candidates, 4)), [0, 1, 2, 6])
+
+
+@pytest.mark.parametrize("fn", [hj.hesso, hj.hesso_status], ids=["hesso", "hesso_status"])
+def test_docstring_examples_run(fn):
+    """The public docstrings' ``Examples:`` run and print what they show."""
+    tests = doctest.DocTestFinder().find(fn, fn.__name__, globs={})
+    examples = sum(len(t.examples) for t in tests)
+    assert examples >= 5
+    runner = doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE)
+    for t in tests:
+        runner.run(t)
+    assert (runner.failures, runner.tries) == (0, examples)
+
+
+def test_schedule_is_named_in_the_state():
+    """``HessoState.schedule`` stays ``int32[4]`` (checkpoints) and reads as a HessoSchedule."""
+    from hesso_jax.hesso import HessoSchedule
+
+    tx = hj.hesso(make_groups(), 4, 2, 3, warmup_steps=5)
+    state = tx.init(make_params())
+    assert state.schedule.shape == (4,) and state.schedule.dtype == jnp.int32
+    assert HessoSchedule.from_array(state.schedule) == HessoSchedule(
+        warmup_steps=5, periods=2, period_len=3, k=4)
