@@ -102,7 +102,12 @@ __all__ = ["GroupMask", "LayerReport", "SnowsReport", "layer_objective", "masked
 
 # ---------------------------------------------------------------------------- masks
 def parse_nm(pattern: str) -> tuple[int, int]:
-    """``"N:M"`` → ``(N, M)``; ValueError unless ``1 <= N < M``."""
+    """``"N:M"`` → ``(N, M)``; ValueError unless ``1 <= N < M``.
+
+    Examples:
+      >>> parse_nm("2:4")
+      (2, 4)
+    """
     match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", pattern)
     if match is None:
         raise ValueError(f"N:M pattern must look like '2:4', got {pattern!r}")
@@ -124,6 +129,10 @@ def nm_mask(scores: jax.Array, axes: Sequence[int], n: int, m: int, *,
 
     Raises:
       ValueError: if ``m`` does not divide ``R`` (names ``path``).
+
+    Examples:
+      >>> nm_mask(jnp.array([[3.0], [1.0], [2.0], [4.0]]), (0,), 2, 4).ravel()
+      Array([ True, False, False,  True], dtype=bool)
     """
     axes = tuple(a % scores.ndim for a in axes)
     moved = jnp.moveaxis(scores, axes, tuple(range(len(axes))))
@@ -143,6 +152,10 @@ def unstructured_mask(scores: jax.Array, sparsity: float) -> jax.Array:
     """Removes exactly ``round(sparsity · size)`` entries with the lowest scores.
 
     Ties are broken by position (stable sort). Jittable (``sparsity`` static).
+
+    Examples:
+      >>> unstructured_mask(jnp.array([0.5, -2.0, 0.1, 3.0]), 0.5)   # the 2 lowest go
+      Array([ True, False, False,  True], dtype=bool)
     """
     _check_fraction("sparsity", sparsity)
     flat = scores.reshape(-1)
@@ -191,6 +204,16 @@ class GroupMask:
     Attributes:
       groups: the `Groups` (paths as in the model's state / parameter tree).
       keep: ``bool[G]`` in global group order.
+
+    Examples:
+      >>> from hesso_jax.groups import GroupFamily, Member
+      >>> groups = Groups.from_families([GroupFamily(3, (Member(("w",), 1),))])
+      >>> gm = GroupMask(groups, np.array([True, False, True]))   # remove column 1
+      >>> gm.leaf_masks({"w": np.ones((2, 3))})[0]
+      array([[ True, False,  True],
+             [ True, False,  True]])
+      >>> GroupMask.from_zeros(groups, {"w": np.array([[1.0, 0.0, 2.0]])}).keep
+      array([ True, False,  True])
     """
 
     groups: Groups
@@ -760,6 +783,18 @@ def snows(model_or_fn: Any, *args: Any, sparsity: str | float | GroupMask | None
         sparsity outside (0, 1), both or neither of ``sparsity`` and ``mask``, unknown
         layer paths, a `GroupMask` that removes nothing a layer holds.
       TypeError: wrong argument kinds.
+
+    Examples:
+      >>> x = jax.random.normal(jax.random.key(0), (32, 8))
+      >>> params = {"w": jax.random.normal(jax.random.key(1), (8, 4))}
+      >>> pruned, report = snows(lambda p, x: x @ p["w"], params, x, sparsity="2:4", K=0)
+      >>> report.pattern, report.sparsity, [lr.path for lr in report.layers]
+      ('2:4', 0.5, [('w',)])
+      >>> lr = report.layers[0]
+      >>> bool(lr.objective_after < lr.objective_before), lr.newton_steps >= 1
+      (True, True)
+      >>> int((pruned["w"] != 0).reshape(2, 4, 4).sum(axis=1).max())   # 2 of every 4
+      2
     """
     t_start = time.perf_counter()
     K = check_int("K", K, 0)
