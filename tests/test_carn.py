@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import assert_close_rel
 
 import hesso_jax as hj
 from hesso_jax.models.carn import CARN, pixel_shuffle
@@ -41,13 +42,6 @@ def mask_state(groups, state, keep):
 
 def masked(groups, state, keep):
     return jax.tree.map(np.asarray, mask_state(groups, state, jnp.asarray(keep)))
-
-
-def assert_close_rel(a, b, rtol=1e-5):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    assert a.shape == b.shape
-    err, scale = float(np.max(np.abs(a - b))), float(np.max(np.abs(b)))
-    assert err <= rtol * scale, f"max abs diff {err} vs scale {scale}"
 
 
 def test_pixel_shuffle_layout():

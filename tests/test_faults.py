@@ -19,36 +19,25 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
+from helpers import D_IN, D_OUT, HIDDEN, mlp_data, mlp_groups, mlp_loss, mlp_params
 
 import hesso_jax as hj
 from hesso_jax import cli
 from hesso_jax.hesso import HessoState
 
-D_IN, HIDDEN, D_OUT = 6, 12, 3
 K, PERIODS, TP, TW = 6, 2, 3, 2
 
 
 def make_params(dtype=jnp.float32):
-    k1, k2 = jax.random.split(jax.random.key(0))
-    return {"l1": {"kernel": jax.random.normal(k1, (D_IN, HIDDEN), dtype),
-                   "bias": jnp.full((HIDDEN,), 0.1, dtype)},
-            "l2": {"kernel": jax.random.normal(k2, (HIDDEN, D_OUT), dtype),
-                   "bias": jnp.zeros((D_OUT,), dtype)}}
+    return mlp_params(dtype=dtype)
 
 
-def make_groups():
-    return hj.Groups.from_families([hj.GroupFamily(
-        HIDDEN, (hj.Member(("l1", "kernel"), 1), hj.Member(("l1", "bias"), 0)),
-        (hj.Member(("l2", "kernel"), 0),))])
-
-
-X = jax.random.normal(jax.random.key(1), (32, D_IN))
-Y = jax.random.normal(jax.random.key(2), (32, D_OUT))
+make_groups = mlp_groups
+X, Y = mlp_data(32)
 
 
 def loss(params):
-    h = jax.nn.relu(X @ params["l1"]["kernel"] + params["l1"]["bias"])
-    return jnp.mean((h @ params["l2"]["kernel"] + params["l2"]["bias"] - Y) ** 2)
+    return mlp_loss(params, X, Y)
 
 
 # ---------------------------------------------------------------- non-finite gradients

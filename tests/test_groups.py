@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 
 import jax
@@ -10,65 +9,24 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx, traverse_util
+from helpers import (
+    MODEL_SPECS,
+    build_tree,
+    flat_leaves,
+    group_slices,
+    jit_reduce,
+    layouts,
+    make_model,
+    oracle_broadcast,
+    zero_removed,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import hesso_jax as hj
 from hesso_jax import GroupFamily, Groups, Member
-from hesso_jax.models import CNN, MLP, TinyTransformer
 
 # ----------------------------------------------------------------------------- helpers
-
-MODEL_SPECS = {
-    "mlp": lambda: MLP(64, (32, 24), 10, rngs=nnx.Rngs(0)),
-    "cnn": lambda: CNN(c1=8, c2=12, rngs=nnx.Rngs(0)),
-    "transformer": lambda: TinyTransformer(d_model=16, num_heads=4, mlp_dim=24,
-                                           rngs=nnx.Rngs(0)),
-}
-
-
-def randomized(ctor, seed=0):
-    """``ctor()`` with random values in every variable, built without compiling initialisers."""
-    graphdef, state = nnx.split(nnx.eval_shape(ctor))
-    rng = np.random.default_rng(seed)
-    leaves, treedef = jax.tree_util.tree_flatten(state)
-    new = []
-    for path, x in zip(hj.tree_paths(state), leaves, strict=True):
-        v = rng.normal(size=x.shape)
-        if path[-1] == "var":
-            v = np.abs(v) + 0.5
-        elif path[-1] == "scale":
-            v = 1.0 + 0.2 * v
-        elif len(x.shape) >= 2:
-            v = v / np.sqrt(np.prod(x.shape[:-1]))
-        else:
-            v = 0.3 * v
-        new.append(jnp.asarray(v, x.dtype))
-    return nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, new))
-
-
-def make_model(name, seed=0):
-    """A reference model with random values in every variable (biases, BatchNorm included).
-
-    Built with ``nnx.eval_shape`` so no initialiser is compiled (each new kernel shape
-    costs seconds of XLA compile on a small CPU); random biases and statistics also make
-    every comparison stronger than the default zeros and ones.
-    """
-    return randomized(MODEL_SPECS[name], seed)
-
-
-def flat_leaves(tree, prefix=()):
-    """Independent of `tree_paths`: path -> leaf for nested dicts and lists of arrays."""
-    out = {}
-    if isinstance(tree, dict):
-        for k, v in tree.items():
-            out.update(flat_leaves(v, (*prefix, k)))
-    elif isinstance(tree, list | tuple):
-        for i, v in enumerate(tree):
-            out.update(flat_leaves(v, (*prefix, i)))
-    else:
-        out[prefix] = tree
-    return out
 
 
 def map_like(tree, fn):
@@ -81,17 +39,6 @@ def map_like(tree, fn):
 
 def as_f64(x):
     return np.asarray(x).astype(np.float64)
-
-
-def group_slices(groups):
-    """Explicit loop: per global group, the list of (path, axis, channel range) members."""
-    out = []
-    for fam in groups.families:
-        for i in range(fam.size):
-            out.append([(m.path, m.axis, [lo + i * m.block + t for lo in m.starts()
-                                          for t in range(m.block)])
-                        for m in fam.members])
-    return out
 
 
 def oracle_reduce(groups, fn, *trees):
@@ -111,36 +58,6 @@ def oracle_counts(groups, tree):
         for path, axis, chans in members:
             res[g] += np.take(np.zeros(flat[path].shape), list(chans), axis=axis).size
     return res
-
-
-def oracle_broadcast(groups, vec, tree, fill):
-    vec = np.asarray(vec)
-    flat = flat_leaves(tree)
-    out = {p: np.full(x.shape, fill, vec.dtype) for p, x in flat.items()}
-    for g, members in enumerate(group_slices(groups)):
-        for path, axis, chans in members:
-            arr = out[path]
-            idx = [slice(None)] * arr.ndim
-            idx[axis] = np.asarray(chans, int)
-            arr[tuple(idx)] = vec[g]
-    return out
-
-
-def zero_removed(groups, keep, tree, paths):
-    """Numpy: ``tree`` (built by `build_tree` from ``paths``) with removed groups zeroed."""
-    mask = oracle_broadcast(groups, np.asarray(keep, bool), tree, True)
-    flat = flat_leaves(tree)
-    leaves = []
-    for p in paths:
-        x = np.asarray(flat[p])
-        leaves.append(jnp.asarray(np.where(mask[p], x, np.zeros((), x.dtype))))
-    return build_tree(paths, leaves)
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def jit_reduce(groups, name, *trees):
-    """``groups.<name>(*trees)`` in one compiled call (cheaper than op-by-op on new shapes)."""
-    return getattr(groups, name)(*trees)
 
 
 def library_reductions(groups, tree, other, vec, fill=-7.5):
@@ -443,80 +360,6 @@ def test_reductions_on_reference_models():
         nnx.replace_by_pure_dict(state, params)
         np.testing.assert_array_equal(np.asarray(jit_reduce(g, "sq_norms", state)),
                                       np.asarray(jit_reduce(g, "sq_norms", params)))
-
-
-@st.composite
-def layouts(draw, *, with_dependents=False):
-    """Random valid-by-construction groups on a random tree of nested dicts and a list.
-
-    Each leaf has one member axis; channel ranges on every (leaf, axis) are carved
-    disjointly by a cursor with random gaps, and the axis lengths are chosen afterwards.
-    Each (leaf, axis) keeps one sign convention (negative or not) throughout.
-    """
-    n_leaves = draw(st.integers(1, 4))
-    ndims = [draw(st.integers(1, 3)) for _ in range(n_leaves)]
-    member_axis = [draw(st.integers(0, nd - 1)) for nd in ndims]
-    negative = {(i, a): draw(st.booleans()) for i in range(n_leaves) for a in range(ndims[i])}
-    cursor = {(i, a): 0 for i in range(n_leaves) for a in range(ndims[i])}
-
-    def carve(i, a, size, block):
-        gap = draw(st.integers(0, 2))
-        off = cursor[(i, a)] + gap
-        cursor[(i, a)] = off + size * block
-        ax = a - ndims[i] if negative[(i, a)] else a
-        return ax, off
-
-    fams = []
-    for _ in range(draw(st.integers(1, 4))):
-        size = draw(st.integers(1, 3))
-        members = []
-        for _ in range(draw(st.integers(1, 3))):
-            i = draw(st.integers(0, n_leaves - 1))
-            block = draw(st.integers(1, 2))
-            ax, off = carve(i, member_axis[i], size, block)
-            members.append((i, ax, block, off))
-        deps = []
-        if with_dependents:
-            for _ in range(draw(st.integers(0, 2))):
-                i = draw(st.integers(0, n_leaves - 1))
-                a = draw(st.integers(0, ndims[i] - 1))
-                block = draw(st.integers(1, 2))
-                ax, off = carve(i, a, size, block)
-                deps.append((i, ax, block, off))
-        fams.append((size, members, deps))
-    shapes = []
-    for i in range(n_leaves):
-        shape = []
-        for a in range(ndims[i]):
-            used = cursor[(i, a)]
-            shape.append(used + draw(st.integers(0, 2)) if used else draw(st.integers(1, 3)))
-        shapes.append(tuple(shape))
-    paths = []
-    n_seq = 0
-    for i in range(n_leaves):
-        if i % 2:
-            paths.append(("s", n_seq))
-            n_seq += 1
-        else:
-            paths.append(("d", f"l{i}", "w"))
-    dtypes = [draw(st.sampled_from([jnp.float32, jnp.float32, jnp.bfloat16]))
-              for _ in range(n_leaves)]
-    groups = Groups.from_families(
-        GroupFamily(size, tuple(Member(paths[i], ax, b, o) for i, ax, b, o in mem),
-                    tuple(Member(paths[i], ax, b, o) for i, ax, b, o in dep), name=f"f{k}")
-        for k, (size, mem, dep) in enumerate(fams))
-    seed = draw(st.integers(0, 2**31 - 1))
-    return groups, paths, shapes, dtypes, seed
-
-
-def build_tree(paths, leaves):
-    tree = {"d": {}, "s": []}
-    for p, x in zip(paths, leaves, strict=True):
-        if p[0] == "s":
-            tree["s"].append(x)
-        else:
-            tree["d"][p[1]] = {"w": x}
-    return tree
 
 
 # each example compiles new shapes eagerly and under jit: keep the count small

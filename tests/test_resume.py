@@ -10,42 +10,24 @@ identification step" is, at checkpoint granularity, just before or just after it
 """
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
+from helpers import mlp_data, mlp_groups, mlp_loss, mlp_params
 
 import hesso_jax as hj
 from hesso_jax.cric import CricConfig
 from hesso_jax.hesso import HessoState
 
-D_IN, HIDDEN, D_OUT = 6, 12, 3
 K, PERIODS, TP, TW = 6, 2, 3, 2
 STEPS = TW + PERIODS * TP + 3  # 11: warm-up 0-1, periods at 2-4 and 5-7, fine-tune 8-10
 CRIC = CricConfig(sample_steps=2, learning_rate=0.05)
 
-XS = jax.random.normal(jax.random.key(1), (STEPS, 16, D_IN))
-YS = jax.random.normal(jax.random.key(2), (STEPS, 16, D_OUT))
-
-
-def make_params():
-    k1, k2 = jax.random.split(jax.random.key(0))
-    return {"l1": {"kernel": jax.random.normal(k1, (D_IN, HIDDEN)),
-                   "bias": jnp.full((HIDDEN,), 0.1)},
-            "l2": {"kernel": jax.random.normal(k2, (HIDDEN, D_OUT)),
-                   "bias": jnp.zeros((D_OUT,))}}
-
-
-def make_groups():
-    return hj.Groups.from_families([hj.GroupFamily(
-        HIDDEN, (hj.Member(("l1", "kernel"), 1), hj.Member(("l1", "bias"), 0)),
-        (hj.Member(("l2", "kernel"), 0),))])
-
-
-def loss(params, x, y):
-    h = jax.nn.relu(x @ params["l1"]["kernel"] + params["l1"]["bias"])
-    return jnp.mean((h @ params["l2"]["kernel"] + params["l2"]["bias"] - y) ** 2)
+XS, YS = mlp_data(16, batches=STEPS)
+make_params = mlp_params
+make_groups = mlp_groups
+loss = mlp_loss
 
 
 def make_tx(use_cric):

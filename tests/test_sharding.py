@@ -11,11 +11,11 @@ report a misplaced HESSO from the placement check.
 import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
+from helpers import mlp_data, mlp_groups, mlp_loss, mlp_params
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -36,29 +36,21 @@ pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (virtual
 
 
 def make_params():
-    k1, k2 = jax.random.split(jax.random.key(0))
-    return {"l1": {"kernel": jax.random.normal(k1, (D_IN, HIDDEN)),
-                   "bias": jnp.full((HIDDEN,), 0.1)},
-            "l2": {"kernel": jax.random.normal(k2, (HIDDEN, D_OUT)),
-                   "bias": jnp.zeros((D_OUT,))}}
+    return mlp_params(D_IN, HIDDEN, D_OUT)
 
 
 def make_groups():
-    return hj.Groups.from_families([hj.GroupFamily(
-        HIDDEN, (hj.Member(("l1", "kernel"), 1), hj.Member(("l1", "bias"), 0)),
-        (hj.Member(("l2", "kernel"), 0),), name="hidden")])
+    return mlp_groups(HIDDEN, name="hidden")
 
 
-X = jax.random.normal(jax.random.key(1), (BATCH, D_IN))
-Y = jax.random.normal(jax.random.key(2), (BATCH, D_OUT))
+X, Y = mlp_data(BATCH, D_IN, D_OUT)
 
 
 def loss(params, x, y):
     if any(jax.sharding.get_abstract_mesh().explicit_axes):
         # Explicit mesh: FSDP gathers each weight before use (sharding is in the types).
         params = jax.tree.map(lambda a: jax.sharding.reshard(a, P()), params)
-    h = jax.nn.relu(x @ params["l1"]["kernel"] + params["l1"]["bias"])
-    return jnp.mean((h @ params["l2"]["kernel"] + params["l2"]["bias"] - y) ** 2)
+    return mlp_loss(params, x, y)
 
 
 def make_tx(cric, *, misplaced=False):

@@ -11,10 +11,9 @@ import numpy as np
 import pytest
 from flax import nnx
 from flax.nnx import bridge
+from helpers import assert_close_rel, make_model, masked, random_keep, randomized
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_groups import make_model, randomized
-from test_surgery import assert_close_rel, masked, random_keep
 
 import hesso_jax as hj
 from hesso_jax import GroupFamily, Groups, KeepPlan, Member

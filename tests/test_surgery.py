@@ -12,8 +12,18 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from helpers import (
+    assert_close_rel,
+    build_tree,
+    flat_leaves,
+    jit_reduce,
+    layouts,
+    make_model,
+    masked,
+    random_keep,
+    zero_removed,
+)
 from hypothesis import given, settings
-from test_groups import build_tree, flat_leaves, jit_reduce, layouts, make_model, zero_removed
 
 import hesso_jax as hj
 from hesso_jax import GroupFamily, Groups, KeepPlan, Member
@@ -23,27 +33,6 @@ FEW = settings(max_examples=min(settings().max_examples, 8))
 
 def n_params(state):
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state))
-
-
-def assert_close_rel(a, b, rtol=1e-5):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    assert a.shape == b.shape
-    if not a.size:
-        return
-    scale = max(float(np.max(np.abs(b))), 1e-30)
-    err = float(np.max(np.abs(a - b)))
-    assert err <= rtol * scale, f"max abs diff {err} vs scale {scale}"
-
-
-@functools.partial(jax.jit, static_argnums=1)
-def _masked(state, groups, keep):
-    mask = groups.broadcast(keep.astype(jnp.float32), state, fill=1.0)
-    return jax.tree.map(lambda x, m: (x * m).astype(x.dtype), state, mask)
-
-
-def masked(state, groups, keep):
-    """``state`` with the member slices of the groups not in ``keep`` set to 0."""
-    return _masked(state, groups, jnp.asarray(keep))
 
 
 def expected_shapes(groups, keep, state):
@@ -134,18 +123,6 @@ def forward(graphdef, state, x):
     """``(output, state after the call)``; train-mode BatchNorm updates its statistics."""
     model = nnx.merge(graphdef, state)
     return model(x), nnx.state(model)
-
-
-def random_keep(groups, rng, *, drop_family=None):
-    keep = rng.random(groups.num_groups) < 0.6
-    for fam, start in zip(groups.families, groups.starts, strict=True):
-        seg = keep[start:start + fam.size]
-        seg[rng.integers(fam.size)] = False  # at least one removed per family
-        seg[rng.integers(fam.size)] |= seg.sum() == 0  # and at least one kept
-    if drop_family is not None:
-        start, size = groups.starts[drop_family], groups.families[drop_family].size
-        keep[start:start + size] = False
-    return keep
 
 
 def with_placeholders(groups, keep):
