@@ -82,6 +82,7 @@ from hesso_jax.groups import (
 )
 from hesso_jax.jaxpr.axes import AxisTracer
 from hesso_jax.jaxpr.spaces import Pattern, Spaces
+from hesso_jax.jaxpr.views import leaf_axes
 from hesso_jax.jaxpr.zeros import ZeroAnalysis
 
 __all__ = ["DiscoveryWarning", "discover_groups"]
@@ -155,7 +156,7 @@ class _Analysis:
             shape = tuple(v.aval.shape) if hasattr(v.aval, "shape") else ()
             val = tr.new_val(shape)
             if i < n_state:
-                val.pdims = tuple(frozenset({(i, a)}) for a in range(len(shape)))
+                val.pdims = leaf_axes(i, len(shape))
             else:
                 for d in val.dims:
                     tr.block(d, "model input")

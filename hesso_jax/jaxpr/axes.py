@@ -28,6 +28,7 @@ import numpy as np
 
 from hesso_jax.jaxpr.interpreter import Interpreter
 from hesso_jax.jaxpr.values import UnionFind, Value
+from hesso_jax.jaxpr.views import reshape_groups, view_axes
 from hesso_jax.jaxpr.zeros import Event, ZeroAnalysis
 
 __all__ = ["BLOCK_REDUCED", "CUMULATIVE", "IDENTITY", "RANDOM", "RULES", "VIEW", "ZERO_ALL",
@@ -232,23 +233,7 @@ class AxisTracer(Interpreter):
         if name not in VIEW or src is None or src.pdims is None:
             return
         out = outvals[0]
-        pd: list[frozenset] = [frozenset()] * len(out.shape)
-        if name == "reshape":
-            for ins, outs in _reshape_groups(src.shape, out.shape):
-                pairs = frozenset().union(*(src.pdims[i] for i in ins))
-                for o in outs:
-                    pd[o] = pairs
-        elif name == "transpose":
-            pd = [src.pdims[p] for p in eqn.params["permutation"]]
-        elif name == "broadcast_in_dim":
-            for i, o in enumerate(eqn.params["broadcast_dimensions"]):
-                pd[o] = src.pdims[i]
-        elif name == "squeeze":
-            dropped = {d % len(src.shape) for d in eqn.params["dimensions"]}
-            pd = [p for i, p in enumerate(src.pdims) if i not in dropped]
-        elif len(out.shape) == len(src.shape):
-            pd = list(src.pdims)
-        out.pdims = tuple(pd)
+        out.pdims = view_axes(eqn, src.pdims, src.shape, out.shape)
 
 
 # -- constants: which axes of a constant may vary (see `AxisTracer.prepare`)
@@ -296,7 +281,7 @@ def _varying(eqn: Any, ins: list[Value], out: Value) -> tuple[bool, ...]:
         dropped = {d % len(src.shape) for d in p["dimensions"]}
         return tuple(v for i, v in enumerate(src.varying) if i not in dropped)
     if name == "reshape" and p.get("dimensions") is None:
-        groups = _reshape_groups(src.shape, out.shape)
+        groups = reshape_groups(src.shape, out.shape)
         if groups or not (src.shape and out.shape):
             var = [False] * nd
             for gi, go in groups:
@@ -407,33 +392,6 @@ def default_rule(tr: AxisTracer, eqn: Any, ins: list[Value]) -> Any:
 
 
 AxisTracer.rules = RULES
-
-
-def _reshape_groups(src: Sequence[int], dst: Sequence[int]) -> list[tuple[list[int], list[int]]]:
-    """Pairs of axis lists with equal products (size-1 axes skipped); [] if none exist."""
-    a = [i for i, s in enumerate(src) if s != 1]
-    b = [i for i, s in enumerate(dst) if s != 1]
-    out: list[tuple[list[int], list[int]]] = []
-    i = j = 0
-    while i < len(a) and j < len(b):
-        ga, gb = [a[i]], [b[j]]
-        pa, pb = src[a[i]], dst[b[j]]
-        i, j = i + 1, j + 1
-        while pa != pb:
-            if pa < pb:
-                if i >= len(a):
-                    return []
-                ga.append(a[i])
-                pa *= src[a[i]]
-                i += 1
-            else:
-                if j >= len(b):
-                    return []
-                gb.append(b[j])
-                pb *= dst[b[j]]
-                j += 1
-        out.append((ga, gb))
-    return out if i == len(a) and j == len(b) else []
 
 
 # -- elementwise
@@ -642,7 +600,7 @@ def _broadcast(tr: AxisTracer, eqn: Any, ins: list[Value]) -> Value:
 @_rule("reshape")
 def _reshape(tr: AxisTracer, eqn: Any, ins: list[Value]) -> Value:
     v, out = ins[0], tr.out_val(eqn)
-    groups = _reshape_groups(v.shape, out.shape)
+    groups = reshape_groups(v.shape, out.shape)
     if eqn.params.get("dimensions") is not None or (not groups and v.shape and out.shape):
         for d in (*v.dims, *out.dims):
             tr.block(d, "reshape that reorders axes")

@@ -36,6 +36,7 @@ import numpy as np
 
 from hesso_jax.groups import Path, format_path, tree_paths
 from hesso_jax.jaxpr.interpreter import Interpreter, make_closed_jaxpr
+from hesso_jax.jaxpr.views import view_axes
 
 __all__ = ["Analyzer", "Evaluator", "FlatEqn", "LinearOp", "Node", "Program", "Segment",
            "trace"]
@@ -118,50 +119,19 @@ class LinearOp:
     out_shape: tuple[int, ...]
 
 
-def _reshape_origin(origin: AxisOrigin, old: Sequence[int],
-                    new: Sequence[int]) -> AxisOrigin | None:
-    """Axis origins after a row-major reshape that only merges axes or adds/drops size 1.
-
-    Returns None when an axis of size > 1 is split (no axis-to-axis map exists).
-    """
-    out: list[tuple[int, ...]] = []
-    i = 0
-    old = list(old)
-    for size in new:
-        if size == 1:
-            out.append(())
-            while i < len(old) and old[i] == 1:
-                i += 1
-            continue
-        covered: list[int] = []
-        prod = 1
-        while prod < size and i < len(old):
-            prod *= old[i]
-            covered.extend(origin[i])
-            i += 1
-        if prod != size:
-            return None
-        out.append(tuple(covered))
-    while i < len(old):
-        if old[i] != 1:
-            return None
-        i += 1
-    return tuple(out)
-
-
 def _pass_origin(eqn: Any, node: Node) -> AxisOrigin | None:
-    """Axis origin of the output of a pass-through equation applied to ``node``."""
+    """Axis origin of the output of a pass-through equation applied to ``node``.
+
+    The parameter-view tracker of discovery (`hesso_jax.jaxpr.views.view_axes`), with
+    reshapes that split an axis not counted as views (no axis-to-axis map exists).
+    """
     assert node.origin is not None
-    origin = node.origin[1]
-    name = eqn.primitive.name
-    if name == "transpose":
-        return tuple(origin[p] for p in eqn.params["permutation"])
-    if name == "reshape":
-        return _reshape_origin(origin, node.shape, eqn.outvars[0].aval.shape)
-    if name == "squeeze":
-        drop = {d % len(node.shape) for d in eqn.params["dimensions"]}
-        return tuple(o for a, o in enumerate(origin) if a not in drop)
-    return origin
+    leaf, origin = node.origin
+    src = tuple(frozenset((leaf, a) for a in axes) for axes in origin)
+    out = view_axes(eqn, src, node.shape, eqn.outvars[0].aval.shape, split=False)
+    if out is None:
+        return None
+    return tuple(tuple(sorted(a for _leaf, a in pairs)) for pairs in out)
 
 
 class Analyzer(Interpreter):
