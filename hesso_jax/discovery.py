@@ -81,6 +81,7 @@ from hesso_jax.groups import (
     tree_paths,
 )
 from hesso_jax.jaxpr.axes import AxisTracer
+from hesso_jax.jaxpr.interpreter import source_line
 from hesso_jax.jaxpr.spaces import Pattern, Spaces
 from hesso_jax.jaxpr.views import leaf_axes
 from hesso_jax.jaxpr.zeros import ZeroAnalysis
@@ -114,13 +115,35 @@ def _trace(fn: Callable, state: Any, args: tuple, kwargs: dict) -> tuple[Any, in
 
 
 def _analyse(closed: Any, paths: list[Path], trainable: list[bool],
-             shapes: list[tuple[int, ...]], warn: bool) -> list[GroupFamily]:
-    """The families of a traced ``fn(state, *inputs)`` (``paths``: the state's leaves)."""
+             shapes: list[tuple[int, ...]], warn: bool,
+             defined_at: str | None = None) -> list[GroupFamily]:
+    """The families of a traced ``fn(state, *inputs)`` (``paths``: the state's leaves).
+
+    ``defined_at``: where the traced function is defined, for warnings that no equation
+    of the trace explains (nothing found, unused parameters).
+    """
     an = _Analysis(closed, paths, trainable)
     families = an.families(shapes)
     if warn:
-        an.warn(found=bool(families))
+        an.warn(found=bool(families), defined_at=defined_at)
     return families
+
+
+def _at(source_info: Any) -> str:
+    """`` at file:line (function)`` of an equation's ``source_info`` ('' if unknown)."""
+    line = source_line(source_info) if source_info is not None else None
+    return f" at {line}" if line else ""
+
+
+def _defined_at(fn: Any) -> str | None:
+    """``file:line (name)`` of a function's (or a module's ``__call__``'s) definition."""
+    target = type(fn).__call__ if isinstance(fn, nnx.Module) else fn
+    target = inspect.unwrap(getattr(target, "__func__", target))
+    try:
+        file, line = inspect.getsourcefile(target), inspect.getsourcelines(target)[1]
+    except (TypeError, OSError):
+        return None
+    return f"{file}:{line} ({getattr(target, '__qualname__', '?')})" if file else None
 
 
 class _Analysis:
@@ -143,6 +166,7 @@ class _Analysis:
                 self.class_params.setdefault(self.find(d), []).append((leaf, axis))
         self.invalid: dict[int, str] = {}
         self.occ = self._candidates()
+        self.sites: dict[int, Any] = {}  # space -> source_info of its rejection
         self.zero_invalid = self._zero()
         self.invalid.update(self.zero_invalid)
         self.blamed = self._blocks()
@@ -162,7 +186,9 @@ class _Analysis:
                     tr.block(d, "model input")
             self.invals.append(val)
         self.param_dims = [self.invals[i].dims for i in range(n_state)]
-        for o in tr.run_closed(closed, self.invals):
+        outs = tr.run_closed(closed, self.invals)
+        tr.site = None
+        for o in outs:
             for d in o.dims:
                 tr.block(d, "model output")
 
@@ -200,6 +226,7 @@ class _Analysis:
             z.put(self.invals[leaf], [z.spaces(d) if self.is_member(leaf, a) else frozenset()
                                       for a, d in enumerate(dims)])
         z.run(self.tr.events)
+        self.sites.update(z.sites)
         return z.invalid
 
     def _blocks(self) -> dict[str, set[int]]:
@@ -209,7 +236,9 @@ class _Analysis:
             for cls, _ in o:
                 if cls in self.sp.blocked:
                     reason, prim = self.sp.blocked[cls]
-                    self.invalid.setdefault(space, reason)
+                    if space not in self.invalid:
+                        self.invalid[space] = reason
+                        self.sites[space] = self.sp.block_sites.get(cls)
                     if prim is not None:
                         blamed.setdefault(prim, set()).add(space)
         return blamed
@@ -276,26 +305,50 @@ class _Analysis:
         return sorted({format_path(self.paths[leaf]) for s in spaces
                        for leaf, _a, _p in self.members_of(s)})
 
-    def warn(self, found: bool) -> None:
-        """`DiscoveryWarning`s: what blocked which parameters, and why nothing was found."""
+    def warn(self, found: bool, defined_at: str | None = None) -> None:
+        """`DiscoveryWarning`s: what blocked which parameters, and why nothing was found.
+
+        Each names the user's source line: of the equation that blocked, of a closed-over
+        array's first use, of a parameter's first use, else (``defined_at``) the traced
+        function's definition.
+        """
+        fallback = f" (traced function defined at {defined_at})" if defined_at else ""
         messages = []
         for prim, spaces in sorted(self.blamed.items()):
             if hit := self.hit(spaces):
-                messages.append(f"discover_groups: primitive {prim!r} could not be proven "
-                                f"safe; these parameters are not pruned along the axes it "
-                                f"touches: {hit}")
+                where = _at(self.tr.primitive_sites.get(prim)) or fallback
+                messages.append(f"discover_groups: primitive {prim!r}{where} could not be "
+                                f"proven safe; these parameters are not pruned along the "
+                                f"axes it touches: {hit}")
         for s, why in self.invalid.items():
             if s in self.occ and "slice pattern" in why:
-                messages.append(f"discover_groups: not pruning {self.hit([s])}: {why}")
-        if msg := self._const_message():
-            messages.append(msg)
-        if not found:
-            messages.append(self._nothing_message())
+                where = self._used_at([s]) or fallback
+                messages.append(f"discover_groups: not pruning {self.hit([s])}{where}: {why}")
+        for msg, located in (self._const_message(), self._nothing_message(found)):
+            if msg:
+                messages.append(msg if located else msg + fallback)
         for msg in messages:
             warnings.warn(msg, DiscoveryWarning, stacklevel=4)
 
-    def _const_message(self) -> str | None:
-        """Closed-over arrays that alone keep otherwise valid spaces from being families."""
+    def _used_at(self, spaces: Any) -> str:
+        """`` at file:line`` of the first use of the first member of ``spaces``."""
+        leaves = {leaf for s in spaces for leaf, _a, _p in self.members_of(s)}
+        first = min(leaves, key=lambda leaf: self.tr.first_use.get(leaf, 1 << 30),
+                    default=None)
+        return "" if first is None else _at(self.tr.use_sites.get(first))
+
+    def _reason_at(self, spaces: set[int]) -> str:
+        """`` at file:line`` of the first located rejection among ``spaces``."""
+        for s in sorted(spaces):
+            if (where := _at(self.sites.get(s))):
+                return where
+        return ""
+
+    def _const_message(self) -> tuple[str | None, bool]:
+        """Closed-over arrays that alone keep otherwise valid spaces from being families.
+
+        Returns ``(message or None, whether every array's first use is located)``.
+        """
         sp, by_const = self.sp, {}
         for space, o in self.occ.items():
             if space in self.zero_invalid or space in self.valid:
@@ -307,27 +360,35 @@ class _Analysis:
                 for k in sp.const_blocked.get(cls, ()):
                     by_const.setdefault(k, set()).add(space)
         if not by_const:
-            return None
+            return None, True
+        sites = {k: _at(self.tr.const_sites.get(k)) for k in by_const}
         lines = [f"  #{k} {self.tr.consts[k]} (first used by "
-                 f"{self.tr.const_users.get(k, '?')!r}) blocks {self.hit(spaces)}"
+                 f"{self.tr.const_users.get(k, '?')!r}{sites[k]}) blocks {self.hit(spaces)}"
                  for k, spaces in sorted(by_const.items())]
         return ("discover_groups: the traced function closes over arrays that touch "
                 "prunable axes; a closed-over array is a constant of fixed shape, so these "
                 "parameters are not pruned:\n" + "\n".join(lines) + "\nPass these arrays "
                 "in as part of the parameter tree instead (non-trainable: under a "
                 "'batch_stats' key, or select the trainable leaves with trainable=...), so "
-                "that they become dependents and are sliced with the parameters.")
+                "that they become dependents and are sliced with the parameters.",
+                all(sites.values()))
 
-    def _nothing_message(self) -> str:
-        """Why no family was found: unused parameters, or each candidate's reason."""
+    def _nothing_message(self, found: bool) -> tuple[str | None, bool]:
+        """Why no family was found: unused parameters, or each candidate's reason.
+
+        Returns ``(message, whether it names a source line)``; ``(None, True)`` if found.
+        """
         tr = self.tr
+        if found:
+            return None, True
         closes = (f" It closes over {len(tr.consts)} array(s): "
                   f"{', '.join(tr.consts[:6])}{', …' if len(tr.consts) > 6 else ''}; if "
                   f"those are the model's parameters, pass them as the first argument."
                   if tr.consts else "")
         if not tr.first_use:
             return ("discover_groups found no prunable groups: the function does not use "
-                    "its parameters (the first argument, or the module's state)." + closes)
+                    "its parameters (the first argument, or the module's state)." + closes,
+                    False)
         reasons: dict[str, set[int]] = {}
         for space in self.occ:
             reasons.setdefault(self.invalid.get(space, "not provably zero-invariant"),
@@ -335,11 +396,13 @@ class _Analysis:
         if not reasons:
             return ("discover_groups found no prunable groups: no axis of a trainable "
                     "parameter reaches a computed value other than through contractions."
-                    + closes)
+                    + closes, False)
         ranked = sorted(reasons.items(), key=lambda kv: -len(kv[1]))
-        lines = [f"  {why}: {self.hit(spaces)[:4]}" for why, spaces in ranked[:6]]
+        sites = [self._reason_at(spaces) for _why, spaces in ranked[:6]]
+        lines = [f"  {why}{where}: {self.hit(spaces)[:4]}"
+                 for (why, spaces), where in zip(ranked[:6], sites, strict=True)]
         return ("discover_groups found no prunable groups; the candidate channels were "
-                "rejected because:\n" + "\n".join(lines) + closes)
+                "rejected because:\n" + "\n".join(lines) + closes, any(sites))
 
 
 def _family_name(paths: list[Path], ndims: list[int]) -> str:
@@ -390,7 +453,8 @@ def discover_groups(model_or_fn: Any, *args: Any, trainable: Callable[[Path], bo
       trainable: optional predicate on a leaf path.
       warn: emit `DiscoveryWarning` for parameters left unprunable by primitives without
         a rule, by closed-over arrays (named by shape, dtype and first use) or by index
-        patterns a `Member` cannot describe, and one explaining an empty result.
+        patterns a `Member` cannot describe, and one explaining an empty result; each
+        names the user's source line.
       **kwargs: keyword inputs of the model / function.
 
     Returns:
@@ -432,7 +496,9 @@ def discover_groups(model_or_fn: Any, *args: Any, trainable: Callable[[Path], bo
             is_trainable[i] = counted[i] = False
     closed, _n = _trace(fn, state, args, kwargs)
     shapes = [tuple(getattr(x, "shape", ())) for x in leaves]
-    groups = Groups.from_families(_analyse(closed, paths, is_trainable, shapes, warn),
+    families = _analyse(closed, paths, is_trainable, shapes, warn,
+                        _defined_at(model_or_fn))
+    groups = Groups.from_families(families,
                                   fingerprint=structure_fingerprint(fn, state, *args, **kwargs))
     # the example call, for surgery to verify masked == shrunk by running it
     groups.example_inputs = (tuple(args), dict(kwargs))

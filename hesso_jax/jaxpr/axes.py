@@ -103,6 +103,14 @@ class AxisTracer(Interpreter):
         self.consts: list[str] = []  # closed-over arrays, described ('f32[3,4]')
         self.const_users: dict[int, str] = {}  # closed-over array -> first primitive
         self.const_blocks: dict[int, frozenset] = {}  # dim -> closed-over arrays blocking
+        # where things happened: the ``source_info`` of the equation being interpreted
+        # (None outside equations), of each block, of each primitive's first block, of
+        # each closed-over array's first use and of each parameter's first use
+        self.site: Any = None
+        self.block_sites: dict[int, Any] = {}
+        self.primitive_sites: dict[str, Any] = {}
+        self.const_sites: dict[int, Any] = {}
+        self.use_sites: dict[int, Any] = {}
 
     # -- values
     def new_dim(self, n: int) -> int:
@@ -156,7 +164,16 @@ class AxisTracer(Interpreter):
         layer ``i``) must not join their axes. The copy's varying axes are blocked (they
         cannot be sliced with the parameters); a uniform axis (``jnp.ones``) stays free.
         """
+        self.site = eqn.source_info
         return [self._copy_const(eqn, v) if v.const and v.shape else v for v in invals]
+
+    def enter(self, label: str, closed: Any, args: Sequence[Any]) -> list[Any]:
+        """Interprets a nested jaxpr; the current site is restored afterwards."""
+        site = self.site
+        try:
+            return super().enter(label, closed, args)
+        finally:
+            self.site = site
 
     def _copy_const(self, eqn: Any, v: Value) -> Value:
         c = self.new_val(v.shape, literal=v.literal, allzero=v.allzero, const=True,
@@ -164,6 +181,7 @@ class AxisTracer(Interpreter):
         name = eqn.primitive.name
         for k in v.sources:
             self.const_users.setdefault(k, name)
+            self.const_sites.setdefault(k, self.site)
         for d, n, var in zip(c.dims, c.shape, v.varying, strict=True):
             if var and n > 1:
                 if v.sources:
@@ -188,10 +206,25 @@ class AxisTracer(Interpreter):
         """Marks an axis as not prunable (the first reason is kept)."""
         if dim not in self.blocked:
             self.blocked[dim] = (reason, primitive)
+            self.block_sites[dim] = self.site
+        if primitive is not None:
+            self.primitive_sites.setdefault(primitive, self.site)
 
     def event(self, fn: Event) -> None:
-        """Appends a zero-analysis event."""
-        self.events.append(fn)
+        """Appends a zero-analysis event (run at the current site: `ZeroAnalysis.site`)."""
+        site = self.site
+        if site is None:
+            self.events.append(fn)
+            return
+
+        def located(z: ZeroAnalysis) -> None:
+            outer, z.site = z.site, site
+            try:
+                fn(z)
+            finally:
+                z.site = outer
+
+        self.events.append(located)
 
     @contextlib.contextmanager
     def recording(self) -> Iterator[list[Event]]:
@@ -211,6 +244,7 @@ class AxisTracer(Interpreter):
         for axis, pairs in enumerate(v.pdims):
             for leaf, pax in pairs:
                 self.first_use.setdefault(leaf, self.n_uses)
+                self.use_sites.setdefault(leaf, self.site)
                 if axis in contracted_axes:
                     self.contracted.add((leaf, pax))
                 else:
@@ -375,6 +409,14 @@ def default_rule(tr: AxisTracer, eqn: Any, ins: list[Value]) -> Any:
 
     Every axis of the operands and results is marked non-prunable with the primitive's
     name (named in the `DiscoveryWarning`), and parameter operands count as used.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> eqn = jax.make_jaxpr(jnp.sin)(jnp.ones(3)).jaxpr.eqns[0]
+      >>> tr = AxisTracer()
+      >>> out = default_rule(tr, eqn, [tr.new_val((3,))])
+      >>> len(tr.blocked), set(tr.blocked.values())
+      (2, {("primitive 'sin' has no discovery rule", 'sin')})
     """
     name = eqn.primitive.name
     dims = tr.unknown.setdefault(name, set())

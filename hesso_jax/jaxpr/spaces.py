@@ -8,6 +8,7 @@ channel spaces, each with its occurrences (class, `Pattern`). See `hesso_jax.dis
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import numpy as np
 
@@ -78,9 +79,12 @@ class Spaces:
         self.blocked: dict[int, tuple[str, str | None]] = {}
         self.const_blocked: dict[int, set[int]] = {}  # class -> closed-over arrays
         self.other_blocked: set[int] = set()  # classes blocked by anything else
+        self.block_sites: dict[int, Any] = {}  # class -> source_info of its block
         for d, why in tr.blocked.items():
             r = find(d)
-            self.blocked.setdefault(r, why)
+            if r not in self.blocked:
+                self.blocked[r] = why
+                self.block_sites[r] = tr.block_sites.get(d)
             if d in tr.const_blocks:
                 self.const_blocked.setdefault(r, set()).update(tr.const_blocks[d])
             else:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from hesso_jax.jaxpr.values import Value
 
@@ -42,7 +43,9 @@ class ZeroAnalysis:
         self.contracted: dict[int, frozenset] = {}
         self.scaled: dict[int, frozenset] = {}
         self.invalid: dict[int, str] = {}
-        self.scratch: dict[int, str] | None = None
+        self.scratch: dict[int, tuple[str, Any]] | None = None
+        self.site: Any = None  # source_info of the equation whose event runs
+        self.sites: dict[int, Any] = {}  # space -> where it failed first
 
     def spaces(self, dim: int) -> frozenset:
         """Candidate spaces on the class of axis node ``dim``."""
@@ -71,10 +74,14 @@ class ZeroAnalysis:
         self.zero_vals.add(v.id)
         self.sets[v.id] = tuple(self.spaces(d) for d in v.dims)
 
-    def fail(self, space: int, why: str) -> None:
+    def fail(self, space: int, why: str, site: Any = None) -> None:
         """Rejects ``space`` (the first reason is kept; loop bodies collect in scratch)."""
-        target = self.scratch if self.scratch is not None else self.invalid
-        target.setdefault(space, why)
+        site = site if site is not None else self.site
+        if self.scratch is not None:
+            self.scratch.setdefault(space, (why, site))
+        elif space not in self.invalid:
+            self.invalid[space] = why
+            self.sites[space] = site
 
     def copy(self, v: Value, out: Value) -> None:
         """``out`` is ``v`` unchanged (identity primitives)."""
@@ -261,8 +268,8 @@ class ZeroAnalysis:
                 break
             state = new
         found, self.scratch = self.scratch, outer
-        for space, why in found.items():
-            self.fail(space, why)
+        for space, (why, site) in found.items():
+            self.fail(space, why, site)
 
 
 Event = Callable[[ZeroAnalysis], None]
