@@ -429,15 +429,18 @@ def _check_not_bound_method(fn: Any) -> None:
 
 
 def discover_groups(model_or_fn: Any, *args: Any, trainable: Callable[[Path], bool] | None
-                    = None, warn: bool = True, **kwargs: Any) -> Groups:
+                    = None, wrt: Any = None, warn: bool = True, **kwargs: Any) -> Groups:
     """Zero-invariant groups of a model, found from its jaxpr (see the module docstring).
 
     Two forms:
 
-    * ``discover_groups(model, *args, **kwargs)`` for a ``flax.nnx.Module``: traces
-      ``model(*args, **kwargs)`` in the model's current train/eval mode. Paths are those
-      of the whole ``nnx.state(model)``; ``nnx.Param`` leaves are trainable, other
-      variables (BatchNorm statistics, ...) can only be dependents.
+    * ``discover_groups(model, *args, wrt=nnx.Param, **kwargs)`` for a
+      ``flax.nnx.Module``: traces ``model(*args, **kwargs)`` in the model's current
+      train/eval mode. Paths are those of the whole ``nnx.state(model)``; the variables
+      that the nnx filter ``wrt`` selects (as in ``nnx.Optimizer(model, tx, wrt=...)``;
+      ``nnx.Param`` by default) are trainable, the others (BatchNorm statistics, frozen
+      embeddings of a custom ``nnx.Variable`` type, ...) are inputs that are never pruned
+      themselves: they can only be dependents.
     * ``discover_groups(fn, params, *args, **kwargs)`` for a pure ``fn(params, *args,
       **kwargs)`` (a linen ``apply``, any JAX function). Every floating-point leaf of
       ``params`` is trainable unless ``trainable(path)`` says otherwise (by default leaves
@@ -450,7 +453,9 @@ def discover_groups(model_or_fn: Any, *args: Any, trainable: Callable[[Path], bo
       model_or_fn: an ``nnx.Module`` or a callable.
       *args: example inputs (after ``params`` for the pure-function form); arrays or
         ``jax.ShapeDtypeStruct``.
-      trainable: optional predicate on a leaf path.
+      trainable: pure-function form only: predicate on a leaf path.
+      wrt: ``nnx.Module`` form only: an nnx filter (a ``Variable`` type, a tuple of
+        filters, ``nnx.PathContains(...)``, ...) selecting the trainable variables.
       warn: emit `DiscoveryWarning` for parameters left unprunable by primitives without
         a rule, by closed-over arrays (named by shape, dtype and first use) or by index
         patterns a `Member` cannot describe, and one explaining an empty result; each
@@ -463,33 +468,49 @@ def discover_groups(model_or_fn: Any, *args: Any, trainable: Callable[[Path], bo
 
     Raises:
       TypeError: if ``model_or_fn`` is neither an ``nnx.Module`` nor callable, is a bound
-        method of an ``nnx.Module`` (``model.__call__``: pass the module), or the
-        pure-function form gets no ``params``.
+        method of an ``nnx.Module`` (``model.__call__``: pass the module), the
+        pure-function form gets no ``params`` or ``wrt=``, the module form gets
+        ``trainable=`` (use ``wrt=``), or ``wrt`` is not an nnx filter.
+      ValueError: if ``wrt`` selects no variable of the module.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> import hesso_jax as hj
+      >>> class Mlp(nnx.Module):
+      ...     def __init__(self, rngs):
+      ...         self.fc1 = nnx.Linear(4, 8, rngs=rngs)
+      ...         self.fc2 = nnx.Linear(8, 2, rngs=rngs)
+      ...     def __call__(self, x):
+      ...         return self.fc2(nnx.relu(self.fc1(x)))
+      >>> groups = hj.discover_groups(Mlp(nnx.Rngs(0)), jnp.ones((1, 4)))
+      >>> [(f.name, f.size) for f in groups.families]
+      [('fc1', 8)]
+      >>> fn = lambda p, x: jnp.tanh(x @ p["w1"]) @ p["w2"]
+      >>> params = {"w1": jnp.ones((4, 3)), "w2": jnp.ones((3, 2))}
+      >>> hj.discover_groups(fn, params, jnp.ones((1, 4))).num_groups
+      3
     """
     _check_not_bound_method(model_or_fn)
     if isinstance(model_or_fn, nnx.Module):
-        graphdef, state = nnx.split(model_or_fn)
-        params_paths = set(tree_paths(nnx.state(model_or_fn, nnx.Param)))
-
-        def fn(st: Any, *a: Any, **k: Any) -> Any:
-            return nnx.merge(graphdef, st)(*a, **k)
-
-        paths = tree_paths(state)
-        is_trainable = [p in params_paths for p in paths]
+        fn, state, is_trainable = _module_form(model_or_fn, trainable, wrt)
         counted = list(is_trainable)
     elif callable(model_or_fn):
         if not args:
             raise TypeError("discover_groups(fn, params, *args): the pure-function form needs "
                             "the parameter pytree as its second argument")
+        if wrt is not None:
+            raise TypeError("discover_groups(fn, params, ...): wrt= is an nnx filter for the "
+                            "nnx.Module form; select the trainable leaves of a pure "
+                            "function's params with trainable=predicate(path)")
         fn, state, args = model_or_fn, args[0], args[1:]
-        paths = tree_paths(state)
         pred = trainable or (lambda p: "batch_stats" not in p)
-        is_trainable = [bool(pred(p)) for p in paths]
-        counted = ["batch_stats" not in p for p in paths]  # as hj.group_costs counts
+        is_trainable = [bool(pred(p)) for p in tree_paths(state)]
+        counted = ["batch_stats" not in p for p in tree_paths(state)]  # as hj.group_costs
     else:
         raise TypeError(f"discover_groups takes an nnx.Module or a callable, got "
                         f"{type(model_or_fn).__name__}")
-    leaves = jax.tree.leaves(state)
+    paths, leaves = tree_paths(state), jax.tree.leaves(state)
     for i, x in enumerate(leaves):
         dtype = getattr(x, "dtype", None)
         if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
@@ -504,6 +525,38 @@ def discover_groups(model_or_fn: Any, *args: Any, trainable: Callable[[Path], bo
     groups.example_inputs = (tuple(args), dict(kwargs))
     groups.costs = _costs(closed, state, groups, counted, warn)
     return groups
+
+
+def _module_form(model: nnx.Module, trainable: Any,
+                 wrt: Any) -> tuple[Callable[..., Any], Any, list[bool]]:
+    """``(fn(state, *a, **k), state, trainable per leaf)`` of an NNX module.
+
+    The leaves that the nnx filter ``wrt`` (default ``nnx.Param``) selects are trainable.
+    """
+    if trainable is not None:
+        raise TypeError("discover_groups(model, ...): trainable= is a path predicate for the "
+                        "pure-function form; select an nnx.Module's trainable variables "
+                        "with an nnx filter, wrt=nnx.Param (the default), a Variable type "
+                        "or nnx.PathContains(...), as nnx.Optimizer(model, tx, wrt=...)")
+    graphdef, state = nnx.split(model)
+    try:
+        selected = nnx.state(model, nnx.Param if wrt is None else wrt)
+    except Exception as err:  # noqa: BLE001 - flax raises various errors for bad filters
+        raise TypeError(f"discover_groups(model, ..., wrt=...): wrt must be an nnx filter "
+                        f"(a Variable type, a tuple of filters, nnx.PathContains(...), a "
+                        f"predicate (path, variable) -> bool), got {wrt!r} "
+                        f"({type(err).__name__}: {err})") from err
+    chosen = set(tree_paths(selected))
+    if wrt is not None and not chosen:
+        kinds = sorted({type(v).__name__ for _p, v in nnx.iter_graph(model)
+                        if isinstance(v, nnx.Variable)})
+        raise ValueError(f"discover_groups(model, ..., wrt={wrt!r}): the filter selects no "
+                         f"variable of {type(model).__name__} (its variable types: {kinds})")
+
+    def fn(st: Any, *a: Any, **k: Any) -> Any:
+        return nnx.merge(graphdef, st)(*a, **k)
+
+    return fn, state, [p in chosen for p in tree_paths(state)]
 
 
 def _costs(closed: Any, state: Any, groups: Groups, counted: list[bool],

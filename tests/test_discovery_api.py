@@ -3,6 +3,8 @@
 * `hesso_jax.jaxpr.axes.register_rule`: a primitive without a rule blocks its axes; a
   registered rule makes its family discoverable (and sound).
 * Every `DiscoveryWarning` names the user's source line (``file:line``).
+* ``discover_groups(model, ..., wrt=nnx filter)``: only the selected variables are
+  members; ``trainable=`` on a module and ``wrt=`` on a pure function raise.
 * The zero analysis lives in ``hesso_jax/jaxpr/`` and nothing there imports discovery.
 """
 
@@ -17,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from jax.extend.core import Primitive
 from jax.interpreters import mlir
 
@@ -190,6 +193,65 @@ def test_source_line_is_robust():
     assert interpreter.source_line(eqn.source_info).startswith(f"{HERE}:")
 
 
+# ------------------------------------------------------------------- wrt= (NNX)
+class Frozen(nnx.Variable):
+    """A non-trainable variable type (a frozen embedding table)."""
+
+
+class EmbedMLP(nnx.Module):
+    def __init__(self, rngs):
+        self.embed = Frozen(jax.random.normal(rngs.params(), (11, 6)))
+        self.fc1 = nnx.Linear(6, 5, rngs=rngs)
+        self.fc2 = nnx.Linear(5, 3, rngs=rngs)
+
+    def __call__(self, ids):
+        return self.fc2(nnx.relu(self.fc1(self.embed[...][ids])))
+
+
+def _members(groups):
+    return {m.path for f in groups.families for m in f.members}
+
+
+def test_wrt_selects_the_member_variables():
+    model, ids = EmbedMLP(nnx.Rngs(0)), jnp.zeros((2, 4), jnp.int32)
+    default = hj.discover_groups(model, ids)
+    assert hj.discover_groups(model, ids, wrt=nnx.Param) == default
+    assert ("embed",) not in _members(default)
+    assert _members(default) == {("fc1", "kernel"), ("fc1", "bias")}
+    both = hj.discover_groups(model, ids, wrt=(nnx.Param, Frozen))
+    assert [f.size for f in both.families] == [6, 5]
+    assert both.families[0].members == (hj.Member(("embed",), 1),)
+    assert hj.Member(("fc1", "kernel"), 0) in both.families[0].dependents
+    only = hj.discover_groups(model, ids, wrt=Frozen)
+    assert _members(only) == {("embed",)}
+    fc1 = hj.discover_groups(model, ids, wrt=nnx.PathContains("fc1"))
+    assert _members(fc1) == {("fc1", "kernel"), ("fc1", "bias")}
+    # the selected embedding family is sound: masked == shrunk on the module
+    keep = np.ones(both.num_groups, bool)
+    keep[[1, 4, 8]] = False
+    state = nnx.state(model)
+    mask = both.broadcast(jnp.asarray(keep, jnp.float32), state, fill=1.0)
+    nnx.update(model, jax.tree.map(
+        lambda a, m: a * m if jnp.issubdtype(a.dtype, jnp.floating) else a, state, mask))
+    want = model(ids + 3)
+    small = hj.shrink_model(model, both)
+    assert small.embed[...].shape == (11, 4) and small.fc1.in_features == 4
+    np.testing.assert_allclose(small(ids + 3), want, rtol=1e-5, atol=1e-5)
+
+
+def test_wrt_and_trainable_misuse_raise():
+    model, ids = EmbedMLP(nnx.Rngs(0)), jnp.zeros((2, 4), jnp.int32)
+    with pytest.raises(TypeError, match="wrt="):
+        hj.discover_groups(model, ids, trainable=lambda path: True)
+    with pytest.raises(TypeError, match="nnx filter"):
+        hj.discover_groups(model, ids, wrt=3)
+    with pytest.raises(ValueError, match="selects no variable.*Frozen"):
+        hj.discover_groups(model, ids, wrt=nnx.BatchStat)
+    with pytest.raises(TypeError, match="trainable="):
+        hj.discover_groups(lambda p, x: x @ p, jnp.ones((3, 3)), jnp.ones((2, 3)),
+                           wrt=nnx.Param)
+
+
 # ------------------------------------------------------------------- layout
 def test_jaxpr_package_does_not_import_discovery():
     for path in sorted(JAXPR_DIR.glob("*.py")):
@@ -207,7 +269,8 @@ def test_jaxpr_package_does_not_import_discovery():
 @pytest.mark.parametrize("fn", [axes.register_rule, axes.elementwise_rule,
                                 axes.def_elementwise, axes.def_identity, axes.def_source,
                                 axes.def_blocked, axes.default_rule, interpreter.source_line,
-                                views.leaf_axes, views.reshape_groups, views.view_axes],
+                                views.leaf_axes, views.reshape_groups, views.view_axes,
+                                hj.discover_groups],
                          ids=lambda f: f.__name__)
 def test_docstring_examples_run(fn):
     globs = dict(vars(__import__(fn.__module__, fromlist=["_"])))
