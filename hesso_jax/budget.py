@@ -80,6 +80,13 @@ class Budget:
     Raises:
       TypeError: for a non-real fraction; ValueError if neither is given or one lies
         outside (0, 1].
+
+    Example:
+      >>> import hesso_jax as hj
+      >>> hj.Budget(flops=0.5).items()
+      (('flops', 0.5),)
+      >>> hj.Budget(params=0.3, flops=0.6).items()
+      (('params', 0.3), ('flops', 0.6))
     """
 
     params: float | None = None

@@ -722,6 +722,22 @@ def group_costs(model_or_fn: Any, *args: Any, counted: Callable[[Path], bool] | 
 
     Raises:
       TypeError: for a wrong call form; ValueError if the groups do not fit the tree.
+
+    Example:
+      A hidden neuron of ``tanh(x @ w1) @ w2`` owns a column of ``w1`` (8 weights) and a
+      row of ``w2`` (3): 11 parameters, and ``2·B·(8 + 3) = 44`` FLOPs for a batch of 2:
+
+      >>> import jax.numpy as jnp, numpy as np, hesso_jax as hj
+      >>> fam = hj.GroupFamily(16, (hj.Member(("w1",), 1),),
+      ...                      dependents=(hj.Member(("w2",), 0),))
+      >>> groups = hj.Groups.from_families([fam])
+      >>> params = {"w1": jnp.ones((8, 16)), "w2": jnp.ones((16, 3))}
+      >>> fn = lambda p, x: jnp.tanh(x @ p["w1"]) @ p["w2"]
+      >>> costs = hj.group_costs(fn, params, groups, jnp.ones((2, 8)))
+      >>> int(costs.params[0]), int(costs.flops[0]), costs.dense_flops
+      (11, 44, 704)
+      >>> costs.kept_fraction(np.arange(16) < 8)  # remove half the neurons
+      (0.5, 0.5)
     """
     fn, state, groups, inputs, is_param = _split_args(model_or_fn, args)
     if groups is not None and not isinstance(groups, Groups):

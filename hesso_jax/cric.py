@@ -75,6 +75,12 @@ class CricConfig:
         ``⌊(G − K)/max(tolerance, 1)⌋``, which the loop never exceeds.
       saliency: as in `hesso` (``None``: HESSO's own score inside `hesso`, else the equal
         mix of the five scores).
+
+    Example:
+      >>> import hesso_jax as hj
+      >>> config = hj.CricConfig(sample_steps=4, learning_rate=0.1, tolerance=2)
+      >>> config.cycle_cap(10, 4)  # ⌊(G − K) / tolerance⌋ corrective cycles at most
+      3
     """
 
     sample_steps: int
@@ -235,6 +241,20 @@ def cric(loss_fn: Callable[[Any], jax.Array], params: Any, groups: Groups,
 
     Raises:
       ValueError: for a `Budget` without costs or one that cannot be met.
+
+    Example:
+      The loss needs ``w[0] = 1`` although ``w[0]`` is the smallest weight: greedy
+      magnitude would remove groups 0 and 1; one corrective cycle moves the selection to
+      group 2, which the trial drives towards zero on its own.
+
+      >>> import jax.numpy as jnp, numpy as np, hesso_jax as hj
+      >>> groups = hj.Groups.from_families([hj.GroupFamily(4, (hj.Member(("w",), 0),))])
+      >>> params = {"w": jnp.array([0.1, 0.2, 1.0, 2.0])}
+      >>> loss = lambda p: jnp.sum((p["w"] - jnp.array([1.0, 0.0, 0.0, 2.0])) ** 2)
+      >>> res = hj.cric(loss, params, groups, 2, sample_steps=4, learning_rate=0.45,
+      ...               saliency="magnitude")
+      >>> np.asarray(res.redundant).tolist(), int(res.cycles)
+      ([False, True, True, False], 1)
     """
     if not isinstance(groups, Groups):
         raise TypeError(f"groups must be a hesso_jax.Groups, got {type(groups).__name__}")

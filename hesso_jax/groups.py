@@ -92,6 +92,11 @@ def tree_paths(tree: Any) -> list[Path]:
     ``nnx.to_flat_state`` write them, e.g. ``('block1', 'conv', 'kernel')``. The trailing
     ``.value`` attribute through which a ``flax.nnx.Variable`` exposes its array is dropped,
     so an ``nnx.State`` and the equivalent nested dict give the same paths.
+
+    Example:
+      >>> import numpy as np, hesso_jax as hj
+      >>> hj.tree_paths({"conv": {"kernel": np.zeros(3), "bias": np.zeros(1)}, "w": [0.0]})
+      [('conv', 'bias'), ('conv', 'kernel'), ('w', 0)]
     """
     flat, _ = jax.tree_util.tree_flatten_with_path(tree)
     paths = []
@@ -157,6 +162,15 @@ class Member:
         merged axis, e.g. the rows of a Dense layer after a flatten).
       stride: distance between two recurrences; at least ``size * block`` of the family
         (checked by `Groups.validate`). Ignored (and stored as 0) when ``repeat == 1``.
+
+    Example:
+      Two heads of width 4 in the output axis of a fused projection, after 8 other
+      channels (group ``i`` owns columns ``8 + 4i … 8 + 4i + 3``):
+
+      >>> import hesso_jax as hj
+      >>> m = hj.Member(("attn", "qkv", "kernel"), axis=1, block=4, offset=8)
+      >>> m.starts(), m.to_dict()["block"]
+      ([8], 4)
     """
 
     path: Path
@@ -211,6 +225,17 @@ class GroupFamily:
       members: slices that are projected to zero (the zero-invariant part).
       dependents: slices removed only at surgery (consumer in-channels, running stats).
       name: optional label used in reports and error messages.
+
+    Example:
+      The hidden neurons of a two-layer MLP: neuron ``i`` is column ``i`` of ``w1`` and
+      entry ``i`` of ``b1`` (members, zeroed by HESSO) and row ``i`` of ``w2`` (a
+      dependent, removed with it by surgery):
+
+      >>> import hesso_jax as hj
+      >>> fam = hj.GroupFamily(16, (hj.Member(("w1",), 1), hj.Member(("b1",), 0)),
+      ...                      dependents=(hj.Member(("w2",), 0),), name="hidden")
+      >>> fam.size, len(fam.members), hj.GroupFamily.from_dict(fam.to_dict()) == fam
+      (16, 2, True)
     """
 
     size: int

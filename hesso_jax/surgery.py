@@ -56,6 +56,14 @@ class KeepPlan:
     Attributes:
       sizes: the original size of each family.
       keep: per family, the sorted local indices of the kept groups (never empty).
+
+    Example:
+      >>> import numpy as np, hesso_jax as hj
+      >>> fams = [hj.GroupFamily(n, (hj.Member((k,), 0),)) for n, k in ((3, "a"), (2, "b"))]
+      >>> groups = hj.Groups.from_families(fams)
+      >>> plan = hj.KeepPlan.from_mask(groups, np.array([True, False, True, False, False]))
+      >>> plan.keep, plan.keep_mask().tolist()  # family "b" keeps a zero placeholder
+      (((0, 2), (0,)), [True, False, True, True, False])
     """
 
     sizes: tuple[int, ...]
@@ -165,6 +173,16 @@ def apply_plan(tree: Any, groups: Groups, plan: KeepPlan, *,
       ``tree`` with smaller leaves; structure and dtypes are unchanged, except that
       equinox modules get static fields that fit their new shapes
       (`hesso_jax.frameworks.equinox.fix_static`).
+
+    Example:
+      Cutting Adam's first moment (not zero, so `shrink` would refuse) like the params:
+
+      >>> import numpy as np, hesso_jax as hj
+      >>> groups = hj.Groups.from_families([hj.GroupFamily(3, (hj.Member(("w",), 1),))])
+      >>> plan = hj.KeepPlan.from_mask(groups, np.array([True, False, True]))
+      >>> hj.apply_plan({"w": np.arange(6.0).reshape(2, 3)}, groups, plan)["w"]
+      array([[0., 2.],
+             [3., 5.]])
     """
     plan.check(groups)
     leaves, treedef = jax.tree_util.tree_flatten(tree)
@@ -257,6 +275,18 @@ def shrink(params: Any, groups: Groups, *, plan: KeepPlan | None = None,
         group and its largest ``|x|``), if the plan was made for other groups, or if
         ``round_to`` is given with a plan.
       TypeError: for a non-int ``round_to`` or a non-real ``tolerance``.
+
+    Example:
+      Hidden neuron 1 of a two-layer MLP is exactly zero: its column of ``w1`` goes, and
+      with it the dependent row of ``w2``.
+
+      >>> import numpy as np, hesso_jax as hj
+      >>> fam = hj.GroupFamily(3, (hj.Member(("w1",), 1),), dependents=(hj.Member(("w2",), 0),))
+      >>> groups = hj.Groups.from_families([fam])
+      >>> params = {"w1": np.array([[1., 0., 2.], [3., 0., 4.]]), "w2": np.ones((3, 5))}
+      >>> small, plan = hj.shrink(params, groups)
+      >>> small["w1"].shape, small["w2"].shape, plan.keep
+      ((2, 2), (2, 5), ((0, 2),))
     """
     round_to = check_int("round_to", round_to, 1)
     tolerance = _check_tolerance(tolerance)
@@ -300,6 +330,17 @@ def shrink_groups(groups: Groups, plan: KeepPlan, tree: Any = None) -> Groups:
       tree: the tree *before* surgery (or its ``jax.eval_shape``). Needed only when one
         leaf's axis is written with both signs (``1`` and ``-1``): it resolves them to the
         same axis. Without it such groups raise a ValueError instead of shifting wrongly.
+
+    Example:
+      Two heads of width 2 after two other channels; head 0 is removed, so head 1's
+      offset moves down by its width:
+
+      >>> import numpy as np, hesso_jax as hj
+      >>> m = hj.Member(("qkv",), 1, block=2, offset=2)
+      >>> groups = hj.Groups.from_families([hj.GroupFamily(2, (m,))])
+      >>> plan = hj.KeepPlan.from_mask(groups, np.array([False, True]))
+      >>> hj.shrink_groups(groups, plan).families[0].members[0]
+      Member(path=('qkv',), axis=1, block=2, offset=2, repeat=1, stride=0)
     """
     plan.check(groups)
     ndim: dict[Any, int] = {}
@@ -479,6 +520,15 @@ def shrink_opt_state(opt_state: Any, params: Any, groups: Groups, *,
     Raises:
       ValueError: if a parameter-shaped leaf could not be cut (naming its path and the
         parameter), if the plan was made for other groups, or mid-period (see above).
+
+    Example:
+      >>> import jax.numpy as jnp, optax, hesso_jax as hj
+      >>> groups = hj.Groups.from_families([hj.GroupFamily(3, (hj.Member(("w",), 1),))])
+      >>> params = {"w": jnp.array([[1., 0., 2.]])}
+      >>> state = optax.adam(1e-3).init(params)
+      >>> small = hj.shrink_opt_state(state, params, groups)
+      >>> small[0].mu["w"].shape, small[0].nu["w"].shape
+      ((1, 2), (1, 2))
     """
     if plan is None:
         groups.validate(params, dependents="present")
