@@ -1,9 +1,42 @@
 """hesso_jax: train and structurally prune any JAX/Flax network in one run.
 
-Public API (see ``shared/design.md``): `discover_groups`, `Groups`, `GroupFamily`,
-`Member`, `hesso`, `hesso_status`, `cric`, `CricConfig`, `shrink`, `shrink_model`,
-`shrink_opt_state`, `KeepPlan`, `check_shrinkable`, `snows`, `GroupMask`, `Budget`,
-`group_costs`, `GroupCosts`.
+The pipeline, one module per concept::
+
+    model ──discover_groups──▶ Groups ──hesso / cric──▶ exact zero groups ──shrink──▶ small model
+    (nnx / linen / equinox /   (families of    (optax transformation,     (masked == shrunk,
+     haiku / pure fn + input)   zero-invariant   last in the chain; or      verified by running)
+                                slices, costs)   one-shot / SNOWS)
+
+1. `discover_groups` (``discovery``, on the jaxpr interpreter in ``jaxpr/``) finds the
+   zero-invariant groups and records their parameter / FLOP `GroupCosts` (``costs``).
+   `Groups`, `GroupFamily` and `Member` (``groups``) also build them by hand.
+2. `hesso` (``hesso``; saliency scores in ``saliency``, the projection in ``projection``,
+   the placement checks in ``placement``) trains and projects the least salient groups to
+   exactly zero; `CricConfig` / `cric` (``cric``) corrects the selection; `Budget`
+   (``budget``) asks for a params / FLOPs fraction instead of a group count.
+   `hesso_status` reads where a run stands.
+3. `shrink`, `shrink_model`, `shrink_opt_state`, `KeepPlan` (``surgery``, framework
+   adapters in ``frameworks/``) cut the zero groups out and check the result numerically.
+4. One-shot alternatives: `snows` (``snows``, Newton–CG in ``newton``) and
+   ``baselines.one_shot_prune``.
+
+Support code, outside the core: ``models/`` (reference models: CNN, ResNet, transformer,
+BERT-like, MiniLM, Llama, CARN, char-LM), ``data``/``text`` (bundled data sets),
+``train`` (the training recipe the benchmarks and notebooks share) and ``cli`` (the
+``hesso-jax`` command).
+
+Example:
+  >>> import jax.numpy as jnp, optax, hesso_jax as hj
+  >>> fam = hj.GroupFamily(4, (hj.Member(("w",), 1),))
+  >>> groups = hj.Groups.from_families([fam])
+  >>> params = {"w": jnp.array([[1.0, 0.1, 2.0, 0.2]])}
+  >>> tx = optax.chain(optax.sgd(0.0), hj.hesso(groups, 2, P=1, Tp=2))
+  >>> state = tx.init(params)
+  >>> for _ in range(2):
+  ...     updates, state = tx.update({"w": jnp.zeros((1, 4))}, state, params)
+  ...     params = optax.apply_updates(params, updates)
+  >>> params["w"].tolist(), hj.hesso_status(state).num_pruned
+  ([[1.0, 0.0, 2.0, 0.0]], 2)
 """
 
 from hesso_jax.budget import Budget, budget_select, resolve_budget
