@@ -36,7 +36,10 @@ is returned.
 (each oracle call can then be a separately jitted top-level computation, and a caller can
 show progress); `JIT` maps them to ``lax.while_loop`` / ``lax.cond`` so the whole solve is
 traceable inside one ``jax.jit``. Both execute the same arithmetic in the same order, so
-they agree up to floating-point rounding (XLA fuses differently inside ``jit``).
+given the same oracle they agree up to floating-point rounding (XLA fuses differently
+inside ``jit``; SNOWS's two oracles also average calibration batches differently, a host
+sum vs a ``lax.map`` mean). Rounding can still move a CG exit by an iteration or flip an
+Armijo test that holds with equality; the tests bound both.
 We use our own CG rather than ``jax.scipy.sparse.linalg.cg`` because the latter is a
 ``lax.while_loop`` (it cannot run under `HOST`), and reports neither its iteration count
 nor a negative-curvature exit.
