@@ -26,7 +26,7 @@ def _xla_flops(fn, *args) -> float:
     cost = jax.jit(fn).lower(*args).compile().cost_analysis()
     if isinstance(cost, list | tuple):
         cost = cost[0]
-    return float(cost["flops"])
+    return float(cost.get("flops", 0.0))  # XLA omits the key when the count is 0
 
 
 _OP_CACHE: dict = {}
