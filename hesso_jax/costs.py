@@ -77,6 +77,7 @@ from flax import nnx
 
 from hesso_jax.groups import Groups, Path, tree_paths
 from hesso_jax.jaxpr.interpreter import Interpreter
+from hesso_jax.jaxpr.trace import trace_call
 
 __all__ = ["CostTerms", "CostWarning", "GroupCosts", "costs_from_jaxpr", "group_costs"]
 
@@ -673,10 +674,6 @@ def costs_from_jaxpr(closed: Any, state: Any, groups: Groups | None,
                                  CostTerms.build(tracer.terms, G))
 
 
-def _is_array(x: Any) -> bool:
-    return isinstance(x, jax.Array | np.ndarray | jax.ShapeDtypeStruct | np.generic)
-
-
 def _split_args(model_or_fn: Any, args: tuple) -> tuple[Callable, Any, Groups, tuple,
                                                         Callable[[Path], bool]]:
     """``(fn(state, *inputs), state, groups, inputs, is_param)`` of either call form."""
@@ -743,17 +740,7 @@ def group_costs(model_or_fn: Any, *args: Any, counted: Callable[[Path], bool] | 
     if groups is not None and not isinstance(groups, Groups):
         raise TypeError(f"group_costs: expected a hesso_jax.Groups, got {type(groups).__name__}")
     pred = counted or is_param
-    flat, treedef = jax.tree_util.tree_flatten((inputs, kwargs))
-    dynamic = [i for i, x in enumerate(flat) if _is_array(x)]
-
-    def flat_fn(st: Any, *dyn: Any) -> Any:
-        full = list(flat)
-        for i, x in zip(dynamic, dyn, strict=True):
-            full[i] = x
-        a, k = jax.tree_util.tree_unflatten(treedef, full)
-        return fn(st, *a, **k)
-
-    closed = jax.make_jaxpr(flat_fn)(state, *[flat[i] for i in dynamic])
+    closed = trace_call(fn, state, inputs, kwargs)
     leaves = jax.tree.leaves(state)
     counted_leaves = [bool(pred(p)) and np.issubdtype(getattr(x, "dtype", np.int32),
                                                        np.inexact)

@@ -48,6 +48,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec
 
+from hesso_jax.jaxpr.trace import trace_call
+
 if TYPE_CHECKING:
     from hesso_jax.costs import GroupCosts
 
@@ -343,18 +345,7 @@ def structure_fingerprint(model_or_fn: Any, *args: Any, **kwargs: Any) -> Finger
     ``jax.ShapeDtypeStruct`` inputs give the same fingerprint as arrays of that shape.
     """
     fn, state, inputs = _as_pure(model_or_fn, args)
-    leaves, treedef = jax.tree_util.tree_flatten((inputs, kwargs))
-    dynamic = [i for i, x in enumerate(leaves) if isinstance(
-        x, jax.Array | np.ndarray | np.generic | jax.ShapeDtypeStruct)]
-
-    def flat_fn(st: Any, *dyn: Any) -> Any:
-        full = list(leaves)
-        for i, x in zip(dynamic, dyn, strict=True):
-            full[i] = x
-        a, k = jax.tree_util.tree_unflatten(treedef, full)
-        return fn(st, *a, **k)
-
-    closed = jax.make_jaxpr(flat_fn)(state, *[leaves[i] for i in dynamic])
+    closed = trace_call(fn, state, inputs, kwargs)
     lines = [f"{format_path(p)} {tuple(_shape(x))} {getattr(x, 'dtype', type(x).__name__)}"
              for p, x in zip(tree_paths(state), jax.tree.leaves(state), strict=True)]
     text = "\n".join([*lines, _ADDRESS.sub("", str(closed.jaxpr))])
