@@ -2,9 +2,52 @@
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any, ClassVar
+
 import numpy as np
 
-__all__ = ["grouped_conv_count", "whole_blocks"]
+from hesso_jax.groups import Path, format_path
+
+__all__ = ["KeepMasks", "Site", "grouped_conv_count", "whole_blocks"]
+
+KeepMasks = dict[Path, dict[int, np.ndarray]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Site:
+    """One module of the shrunk model, as a framework's attribute fixer sees it.
+
+    Attributes:
+      module: the module (already holding the smaller arrays).
+      path: its path in the model.
+      keep: ``{array path: {axis: bool[old length]}}``, the channels the plan kept on
+        every axis it touched (axes it did not touch are absent).
+    """
+
+    module: Any
+    path: Path
+    keep: KeepMasks
+    framework: ClassVar[str] = ""  # prefix of the module's type in error messages
+
+    def error(self, message: str) -> ValueError:
+        """A ValueError naming the module's type and path."""
+        return ValueError(f"shrink_model: {self.framework}{type(self.module).__name__} at "
+                          f"{format_path(self.path)!r}: {message}")
+
+    def shape(self, *names: str) -> tuple[int, ...] | None:
+        """Shape of the array at ``module.<names...>`` (None when it is None)."""
+        node: Any = self.module
+        for name in names:
+            node = getattr(node, name, None)
+            if node is None:
+                return None
+        return tuple(node.shape) if hasattr(node, "shape") else tuple(np.shape(node))
+
+    def kept(self, *names: str, axis: int, length: int) -> np.ndarray:
+        """``bool[length]``: the old channels kept on ``axis`` of ``module.<names...>``."""
+        mask = self.keep.get((*self.path, *names), {}).get(axis)
+        return np.ones(length, bool) if mask is None else mask
 
 
 def whole_blocks(mask: np.ndarray, blocks: int) -> np.ndarray | None:

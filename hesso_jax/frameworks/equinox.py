@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import equinox as eqx
 import jax
-import numpy as np
 
-from hesso_jax.frameworks.common import grouped_conv_count, whole_blocks
+from hesso_jax.frameworks.common import Site, grouped_conv_count, whole_blocks
 from hesso_jax.frameworks.verify import (
     KeepMasks,
     Runner,
@@ -33,35 +32,17 @@ from hesso_jax.frameworks.verify import (
     resolve_example,
 )
 from hesso_jax.frameworks.verify import verify as verify_outputs
-from hesso_jax.groups import Groups, Path, format_path
+from hesso_jax.groups import Groups, Path
 from hesso_jax.surgery import KeepPlan, shrink
 
 __all__ = ["fix_static", "has_modules", "restatic", "shrink_model"]
 
 
-@dataclasses.dataclass
-class _Site:
-    """One rebuilt module (new children, old static fields) as its fixer sees it."""
+@dataclasses.dataclass(frozen=True)
+class _Site(Site):
+    """One rebuilt equinox module (new children, old static fields) as its fixer sees it."""
 
-    module: eqx.Module
-    path: Path
-    keep: KeepMasks
-
-    def error(self, message: str) -> ValueError:
-        return ValueError(f"shrink_model: equinox {type(self.module).__name__} at "
-                          f"{format_path(self.path) or '<root>'!r}: {message}")
-
-    def shape(self, *names: str) -> tuple[int, ...] | None:
-        node: Any = self.module
-        for name in names:
-            node = getattr(node, name, None)
-            if node is None:
-                return None
-        return tuple(np.shape(node))
-
-    def kept(self, *names: str, axis: int, length: int) -> np.ndarray:
-        mask = self.keep.get((*self.path, *names), {}).get(axis)
-        return np.ones(length, bool) if mask is None else mask
+    framework: ClassVar[str] = "equinox "
 
     def set(self, **fields: Any) -> None:
         for name, value in fields.items():

@@ -19,7 +19,7 @@ from flax.nnx import bridge
 from flax.nnx.bridge import variables as bridge_variables
 
 from hesso_jax.frameworks import linen as linen_surgery
-from hesso_jax.frameworks.common import grouped_conv_count, whole_blocks
+from hesso_jax.frameworks.common import Site, grouped_conv_count, whole_blocks
 from hesso_jax.frameworks.verify import (
     KeepMasks,
     Runner,
@@ -39,33 +39,8 @@ __all__ = ["shrink_model"]
 
 
 @dataclasses.dataclass(frozen=True)
-class _Site:
-    """One module of the shrunk model, as its attribute fixer sees it.
-
-    Attributes:
-      module: the module (already holding the smaller variables).
-      path: its path in the model (as `nnx.iter_modules` gives it).
-      keep: ``{variable path: {axis: bool[old length]}}``, the channels the plan kept on
-        every axis it touched (axes it did not touch are absent).
-    """
-
-    module: nnx.Module
-    path: Path
-    keep: dict[Path, dict[int, np.ndarray]]
-
-    def error(self, message: str) -> ValueError:
-        """A ValueError naming the module's type and path."""
-        return ValueError(f"shrink_model: {type(self.module).__name__} at "
-                          f"{format_path(self.path)!r}: {message}")
-
-    def shape(self, *names: str) -> tuple[int, ...] | None:
-        """Shape of the variable at ``module.<names...>`` (None when it is None)."""
-        node: Any = self.module
-        for name in names:
-            node = getattr(node, name, None)
-            if node is None:
-                return None
-        return tuple(node.shape)
+class _Site(Site):
+    """One NNX module of the shrunk model (`hesso_jax.frameworks.common.Site`)."""
 
     def expect(self, name: str, shape: tuple[int, ...]) -> None:
         """Raises unless the variable ``name`` is None or has ``shape``."""
@@ -73,11 +48,6 @@ class _Site:
         if got is not None and got != tuple(shape):
             raise self.error(f"{name} has shape {got} but the other parameters imply "
                              f"{tuple(shape)}; its groups and dependents disagree")
-
-    def kept(self, *names: str, axis: int, length: int) -> np.ndarray:
-        """``bool[length]``: the old channels kept on ``axis`` of ``module.<names...>``."""
-        mask = self.keep.get((*self.path, *names), {}).get(axis)
-        return np.ones(length, bool) if mask is None else mask
 
 
 def _fix_linear(site: _Site) -> None:
