@@ -267,8 +267,21 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+# Family names of block i's heads / MLP neurons: the hand-written groups of earlier runs
+# (saved JSONs), then hj.discover_groups' names (the modules of the families' kernels).
+FAMILY_NAMES = {"heads": ("blocks.{i}.heads", "blocks/{i}/attn"),
+                "mlp": ("blocks.{i}.mlp", "blocks/{i}/fc1")}
+
+
 def fmt_pruned(r: dict[str, Any], depth: int, what: str) -> str:
-    return " / ".join(str(r["pruned_per_family"][f"blocks.{i}.{what}"]) for i in range(depth))
+    """Pruned groups of kind ``what`` ('heads' or 'mlp') per block, ``'a / b / ...'``."""
+    per_family = r["pruned_per_family"]
+
+    def count(i: int) -> int:
+        names = [n.format(i=i) for n in FAMILY_NAMES[what]]
+        return next(per_family[n] for n in names if n in per_family)
+
+    return " / ".join(str(count(i)) for i in range(depth))
 
 
 def markdown(args: argparse.Namespace, res: dict[str, Any], command: str,
