@@ -140,8 +140,9 @@ def test_wall_problem_has_a_nan_trial_and_both_drivers_step_through_it():
     tgt = [v[None] for v in prog.capture_all(leaves, [x], seg.targets)]
     loss, hvp = layer_objective(prog, seg), masked_hvp(prog, seg)
     mask = nm_mask(jnp.abs(params["w1"]), (0,), 2, 4)
-    oracle = Oracle(lambda w: loss(w, bnd, tgt), lambda w: jax.grad(loss)(w, bnd, tgt),
-                    lambda w, v: hvp(w, mask, v, bnd, tgt))
+    oracle = Oracle(jax.jit(lambda w: loss(w, bnd, tgt)),
+                    jax.jit(lambda w: jax.grad(loss)(w, bnd, tgt)),
+                    jax.jit(lambda w, v: hvp(w, mask, v, bnd, tgt)))
     host, jit = _both(oracle, params["w1"], mask, 3, 50, 1e-6, 1e-4)
     for r in (host, jit):
         assert int(r.nonfinite_trials) >= 1 and int(r.newton_steps) >= 1
