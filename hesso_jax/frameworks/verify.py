@@ -163,18 +163,29 @@ def max_rel_error(want: Any, got: Any) -> float:
     return float(np.max(np.abs(g - w))) / scale
 
 
-def _tree_error(want: Any, got: Any) -> tuple[float, float]:
-    """``(error, tolerance)`` of the worst leaf pair; error inf if the structures differ."""
+LeafError = Callable[[Any, Any], "tuple[float, float] | None"]
+
+
+def _worst(want: Any, got: Any, leaf_error: LeafError) -> tuple[float, float]:
+    """The leaf pair whose ``error − tolerance`` is largest; error inf if structures differ.
+
+    ``leaf_error(w, g)`` gives ``(error, tolerance)`` of one pair, or None to skip it.
+    """
     wl, wdef = jax.tree_util.tree_flatten(want)
     gl, gdef = jax.tree_util.tree_flatten(got)
     if wdef != gdef:
         return float("inf"), 0.0
     worst = (0.0, RTOL)
     for w, g in zip(wl, gl, strict=True):
-        err, tol = max_rel_error(w, g), tolerance(np.asarray(w).dtype)
-        if err - tol > worst[0] - worst[1]:
-            worst = (err, tol)
+        found = leaf_error(w, g)
+        if found is not None and found[0] - found[1] > worst[0] - worst[1]:
+            worst = found
     return worst
+
+
+def _tree_error(want: Any, got: Any) -> tuple[float, float]:
+    """``(error, tolerance)`` of the worst leaf pair; error inf if the structures differ."""
+    return _worst(want, got, lambda w, g: (max_rel_error(w, g), tolerance(np.asarray(w).dtype)))
 
 
 # ------------------------------------------------------------------------ running
@@ -315,24 +326,19 @@ def _aligned(want: np.ndarray, shape: tuple[int, ...], keep: KeepMasks, path: Pa
 
 def _call_error(want: Any, got: Any, keep: KeepMasks, path: Path) -> tuple[float, float]:
     """Worst ``(error, tolerance)`` of one recorded call's output (aligned where needed)."""
-    wl, wdef = jax.tree_util.tree_flatten(want)
-    gl, gdef = jax.tree_util.tree_flatten(got)
-    if wdef != gdef:
-        return float("inf"), 0.0
-    worst = (0.0, RTOL)
-    for w, g in zip(wl, gl, strict=True):
+
+    def leaf_error(w: Any, g: Any) -> tuple[float, float] | None:
         if isinstance(w, jax.core.Tracer) or isinstance(g, jax.core.Tracer):
-            continue  # recorded inside a transform (scan over time steps): not comparable
+            return None  # recorded inside a transform (scan over time steps): not comparable
         if not hasattr(w, "shape") or not hasattr(g, "shape"):
-            continue
+            return None
         w, g = np.asarray(w), np.asarray(g)
         options = [w] if w.shape == g.shape else _aligned(w, g.shape, keep, path)
         if not options:
-            continue
-        err, tol = min(max_rel_error(o, g) for o in options), tolerance(w.dtype)
-        if err - tol > worst[0] - worst[1]:
-            worst = (err, tol)
-    return worst
+            return None
+        return min(max_rel_error(o, g) for o in options), tolerance(w.dtype)
+
+    return _worst(want, got, leaf_error)
 
 
 def first_difference(masked: Tape, small: Tape, keep: KeepMasks) -> str | None:
