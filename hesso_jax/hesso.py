@@ -24,7 +24,14 @@ pruned); ``optax.apply_updates`` then computes ``x + u'``, which is exactly ``0`
 
 The period logic is a state machine on the step counter inside the jitted update: the
 period start (saliency + selection, ``O(params + G log G)``) runs under ``lax.cond``; an
-ordinary step costs one gather of a length-``G`` mask per grouped leaf and one ``where``.
+ordinary step costs one gather of a length-``G`` mask per grouped leaf and one ``where``,
+fused into ``apply_updates``. Every operand of a ``lax.cond`` is a buffer on *every* step
+(XLA:CPU also fuses no reduction into the elementwise ``apply_updates``), so the period
+start reads only what is already in memory when it can: the parameters, and for
+``direction="gradient"`` the raw gradient (``update(..., grad=grads)``) or the loss; the
+default direction, the base update ``u``, is otherwise never written to memory, and reading
+it at period starts keeps it in a parameter-sized buffer at every step
+(``benchmarks/step_cost.py``).
 
 Placement check (`hesso_jax.placement`). HESSO projects *parameters*, so it must see the
 final update and its update must be applied unchanged. Every update compares a few sampled
@@ -83,6 +90,7 @@ from hesso_jax.projection import FamilyFloor, bottom_k, gamma, project
 from hesso_jax.saliency import (
     SaliencyFn,
     evaluate,
+    needs_direction,
     nonzero_counts,
     replicate,
     resolve_saliency,
@@ -163,15 +171,16 @@ def schedule_counts(K: int, P: int) -> tuple[int, ...]:
     return tuple([base] * (P - 1) + [K - base * (P - 1)])
 
 
-def _check_updates(updates: Any, params: Any) -> None:
+def _check_updates(updates: Any, params: Any, what: str = "update") -> None:
+    """Raises a ValueError unless ``updates`` (the update, or ``grad``) matches ``params``."""
     u_leaves, p_leaves = jax.tree.leaves(updates), jax.tree.leaves(params)
     if len(u_leaves) != len(p_leaves):
         raise ValueError(
-            f"hesso: updates have {len(u_leaves)} leaves but params have {len(p_leaves)}")
+            f"hesso: {what}s have {len(u_leaves)} leaves but params have {len(p_leaves)}")
     for path, u, p in zip(tree_paths(params), u_leaves, p_leaves, strict=True):
         if jnp.shape(u) != jnp.shape(p):
             raise ValueError(
-                f"hesso: update {format_path(path)!r} has shape {jnp.shape(u)} but the "
+                f"hesso: {what} {format_path(path)!r} has shape {jnp.shape(u)} but the "
                 f"parameter has shape {jnp.shape(p)}")
 
 
@@ -211,9 +220,35 @@ def _check_signature(seen: list[Signature], params: Any) -> None:
                 "surgery or a dtype cast)")
 
 
+def _nan_unless_finite(x: jax.Array) -> jax.Array:
+    """``x − x`` in float32: ``0`` where ``x`` is finite, NaN where it is NaN or ±inf."""
+    x = x.astype(jnp.float32)
+    return x - x
+
+
+def _all_finite(tree: Any) -> jax.Array:
+    """``bool[]``: every float element of ``tree`` is finite.
+
+    ``Σ (x − x)`` is ``0`` when every ``x`` is finite and NaN otherwise
+    (``inf − inf = NaN``), so each leaf is one fused subtract-reduce: no array the size
+    of the leaf (``all(isfinite(x))`` materialises a ``bool`` one on XLA:CPU, and
+    ``Σ x·0`` a broadcast zero).
+    """
+    sums = [jnp.sum(_nan_unless_finite(leaf)) for leaf in jax.tree.leaves(tree)
+            if jnp.issubdtype(leaf.dtype, jnp.inexact)]
+    return jnp.isfinite(sum(sums, jnp.zeros([], jnp.float32)))
+
+
 def _concrete(*trees: Any) -> bool:
     """True when no leaf is a tracer (the update runs eagerly, outside jit/scan)."""
     return not any(isinstance(x, jax.core.Tracer) for t in trees for x in jax.tree.leaves(t))
+
+
+class _Extra(NamedTuple):
+    """The keyword-only extra arguments of ``update`` that HESSO reads."""
+
+    value_fn: Callable[[Any], jax.Array] | None
+    grad: Any
 
 
 class _Phase(NamedTuple):
@@ -304,6 +339,7 @@ class _Hesso:
     schedule: HessoSchedule  # k < 0 for a budget
     check_updates: bool = True
     budget: ResolvedBudget | None = None  # K = hj.Budget(...): budget_select per period
+    direction: str = "update"  # the saliency's d: "update" (u_t) or "gradient" (−∇f(x_t))
     seen: list[Signature] = dataclasses.field(default_factory=list)  # trees given to init
     context: dict[str, bool] = dataclasses.field(default_factory=dict)  # from init's callers
 
@@ -332,15 +368,17 @@ class _Hesso:
         )
 
     def update(self, updates: Any, state: HessoState, params: Any = None, *,
-               value_fn: Callable[[Any], jax.Array] | None = None,
+               value_fn: Callable[[Any], jax.Array] | None = None, grad: Any = None,
                **extra_args: Any) -> tuple[Any, HessoState]:
         """One HESSO update: phase → select → project → advance (Algorithm 1).
 
-        ``value_fn`` (keyword-only, ``params -> scalar`` loss) is needed by CRIC only;
-        other extra arguments are ignored.
+        Keyword-only: ``value_fn`` (``params -> scalar`` loss; CRIC, and
+        ``direction="gradient"`` without ``grad``) and ``grad`` (the raw gradient ``∇f(x_t)``,
+        read by ``direction="gradient"``); other extra arguments are ignored.
         """
         del extra_args  # optax passes the chain's extra arguments to every member
-        layout = self._validate(updates, state, params, value_fn)
+        extra = _Extra(value_fn, grad)
+        layout = self._validate(updates, state, params, extra)
         # Per-group vectors stay replicated, so both lax.cond branches agree on sharding.
         state = state._replace(redundant=replicate(state.redundant),
                                pruned=replicate(state.pruned),
@@ -350,7 +388,7 @@ class _Hesso:
         x_sample = placement.sample(params, probe)
         check = self._check(ph, state, params, probe, x_sample)
         redundant, scores, cycles, rejected = jax.lax.cond(
-            ph.start, lambda: self._select(ph, state, params, updates, value_fn),
+            ph.start, lambda: self._select(ph, state, params, updates, extra),
             lambda: (state.redundant, state.scores, state.cric_cycles,
                      jnp.zeros([], jnp.int32)))
         coef = jnp.where(redundant & ph.in_prune, gamma(ph.s, self.Tp), 0.0)
@@ -363,8 +401,7 @@ class _Hesso:
             probe=expected, probe_tol=tol, probe_key=jnp.asarray(probe.key, jnp.int32),
             cric_rejected=state.cric_rejected + rejected)
 
-    def _validate(self, updates: Any, state: Any, params: Any,
-                  value_fn: Callable[[Any], jax.Array] | None) -> Layout:
+    def _validate(self, updates: Any, state: Any, params: Any, extra: _Extra) -> Layout:
         """Trace-time checks of one update call; returns the groups' layout of ``params``."""
         if params is None:
             raise ValueError("hesso needs the parameters: call update(updates, state, params)")
@@ -377,11 +414,19 @@ class _Hesso:
             raise ValueError(
                 f"hesso: the state's masks have shape {jnp.shape(state.redundant)} but groups "
                 f"has {self.G} groups; was the state created for other groups?")
-        if self.cric is not None and not callable(value_fn):
+        if self.cric is not None and not callable(extra.value_fn):
             raise ValueError(
                 "hesso(cric=...) needs the loss: pass the extra argument value_fn "
                 "(params -> scalar loss on the current batch) to update, e.g. "
                 "tx.update(grads, state, params, value_fn=loss_fn)")
+        if self.direction == "gradient" and extra.grad is not None:
+            _check_updates(extra.grad, params, "grad")
+        elif self.direction == "gradient" and not callable(extra.value_fn):
+            raise ValueError(
+                'hesso(direction="gradient") needs the gradient: pass the extra argument '
+                "grad (the raw gradient, free: it is already in memory) or value_fn (the "
+                "loss, recomputed at period starts) to update, e.g. "
+                "tx.update(grads, state, params, grad=grads)")
         return layout
 
     def _check(self, ph: _Phase, state: HessoState, params: Any,
@@ -403,9 +448,7 @@ class _Hesso:
 
         def diagnose_operands() -> tuple[jax.Array, ...]:
             bad = ph.after_end & state.pruned & (nonzero_counts(self.groups, params) > 0)
-            finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf))
-                                        for leaf in jax.tree.leaves(params)
-                                        if jnp.issubdtype(leaf.dtype, jnp.inexact)]))
+            finite = _all_finite(params)
             info = jnp.stack([state.count, mismatch, sampled_nonfinite,
                               ph.after_end & ~finite]).astype(jnp.int32)
             return bad, info, state.probe, found, missed
@@ -424,8 +467,7 @@ class _Hesso:
             lambda: jnp.zeros([], jnp.int32))
 
     def _select(self, ph: _Phase, state: HessoState, params: Any, updates: Any,
-                value_fn: Callable[[Any], jax.Array] | None
-                ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+                extra: _Extra) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
         """Period start: ``G_R`` = the ``K̂_p`` lowest-scoring unpruned groups (or CRIC's).
 
         With a budget, ``G_R`` is `budget_select`'s knapsack greedy towards the period's
@@ -437,20 +479,40 @@ class _Hesso:
         candidates = alive
         scores = None
         if self.floor is not None or self.cric is None:
-            scores = evaluate(self.score_fn, params, updates, self.groups)
+            scores = evaluate(self.score_fn, params,
+                              self._direction(params, updates, extra), self.groups)
         if self.floor is not None:
             candidates = self.floor.candidates(scores, candidates)
         select = None
         if self.budget is not None:
             select = _budget_rule(self.budget, alive, ph.period, self.P)
         if self.cric is not None:
-            res = cric_select(value_fn, params, self.groups, k_hat, candidates, self.cric,
+            res = cric_select(extra.value_fn, params, self.groups, k_hat, candidates, self.cric,
                               self.cric_score, self.cric_cap, select=select)
             return res.redundant, res.scores, res.cycles, res.rejected
         zero = jnp.zeros([], jnp.int32)
         if select is not None:
             return select(scores, candidates), scores, zero, zero
         return bottom_k(scores, candidates, k_hat), scores, zero, zero
+
+    def _direction(self, params: Any, updates: Any, extra: _Extra) -> Any:
+        """The saliency's direction ``d`` at a period start (inside its ``lax.cond``).
+
+        ``u_t`` (``direction="update"``); ``−∇f(x_t)`` (``"gradient"``): ``−grad``, or
+        recomputed from ``value_fn``; ``None`` when the saliency reads no direction.
+        Whatever is read here is an operand of the ``lax.cond``, which XLA keeps in a
+        buffer on every step: ``u_t`` is not otherwise (it fuses into ``apply_updates``),
+        the gradient (an output of the backward pass) and the parameters already are.
+        """
+        if not needs_direction(self.score_fn):
+            return None
+        if self.direction == "update":
+            return updates
+        grads = extra.grad
+        if grads is None:
+            assert extra.value_fn is not None  # _validate
+            grads = jax.grad(extra.value_fn)(params)
+        return jax.tree.map(lambda g: -g, grads)
 
     def _advance(self, ph: _Phase, state: HessoState, redundant: jax.Array,
                  scores: jax.Array, cycles: jax.Array, check: jax.Array) -> HessoState:
@@ -477,6 +539,7 @@ def hesso(
     min_keep: int | float = 0,
     check_updates: bool = True,
     costs: GroupCosts | None = None,
+    direction: str = "update",
 ) -> optax.GradientTransformationExtraArgs:
     """HESSO (Algorithm 1): progressive projection of the least salient groups to zero.
 
@@ -536,6 +599,19 @@ def hesso(
       costs: the groups' `hesso_jax.GroupCosts` for a `Budget` ``K`` (default
         ``groups.costs``); e.g. ``hj.group_costs(model, groups, x)`` for hand-made groups.
         `hesso_status` then reports ``target = -1`` and the budget in ``budget``.
+      direction: the saliency's direction ``d`` at a period start. ``"update"``
+        (default): the base optimizer's update ``u_t``, HESSO's input. ``"gradient"``:
+        ``−∇f(x_t)``, the quantity Algorithm 1 scores with: the keyword-only extra
+        argument ``grad`` of ``update`` (the raw gradient, e.g.
+        ``tx.update(grads, state, params, grad=grads)``), or, without it, recomputed from
+        ``value_fn`` inside the period start's ``lax.cond`` (one more forward and
+        backward pass there). Cost: XLA keeps every operand of a ``lax.cond`` in a
+        buffer, on every step, so with ``"update"`` (and a saliency that reads ``d``)
+        every step writes ``u`` to a parameter-sized buffer instead of fusing it into
+        ``apply_updates`` (``+4·N`` bytes; 1.2–1.3× Adam's step on a memory-bound
+        10 M-parameter MLP on CPU); the gradient is a buffer anyway (the backward pass's
+        output), so with ``"gradient"``, or a saliency of magnitudes only, an ordinary
+        step costs what the base step costs (``benchmarks/step_cost.py``).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``. ``update`` requires ``params``;
@@ -610,8 +686,10 @@ def hesso(
     schedule = HessoSchedule(warmup_steps=Tw, periods=P, period_len=Tp, k=k_code)
     if not isinstance(check_updates, bool):
         raise TypeError(f"check_updates must be a bool, got {check_updates!r}")
+    if direction not in ("update", "gradient"):
+        raise ValueError(f'direction must be "update" or "gradient", got {direction!r}')
     impl = _Hesso(groups, Tw, P, Tp, per_period, score_fn, floor, cric, cric_score, cric_cap,
-                  schedule, check_updates, budget=rb)
+                  schedule, check_updates, budget=rb, direction=direction)
     return optax.GradientTransformationExtraArgs(impl.init, impl.update)
 
 

@@ -6,7 +6,7 @@ is, ``x_{t+1} = x_t + u'_t`` (``optax.apply_updates``). Two checks, both from on
 period has just ended:
 
 * *Probe* (every update, ``O(1)``): a handful of sampled elements of the parameters
-  (`PROBE_SIZE` of them, on the largest member leaves, positions fixed by the leaf shapes)
+  (`PROBE_SIZE` of them, on up to 4 cheap member leaves, positions fixed by the shapes)
   are compared with ``x_{t−1} + u'_{t−1}``, computed at the previous update with
   ``apply_updates``' arithmetic (``(x + u).astype(x.dtype)``) and kept in the state, to
   within ``τ = 2·ulp + 16·ε₃₂·|u'|`` (`tolerance`): XLA may compute ``u'`` in two fusions
@@ -28,10 +28,13 @@ in ``optax.apply_if_finite``; when HESSO was initialised as the first transforma
 chain or outside any chain, the error adds that its input is then the raw gradient
 (``x + ∇f`` is gradient *ascent*) and a base optimizer must come first.
 
-Cost of an ordinary step: two gathers of ``PROBE_SIZE`` elements (parameters and rewritten
-update of member leaves, whose base update HESSO reads anyway), one compare, and a wider
+Cost of an ordinary step: one small gather per sampled leaf of the parameters and of the
+rewritten update (at most 4 cheap member leaves, bias-like or small: a reader of ``u'``
+besides ``apply_updates`` makes XLA keep that leaf's update in a buffer, so no big
+kernel's update is kept), one vectorised compare of ``PROBE_SIZE`` values, and a wider
 predicate for the ``lax.cond`` that already holds the period-end check: no extra
-parameter-sized buffer (tested on the compiled step's memory analysis).
+parameter-sized buffer (tested on the compiled step's memory analysis against the base
+optimizer alone).
 
 Wrappers keeping a second copy of the parameters. ``optax.contrib.schedule_free`` (the
 evaluation parameters are computed from its ``z``) and ``optax.lookahead`` (slow
@@ -60,7 +63,11 @@ __all__ = ["PROBE_SIZE", "Hints", "ProbeSites", "check_context", "diagnose", "mi
 PROBE_SIZE = 8
 """Sampled parameter elements compared at every update."""
 
-_PROBE_LEAVES = 4  # member leaves sampled (largest first)
+_PROBE_LEAVES = 4  # member leaves sampled (largest cheap ones first)
+
+SMALL_LEAF = 2**16
+"""Member leaves of at most this many elements are cheap for the probe to sample
+(keeping their update costs at most 256 KiB in float32)."""
 
 _SECOND_COPY = {
     "optax.contrib._schedule_free": (
@@ -99,22 +106,40 @@ class ProbeSites(NamedTuple):
     key: int  # > 0; stored in the state once armed, so other shapes never compare
 
 
+def _probe_leaves(leaves: list[Any], layout: Layout) -> list[int]:
+    """The member leaves the probe samples: the (up to 4) largest *cheap* ones.
+
+    The probe reads HESSO's update ``u'`` of the sampled leaves, and any reader of ``u'``
+    besides ``apply_updates`` makes XLA keep that leaf's update in a buffer (the base
+    optimizer's ``sqrt``/``div`` producer is not duplicated into a gather): sampling a
+    big kernel would cost a kernel-sized buffer on every step. Cheap: at most two
+    elements per channel (biases, norm scales, per-head vectors: ``O(channels)``) or at
+    most `SMALL_LEAF` elements. The largest of those, as larger leaves see the larger
+    values (weight clipping, say, changes only those); without a cheap member leaf, the
+    single smallest member leaf.
+    """
+    channels = {m.leaf: int(m.shape[m.axis]) for m in layout.members}
+    by_size = sorted(channels, key=lambda i: (-int(np.size(leaves[i])), i))
+    cheap = [i for i in by_size
+             if int(np.size(leaves[i])) <= max(2 * channels[i], SMALL_LEAF)]
+    return cheap[:_PROBE_LEAVES] or by_size[-1:]
+
+
 def probe_sites(params: Any, layout: Layout) -> ProbeSites:
-    """``PROBE_SIZE`` elements spread over the (up to 4) largest member leaves.
+    """``PROBE_SIZE`` elements spread over the sampled member leaves (`_probe_leaves`).
 
     Positions are fixed by the shapes: on a leaf of ``N`` elements with ``n`` samples,
-    the flat indices ``⌊(2j+1)·N / 2n⌋``, ``j < n``. The key hashes the sites and the
-    leaves' shapes and dtypes, so a state armed for other parameters is not compared.
+    the flat indices ``⌊(2j+1)·N / 2n⌋``, ``j < min(n, N)``. The key hashes the sites and
+    the leaves' shapes and dtypes, so a state armed for other parameters is not compared.
     """
     leaves = jax.tree.leaves(params)
-    member_leaves = sorted({m.leaf for m in layout.members},
-                           key=lambda i: (-int(np.size(leaves[i])), i))[:_PROBE_LEAVES]
+    member_leaves = _probe_leaves(leaves, layout)
     sites: list[tuple[int, tuple[int, ...]]] = []
     for rank, leaf in enumerate(member_leaves):
         n = PROBE_SIZE // len(member_leaves) + (rank < PROBE_SIZE % len(member_leaves))
         shape = tuple(jnp.shape(leaves[leaf]))
         size = int(np.prod(shape, dtype=np.int64))
-        for j in range(n):
+        for j in range(min(n, size)):
             flat = (2 * j + 1) * size // (2 * n)
             sites.append((leaf, tuple(int(i) for i in np.unravel_index(flat, shape))))
     signature = tuple((tuple(jnp.shape(x)), str(jnp.result_type(x))) for x in leaves)
@@ -123,17 +148,15 @@ def probe_sites(params: Any, layout: Layout) -> ProbeSites:
 
 
 def _element(leaf: jax.Array, index: tuple[int, ...]) -> jax.Array:
-    """``leaf[index]`` (its dtype, replicated), also for Explicit-sharded leaves.
+    """``leaf[index]`` (its dtype, replicated) of an Explicit-sharded leaf.
 
     Slicing a sharded dimension down to one element is not defined under an
     ``AxisType.Explicit`` mesh, so such a dimension is kept whole (sharded), the other
     dimensions are sliced, and the element is picked by a masked sum (``x + 0 = x``,
     exact; one scalar all-reduce).
     """
-    spec = getattr(getattr(jax.typeof(leaf), "sharding", None), "spec", None)
-    spec = tuple(spec or ()) + (None,) * (leaf.ndim - len(spec or ()))
-    if all(entry is None for entry in spec):
-        return leaf[index]
+    spec = tuple(jax.typeof(leaf).sharding.spec)
+    spec = spec + (None,) * (leaf.ndim - len(spec))
     slab = leaf[tuple(i if entry is None else slice(None) for i, entry in zip(index, spec,
                                                                                strict=True))]
     mask = np.zeros(slab.shape, bool)
@@ -142,14 +165,32 @@ def _element(leaf: jax.Array, index: tuple[int, ...]) -> jax.Array:
     return jnp.sum(jnp.where(mask, slab, jnp.zeros([], slab.dtype)), dtype=slab.dtype)
 
 
+def _sharded(leaf: jax.Array) -> bool:
+    spec = getattr(getattr(jax.typeof(leaf), "sharding", None), "spec", None)
+    return any(entry is not None for entry in (spec or ()))
+
+
 def sample(tree: Any, probe: ProbeSites) -> list[jax.Array]:
-    """The probe's elements of ``tree`` (each in its leaf's dtype)."""
+    """The probe's elements of ``tree``: one 1-D array per sampled leaf (its dtype).
+
+    One gather per leaf (its few sites at once, no reshape of the leaf), in the order of
+    ``probe.sites``; element by element on Explicit-sharded leaves.
+    """
     leaves = jax.tree.leaves(tree)
-    return [_element(leaves[leaf], index) for leaf, index in probe.sites]
+    chunks: list[jax.Array] = []
+    for leaf_index in dict.fromkeys(leaf for leaf, _ in probe.sites):
+        leaf = leaves[leaf_index]
+        index = [i for j, i in probe.sites if j == leaf_index]
+        if _sharded(leaf):
+            chunks.append(jnp.stack([_element(leaf, i) for i in index]))
+        else:
+            coords = np.asarray(index, np.int32).reshape(len(index), leaf.ndim)
+            chunks.append(leaf[tuple(coords.T)])
+    return chunks
 
 
 def _bits(v: jax.Array) -> jax.Array:
-    """``uint32[]`` bit pattern of a 16- or 32-bit float scalar (others: of its float32).
+    """``uint32`` bit patterns of 16- or 32-bit floats (others: of their float32).
 
     Taking the bits forces the value to be rounded to its dtype: XLA may otherwise keep a
     bfloat16 sum in float32 (``xla_allow_excess_precision``), whereas the parameters
@@ -163,16 +204,22 @@ def _bits(v: jax.Array) -> jax.Array:
     return jax.lax.bitcast_convert_type(v, jnp.uint32)
 
 
+def _padded(parts: list[jax.Array], dtype: Any) -> jax.Array:
+    """The 1-D ``parts`` concatenated and zero-padded to ``PROBE_SIZE`` entries."""
+    parts = [p.reshape(-1) for p in parts]
+    size = sum(int(p.shape[0]) for p in parts)
+    return jnp.concatenate(parts + [jnp.zeros([PROBE_SIZE - size], dtype)])
+
+
 def as_probe(values: list[jax.Array]) -> jax.Array:
     """``uint32[PROBE_SIZE]``: the bit patterns of the sampled values, zero-padded."""
-    out = [_bits(v) for v in values]
-    out += [jnp.zeros([], jnp.uint32)] * (PROBE_SIZE - len(out))
-    return jnp.stack(out)
+    return _padded([_bits(v) for v in values], jnp.uint32)
 
 
 def finite(values: list[jax.Array]) -> jax.Array:
     """``bool[]``: every sampled value is finite."""
-    return jnp.all(jnp.stack([jnp.isfinite(v) for v in values] or [jnp.asarray(True)]))
+    return jnp.all(jnp.concatenate([jnp.isfinite(v).reshape(-1) for v in values]
+                                   + [jnp.ones([1], bool)]))
 
 
 def predicted(x: list[jax.Array], u: list[jax.Array]) -> jax.Array:
@@ -204,8 +251,7 @@ def tolerance(x: list[jax.Array], u: list[jax.Array]) -> jax.Array:
         total = jnp.asarray(a + b).astype(a.dtype)
         ulp = jnp.spacing(jnp.abs(total)).astype(jnp.float32)
         out.append(2 * ulp + RECOMPUTE_EPS * jnp.abs(jnp.asarray(b).astype(jnp.float32)))
-    out += [jnp.zeros([], jnp.float32)] * (PROBE_SIZE - len(out))
-    return jnp.stack(out)
+    return _padded(out, jnp.float32)
 
 
 def _as_float(bits: jax.Array, dtypes: tuple[str, ...]) -> jax.Array:

@@ -58,10 +58,18 @@ SCORES = (
 )
 
 SaliencyFn = Callable[[Any, Any, Groups], jax.Array]
-"""``fn(params, direction, groups) -> float32[G]``; lowest = most redundant."""
+"""``fn(params, direction, groups) -> float32[G]``; lowest = most redundant.
 
-__all__ = ["SCORES", "GroupStats", "SaliencyFn", "evaluate", "group_reduce", "group_stats",
-           "raw_scores", "replicate", "resolve_saliency", "weighted"]
+A callable may carry the attribute ``needs_direction = False`` (as `weighted` sets when
+only magnitude scores have weight): it is then called with ``direction=None``, and HESSO's
+period start does not read the base update at all (`needs_direction`)."""
+
+DIRECTION_SCORES = ("cosine_similarity", "taylor_first_order", "taylor_second_order")
+"""The scores that read the update direction ``d`` (the others read only ``x``)."""
+
+__all__ = ["DIRECTION_SCORES", "SCORES", "GroupStats", "SaliencyFn", "evaluate", "group_reduce",
+           "group_stats", "needs_direction", "raw_scores", "replicate", "resolve_saliency",
+           "weighted"]
 
 
 def group_reduce(groups: Groups, fn: Callable[..., jax.Array], *trees: Any) -> jax.Array:
@@ -95,14 +103,18 @@ class GroupStats(NamedTuple):
     count: jax.Array  # |g|
 
 
-def group_stats(groups: Groups, params: Any, direction: Any) -> GroupStats:
+def group_stats(groups: Groups, params: Any, direction: Any = None) -> GroupStats:
     """Per-group sufficient statistics of ``params`` ``x`` and ``direction`` ``d``.
 
     ``‖x_g‖²``, ``‖d_g‖²``, ``⟨x_g, d_g⟩`` (float32 accumulation, replicated, via
-    `group_reduce`) and the static element count ``|g|``.
+    `group_reduce`) and the static element count ``|g|``. Without a direction
+    (``None``) ``‖d_g‖² = ⟨x_g, d_g⟩ = 0``: only the magnitude scores are meaningful.
     """
     count = jnp.asarray(groups.counts(params), jnp.float32)
-    return GroupStats(group_reduce(groups, _sq, params), group_reduce(groups, _sq, direction),
+    xx = group_reduce(groups, _sq, params)
+    if direction is None:
+        return GroupStats(xx, jnp.zeros_like(xx), jnp.zeros_like(xx), count)
+    return GroupStats(xx, group_reduce(groups, _sq, direction),
                       group_reduce(groups, _mul, params, direction), count)
 
 
@@ -153,8 +165,12 @@ def weighted(weights: Mapping[str, float] | None = None) -> SaliencyFn:
     """
     w = _check_weights(weights if weights is not None else dict.fromkeys(SCORES, 0.2))
 
+    directional = any(name in DIRECTION_SCORES for name in w)
+
     def saliency(params: Any, direction: Any, groups: Groups) -> jax.Array:
-        stats = group_stats(groups, params, direction)
+        if directional and direction is None:
+            raise ValueError(f"saliency {sorted(w)} needs the update direction, got None")
+        stats = group_stats(groups, params, direction if directional else None)
         scores = raw_scores(stats)
         live = stats.xx > 0
         total = jnp.zeros_like(stats.xx)
@@ -165,7 +181,18 @@ def weighted(weights: Mapping[str, float] | None = None) -> SaliencyFn:
         return total
 
     saliency.weights = dict(w)  # type: ignore[attr-defined]
+    saliency.needs_direction = directional  # type: ignore[attr-defined]
     return saliency
+
+
+def needs_direction(fn: SaliencyFn) -> bool:
+    """Whether ``fn`` reads its ``direction`` argument (``fn.needs_direction``, default True).
+
+    HESSO passes the base update into the period start's ``lax.cond`` only when it does:
+    any reader of the update besides the fused ``apply_updates`` makes XLA keep it in a
+    parameter-sized buffer on *every* step (a ``cond`` operand must be materialised).
+    """
+    return bool(getattr(fn, "needs_direction", True))
 
 
 def evaluate(fn: SaliencyFn, params: Any, direction: Any, groups: Groups) -> jax.Array:
