@@ -24,8 +24,6 @@ import datetime
 import json
 import os
 import platform
-import shlex
-import sys
 import time
 from pathlib import Path
 
@@ -33,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from common import command_line, parser, upsert_section
 from flax import nnx
 from tqdm.auto import tqdm
 
@@ -42,14 +41,11 @@ from hesso_jax.jaxpr.capture import trace
 from hesso_jax.models import CNN, MLP, TinyTransformer
 from hesso_jax.train import evaluate, make_eval, train_classifier
 
-sys.path.insert(0, str(Path(__file__).parent))
-from results_md import upsert_section  # noqa: E402
-
 SECTION = "## SNOWS one-shot pruning (digits): magnitude vs K-step reconstruction"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = parser(__doc__, out=Path(__file__).parent)
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--models", nargs="+", default=["mlp", "cnn", "transformer"])
     p.add_argument("--patterns", nargs="+", default=["2:4", "1:4", "1:8", "0.7", "0.9"])
@@ -63,8 +59,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cg-max-iters", type=int, default=30)
     p.add_argument("--mlp-hidden", type=int, nargs="+", default=[128] * 6)
     p.add_argument("--cnn", type=int, nargs=2, default=[16, 32], metavar=("C1", "C2"))
-    p.add_argument("--out", type=Path, default=Path(__file__).parent)
-    p.add_argument("--no-write", action="store_true", help="print only")
     p.add_argument("--from-json", type=Path, default=None,
                    help="re-render the table and plot from a saved snows.json (no runs)")
     return p.parse_args(argv)
@@ -316,8 +310,7 @@ def plot(res: dict, summ: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    command = "python benchmarks/snows.py " + " ".join(
-        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    command = command_line("snows.py", argv)
     if args.from_json is not None:
         saved = json.loads(args.from_json.read_text())
         for k, v in saved["args"].items():
