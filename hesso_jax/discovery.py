@@ -67,7 +67,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from hesso_jax.costs import CostWarning, GroupCosts, costs_from_jaxpr
@@ -83,6 +82,7 @@ from hesso_jax.groups import (
 from hesso_jax.jaxpr.axes import AxisTracer
 from hesso_jax.jaxpr.interpreter import source_line
 from hesso_jax.jaxpr.spaces import Pattern, Spaces
+from hesso_jax.jaxpr.trace import trace_call
 from hesso_jax.jaxpr.views import leaf_axes
 from hesso_jax.jaxpr.zeros import ZeroAnalysis
 
@@ -94,24 +94,13 @@ class DiscoveryWarning(UserWarning):
 
 
 # ---------------------------------------------------------------------------- driver
-def _is_array(x: Any) -> bool:
-    return isinstance(x, jax.Array | np.ndarray | jax.ShapeDtypeStruct | np.generic)
-
-
 def _trace(fn: Callable, state: Any, args: tuple, kwargs: dict) -> tuple[Any, int]:
-    """Closed jaxpr of ``fn(state, *args, **kwargs)`` with non-array leaves made static."""
-    leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
-    dynamic = [i for i, x in enumerate(leaves) if _is_array(x)]
+    """Closed jaxpr of ``fn(state, *args, **kwargs)`` with non-array leaves made static.
 
-    def flat_fn(state: Any, *dyn: Any) -> Any:
-        full = list(leaves)
-        for i, x in zip(dynamic, dyn, strict=True):
-            full[i] = x
-        a, k = jax.tree_util.tree_unflatten(treedef, full)
-        return fn(state, *a, **k)
-
-    closed = jax.make_jaxpr(flat_fn)(state, *[leaves[i] for i in dynamic])
-    return closed, len(jax.tree.leaves(state))
+    `hesso_jax.jaxpr.trace.trace_call`, as the cost model and the fingerprint trace; also
+    returns the number of state leaves (the jaxpr's leading inputs).
+    """
+    return trace_call(fn, state, args, kwargs), len(jax.tree.leaves(state))
 
 
 def _analyse(closed: Any, paths: list[Path], trainable: list[bool],
