@@ -506,13 +506,13 @@ def discover_groups(model_or_fn: Any, *args: Any, trainable: Callable[[Path], bo
             is_trainable[i] = counted[i] = False
     closed, _n = _trace(fn, state, args, kwargs)
     shapes = [tuple(getattr(x, "shape", ())) for x in leaves]
-    families = _analyse(closed, paths, is_trainable, shapes, warn,
-                        _defined_at(model_or_fn))
+    where = _defined_at(model_or_fn)
+    families = _analyse(closed, paths, is_trainable, shapes, warn, where)
     groups = Groups.from_families(families,
                                   fingerprint=structure_fingerprint(fn, state, *args, **kwargs))
     # the example call, for surgery to verify masked == shrunk by running it
     groups.example_inputs = (tuple(args), dict(kwargs))
-    groups.costs = _costs(closed, state, groups, counted, warn)
+    groups.costs = _costs(closed, state, groups, counted, warn, where)
     return groups
 
 
@@ -548,14 +548,15 @@ def _module_form(model: nnx.Module, trainable: Any,
     return fn, state, [p in chosen for p in tree_paths(state)]
 
 
-def _costs(closed: Any, state: Any, groups: Groups, counted: list[bool],
-           warn: bool) -> GroupCosts | None:
+def _costs(closed: Any, state: Any, groups: Groups, counted: list[bool], warn: bool,
+           defined_at: str | None = None) -> GroupCosts | None:
     """The groups' `GroupCosts` from the jaxpr discovery traced (None if it fails).
 
     A failure of the cost model never fails discovery: it is reported as a
     `DiscoveryWarning` (``hj.Budget`` then needs ``costs=``). The cost model's own
     `CostWarning` (``cond``/``while`` bounds) is left to ``hj.group_costs``, so discovery
-    warns about what it always warned about.
+    warns about what it always warned about. ``defined_at``: where the traced function is
+    defined (named in the warning).
     """
     if not groups.families:  # nothing to budget
         return None
@@ -565,7 +566,9 @@ def _costs(closed: Any, state: Any, groups: Groups, counted: list[bool],
             return costs_from_jaxpr(closed, state, groups, counted)
         except Exception as err:  # noqa: BLE001 - costs are an optional extra
             if warn:
-                warnings.warn(f"discover_groups: no costs recorded ({type(err).__name__}: "
-                              f"{err}); pass costs=hj.group_costs(...) for a Budget",
+                where = f" (traced function defined at {defined_at})" if defined_at else ""
+                warnings.warn(f"discover_groups: no costs recorded{where} "
+                              f"({type(err).__name__}: {err}); pass "
+                              f"costs=hj.group_costs(...) for a Budget",
                               DiscoveryWarning, stacklevel=3)
             return None

@@ -298,3 +298,20 @@ def test_capture_follows_parameter_views_with_the_shared_tracker():
     eqn = jax.make_jaxpr(lambda w: w.reshape(6, 4))(jnp.ones(24)).jaxpr.eqns[0]
     assert views.view_axes(eqn, views.leaf_axes(0, 1), (24,), (6, 4)) == (
         frozenset({(0, 0)}), frozenset({(0, 0)}))
+
+
+def test_cost_model_failure_warning_names_the_traced_function(monkeypatch):
+    from hesso_jax import discovery
+
+    def boom(*_a, **_k):
+        raise RuntimeError("cost model broke")
+
+    def mlp(p, x):
+        return jax.nn.relu(x @ p["w1"] + p["b1"]) @ p["w2"]
+
+    monkeypatch.setattr(discovery, "costs_from_jaxpr", boom)
+    with pytest.warns(hj.DiscoveryWarning, match="no costs recorded") as record:
+        groups = hj.discover_groups(mlp, _params(), jnp.ones((2, 6)))
+    assert groups.costs is None and [f.size for f in groups.families] == [5]
+    (msg,) = [str(w.message) for w in record]
+    assert f"defined at {HERE}:" in msg and "mlp" in msg and "cost model broke" in msg
