@@ -31,8 +31,7 @@ def _data():
 def _run(make_model, budget, *, cric=None, P=3, Tp=4, Tw=4, min_keep=0, costs=None):
     """Trains a fresh model with ``hesso(groups, budget, ...)``; returns what the tests read."""
     model = make_model()
-    groups = hj.discover_groups(model, X_EXAMPLE)
-    dense_flops = forward_flops(model, X_EXAMPLE)
+    groups, dense_flops = _discovered(make_model)
     dense_params = count_params(model)
     tx = optax.chain(optax.adam(1e-3), hj.hesso(groups, budget, P, Tp, warmup_steps=Tw,
                                                 cric=cric, min_keep=min_keep, costs=costs))
@@ -49,6 +48,14 @@ def _run(make_model, budget, *, cric=None, P=3, Tp=4, Tw=4, min_keep=0, costs=No
 
 def _cnn():
     return CNN(rngs=nnx.Rngs(0))
+
+
+@functools.cache
+def _discovered(make_model):
+    """``(groups, dense forward FLOPs)`` of ``make_model()``: discovery is deterministic
+    (the same program every time), so the tests of one model share it."""
+    model = make_model()
+    return hj.discover_groups(model, X_EXAMPLE), forward_flops(model, X_EXAMPLE)
 
 
 def test_flops_budget_on_discovered_cnn_needs_nothing_else():
@@ -90,7 +97,7 @@ def test_both_metrics_on_mlp_with_floor():
 
 def test_unreachable_or_costless_budget_raises_before_tracing():
     model = _cnn()
-    groups = hj.discover_groups(model, X_EXAMPLE)
+    groups, _ = _discovered(_cnn)
     with pytest.raises(ValueError, match="smallest reachable flops fraction"):
         hj.hesso(groups, hj.Budget(flops=0.05), 2, 2, min_keep=0.5)
     with pytest.raises(ValueError, match="discover_groups"):
@@ -138,7 +145,7 @@ def test_cric_function_with_budget_meets_the_target():
 
 def test_discovery_records_costs_and_surgery_drops_them():
     model = _cnn()
-    groups = hj.discover_groups(model, X_EXAMPLE)
+    groups, _ = _discovered(_cnn)
     ref = hj.group_costs(model, groups, X_EXAMPLE)
     assert groups.costs is not None
     assert (groups.costs.dense_flops, groups.costs.dense_params) == (ref.dense_flops,

@@ -6,6 +6,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from helpers import mlp_forward, mlp_groups
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -28,14 +29,10 @@ def teacher():
 
 
 def groups_of():
-    return hj.Groups.from_families([hj.GroupFamily(
-        HIDDEN, (hj.Member(("l1", "kernel"), 1), hj.Member(("l1", "bias"), 0)),
-        (hj.Member(("l2", "kernel"), 0),))])
+    return mlp_groups(HIDDEN)
 
 
-def forward(p, x):
-    return jax.nn.relu(x @ p["l1"]["kernel"] + p["l1"]["bias"]) @ p["l2"]["kernel"] \
-        + p["l2"]["bias"]
+forward = mlp_forward
 
 
 X = jax.random.normal(jax.random.key(1), (64, D_IN))

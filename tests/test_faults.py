@@ -362,10 +362,26 @@ def _surgery_fails(*args, **kwargs):
     raise ValueError("shrunk != masked")
 
 
+_TRAINED = {}  # the demo's training, by its arguments (all but --out)
+
+
+def _train_once(train):
+    """``cli._train_both`` run once per set of arguments: the late-failure cases share
+    one training (the failures come after it; surgery does not change the models)."""
+    def cached(args):
+        key = tuple(sorted((k, str(v)) for k, v in vars(args).items() if k != "out"))
+        if key not in _TRAINED:
+            _TRAINED[key] = train(args)
+        return _TRAINED[key]
+
+    return cached
+
+
 @pytest.mark.parametrize("where", ["surgery", "checkpoint"])
 def test_demo_keeps_its_results_when_a_late_step_fails(where, tmp_path, monkeypatch, capsys):
     """Training is never lost: a failure after it (surgery, plot, checkpoint) is one line,
     exit status 1, and leaves complete results and no temporary file."""
+    monkeypatch.setattr(cli, "_train_both", _train_once(cli._train_both))
     if where == "surgery":
         monkeypatch.setattr(hj, "shrink_model", _surgery_fails)
     else:

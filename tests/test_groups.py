@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 
 import jax
@@ -481,6 +482,7 @@ def test_tree_paths_variables_lists_and_tuples():
     assert hj.groups.format_path(()) == "<root>"
 
 
+@jax.jit
 def _flatten_dense(params, x):
     """conv (3x3, C out) -> relu -> flatten (h, w, C) -> dense: channel c recurs every C rows."""
     h = jax.lax.conv_general_dilated(x, params["conv"]["kernel"], (1, 1), "SAME",
@@ -495,18 +497,23 @@ def _flatten_groups(C, hw):
         (Member(("dense", "kernel"), 0, repeat=hw, stride=C),), name="conv")])
 
 
+@functools.cache
+def _flatten_problem(C, hw):
+    ks = jax.random.split(jax.random.key(0), 4)
+    params = {"conv": {"kernel": jax.random.normal(ks[0], (3, 3, 2, C)),
+                       "bias": jax.random.normal(ks[1], (C,))},
+              "dense": {"kernel": jax.random.normal(ks[2], (hw * C, 5)),
+                        "bias": jnp.zeros((5,))}}
+    return params, jax.random.normal(ks[3], (3, 4, 4, 2))
+
+
 @given(st.lists(st.booleans(), min_size=6, max_size=6))
 def test_repeated_member_flatten_before_dense(keep):
     """``repeat``/``stride`` dependents: shrink keeps the function; shrink_groups re-bases."""
     keep = np.asarray(keep)
     keep[0] = True
     C, hw = 6, 4 * 4
-    ks = jax.random.split(jax.random.key(0), 4)
-    params = {"conv": {"kernel": jax.random.normal(ks[0], (3, 3, 2, C)),
-                       "bias": jax.random.normal(ks[1], (C,))},
-              "dense": {"kernel": jax.random.normal(ks[2], (hw * C, 5)),
-                        "bias": jnp.zeros((5,))}}
-    x = jax.random.normal(ks[3], (3, 4, 4, 2))
+    params, x = _flatten_problem(C, hw)
     groups = _flatten_groups(C, hw)
     groups.validate(params)
     mask = groups.broadcast(jnp.asarray(keep, jnp.float32), params, fill=1.0)

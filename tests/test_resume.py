@@ -9,6 +9,7 @@ check, and fine-tuning. (CRIC's whole identification runs inside one update, so 
 identification step" is, at checkpoint granularity, just before or just after it.)
 """
 
+import chex
 import jax
 import numpy as np
 import optax
@@ -64,11 +65,6 @@ def restore(path, target):
         return ckpt.restore(path, target)
 
 
-def assert_trees_equal(a, b):
-    assert jax.tree.structure(a) == jax.tree.structure(b)
-    jax.tree.map(np.testing.assert_array_equal, a, b)
-
-
 @pytest.mark.parametrize("use_cric,resume_points", [
     # 1: warm-up; 2: the next update identifies period 0's groups; 3: mid-period;
     # 5: the next update starts period 1 and runs the first placement check; 9: fine-tune.
@@ -99,9 +95,9 @@ def test_resume_is_bit_for_bit(tmp_path, use_cric, resume_points):
     for t in resume_points:
         restored = restore(tmp_path / f"step_{t}", target)
         assert isinstance(restored["opt_state"][1], HessoState)
-        assert_trees_equal(jax.device_get(restored), saved[t])
+        chex.assert_trees_all_equal(jax.device_get(restored), saved[t])
         params2, state2 = run2(restored["params"], restored["opt_state"], t, STEPS)
-        assert_trees_equal(jax.device_get((params2, state2)), ref)
+        chex.assert_trees_all_equal(jax.device_get((params2, state2)), ref)
     status = hj.hesso_status(state2)
     assert status.phase == "finetune" and status.num_pruned == K
     np.testing.assert_array_equal(make_groups().zero_groups(params2), status.pruned)
@@ -117,6 +113,6 @@ def test_round_trip_preserves_every_state_field(tmp_path):
     assert bool(hs.redundant.any()) and bool(hs.pruned.any()) and bool(hs.scores.any())
     save(tmp_path / "ckpt", state)
     restored = restore(tmp_path / "ckpt", jax.eval_shape(tx.init, params))
-    assert_trees_equal(jax.device_get(restored), jax.device_get(state))
-    for field_name, a, b in zip(HessoState._fields, restored[1], state[1], strict=True):
-        assert a.dtype == b.dtype and a.shape == b.shape, field_name
+    chex.assert_trees_all_equal(jax.device_get(restored), jax.device_get(state))
+    assert isinstance(restored[1], HessoState)
+    chex.assert_trees_all_equal_shapes_and_dtypes(restored, state)

@@ -675,12 +675,17 @@ def test_shrink_at_a_period_boundary_continues_the_schedule():
 
     _, groups, graphdef, params, loss = _mlp_problem()
 
-    def run(tx, p, state, steps):
-        @jax.jit
-        def step(p, state):
-            u, state = tx.update(jax.grad(loss)(p, graphdef), state, p)
-            return optax.apply_updates(p, u), state
+    steps_of = {}  # one compiled step per transformation, shared by its runs
 
+    def run(tx, p, state, steps):
+        if id(tx) not in steps_of:
+            @jax.jit
+            def step(p, state):
+                u, state = tx.update(jax.grad(loss)(p, graphdef), state, p)
+                return optax.apply_updates(p, u), state
+
+            steps_of[id(tx)] = step
+        step = steps_of[id(tx)]
         for _ in range(steps):
             p, state = step(p, state)
         return p, state
