@@ -94,6 +94,13 @@ def make_model(name, seed=0):
     return randomized(MODEL_SPECS[name], seed)
 
 
+def jitted(module):
+    """``f(x)`` = ``module(x)``, compiled once (eager NNX calls are slow on CPU)."""
+    graphdef, state = nnx.split(module)
+    fn = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
+    return lambda x: fn(state, x)
+
+
 # ----------------------------------------------------------------------------- tree oracles
 def flat_leaves(tree, prefix=()):
     """Independent of `tree_paths`: path -> leaf for nested dicts and lists of arrays."""

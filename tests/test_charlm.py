@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import jitted
 
 import hesso_jax as hj
 from hesso_jax.models import CharLM
@@ -21,13 +22,6 @@ def small_model() -> CharLM:
     """One model for the whole module (eager NNX initialisation is slow on CPU)."""
     return CharLM(VOCAB_SIZE, seq_len=16, d_model=16, num_heads=4, mlp_dim=24, depth=2,
                   rngs=nnx.Rngs(0))
-
-
-def jitted(module: nnx.Module):
-    """``f(x)`` = ``module(x)``, compiled once (eager NNX calls are slow on CPU)."""
-    graphdef, state = nnx.split(module)
-    fn = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
-    return lambda x: fn(state, x)
 
 
 def tokens(seed: int, shape=(3, 16)) -> jax.Array:

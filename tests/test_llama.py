@@ -11,6 +11,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from helpers import jitted
 
 import hesso_jax as hj
 from hesso_jax import text
@@ -42,12 +43,6 @@ def rngs(seed: int = 0) -> nnx.Rngs:
 def model_gqa(tie: bool = True) -> Llama:
     """2 layers, 4 query heads over 2 kv heads (head_dim 8), 24 SwiGLU neurons."""
     return Llama(V, 32, 2, 4, 2, 24, rngs=rngs(), max_len=32, tie_embeddings=tie)
-
-
-def jitted(module: nnx.Module):
-    graphdef, state = nnx.split(module)
-    fn = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
-    return lambda x: fn(state, x)
 
 
 def tokens(seed: int, shape=(2, 12)) -> jax.Array:
