@@ -37,7 +37,7 @@ from hesso_jax.groups import (
     format_path,
     tree_paths,
 )
-from hesso_jax.hesso import HessoState
+from hesso_jax.hesso import HessoSchedule, HessoState
 
 __all__ = ["KeepPlan", "apply_plan", "remaining_schedule", "shrink", "shrink_groups",
            "shrink_model", "shrink_opt_state"]  # noqa: F822 (shrink_model: __getattr__)
@@ -436,17 +436,22 @@ def _remaining_schedule(schedule: np.ndarray, count: int, num_pruned: int) -> np
       ValueError: in the middle of a pruning period (its selected groups are still on
         their way to zero and the periods after it would get another split of ``K``).
     """
-    Tw, P, Tp, K = (int(v) for v in schedule)
+    Tw, P, Tp, K = HessoSchedule.from_array(schedule)
     k = count - Tw
     if k >= P * Tp:
-        return np.asarray([Tw, P, Tp, 0], np.int32)
+        return HessoSchedule(Tw, P, Tp, 0).as_array()
     p = max(k, 0) // Tp
     if k > 0 and k % Tp:
         raise ValueError(
             f"shrink_opt_state: HESSO is in the middle of pruning period {p} (step "
             f"{k % Tp} of {Tp}); shrink at a period boundary (step {Tw + (p + 1) * Tp}) or "
             f"after the schedule (step {Tw + P * Tp}), when the selected groups are zero")
-    return np.asarray([Tw + p * Tp, P - p, Tp, K - num_pruned], np.int32)
+    if K < 0:
+        raise ValueError(
+            "shrink_opt_state: this HESSO prunes to a Budget, whose fractions are of the "
+            "dense model; the shrunk model's remaining budget is not a budget of the same "
+            f"form, so shrink after the schedule (step {Tw + P * Tp})")
+    return HessoSchedule(Tw + p * Tp, P - p, Tp, K - num_pruned).as_array()
 
 
 def _shrunk_hesso_state(node: HessoState, keep: np.ndarray) -> HessoState:
@@ -591,7 +596,7 @@ def remaining_schedule(opt_state: Any) -> dict[str, int]:
     if len(found) != 1:
         raise ValueError(f"remaining_schedule: expected one HessoState in opt_state, found "
                          f"{len(found)}")
-    Tw, P, Tp, K = (int(v) for v in np.asarray(jax.tree.leaves(found[0].schedule)[0]))
+    Tw, P, Tp, K = HessoSchedule.from_array(jax.tree.leaves(found[0].schedule)[0])
     return {"K": K, "P": P, "Tp": Tp, "warmup_steps": Tw}
 
 

@@ -757,3 +757,29 @@ def test_shrink_opt_state_of_optax_wrappers(make_tx):
     assert jax.tree.map(jnp.shape, small_state) == jax.tree.map(jnp.shape,
                                                                 make_tx(small).init(small))
     tx.update(jax.tree.map(jnp.ones_like, small), small_state, small)
+
+
+def test_shrink_opt_state_refuses_a_budget_schedule_mid_run_and_cuts_it_after():
+    from helpers import mlp_data, mlp_groups, mlp_params
+
+    from hesso_jax.surgery import remaining_schedule
+
+    params, groups = mlp_params(), mlp_groups()
+    x, _ = mlp_data(4)
+    costs = hj.group_costs(lambda p, x: x @ p["l1"]["kernel"] @ p["l2"]["kernel"], params,
+                           groups, x)
+    tx = optax.chain(optax.sgd(0.0), hj.hesso(groups, hj.Budget(params=0.6), 2, 2,
+                                              costs=costs))
+    state = tx.init(params)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    step = jax.jit(tx.update)
+    for _ in range(2):  # the first period: its groups are exactly zero at the boundary
+        updates, state = step(zeros, state, params)
+        params = optax.apply_updates(params, updates)
+    with pytest.raises(ValueError, match="Budget.*after the schedule"):
+        hj.shrink_opt_state(state, params, groups)
+    for _ in range(2):
+        updates, state = step(zeros, state, params)
+        params = optax.apply_updates(params, updates)
+    small = hj.shrink_opt_state(state, params, groups)
+    assert remaining_schedule(small)["K"] == 0
