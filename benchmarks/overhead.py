@@ -56,6 +56,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from common import upsert_section
 from flax import nnx
 from tqdm import tqdm
 
@@ -64,9 +65,6 @@ from hesso_jax.data import load_digits_split
 from hesso_jax.hesso import resolve_count
 from hesso_jax.models import CNN, MLP, TinyTransformer
 from hesso_jax.train import make_step
-
-sys.path.insert(0, str(Path(__file__).parent))
-from results_md import upsert_section  # noqa: E402
 
 BATCH = 64
 LEARNING_RATE = 1e-3
