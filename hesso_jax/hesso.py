@@ -239,6 +239,15 @@ def _all_finite(tree: Any) -> jax.Array:
     return jnp.isfinite(sum(sums, jnp.zeros([], jnp.float32)))
 
 
+def _is_params_placeholder(params: Any) -> bool:
+    """True for the one object ``optax.tree.map_params`` inits a transformation with.
+
+    It stands for the whole parameter tree, so there is nothing to validate; HESSO's state
+    (length-``G`` vectors and scalars) holds no parameter-shaped leaf for it to map.
+    """
+    return type(params).__name__ == "_ParamsPlaceholder"
+
+
 def _concrete(*trees: Any) -> bool:
     """True when no leaf is a tracer (the update runs eagerly, outside jit/scan)."""
     return not any(isinstance(x, jax.core.Tracer) for t in trees for x in jax.tree.leaves(t))
@@ -348,11 +357,12 @@ class _Hesso:
         return self.groups.num_groups
 
     def init(self, params: Any) -> HessoState:
-        self.groups.validate(params, dependents="present")
-        self.context["no_base"] = placement.check_context(self.init)
-        sig = _signature(params)
-        if sig not in self.seen:
-            self.seen.append(sig)
+        if not _is_params_placeholder(params):
+            self.groups.validate(params, dependents="present")
+            self.context["no_base"] = placement.check_context(self.init)
+            sig = _signature(params)
+            if sig not in self.seen:
+                self.seen.append(sig)
         G = self.G
         return HessoState(
             count=jnp.zeros([], jnp.int32),
