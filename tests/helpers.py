@@ -9,8 +9,10 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 from hypothesis import strategies as st
+from jax.sharding import NamedSharding, PartitionSpec
 
 import hesso_jax as hj
 from hesso_jax import GroupFamily, Groups, Member
@@ -53,6 +55,57 @@ def mlp_data(n, d_in=D_IN, d_out=D_OUT, *, batches=None):
     lead = (n,) if batches is None else (batches, n)
     return (jax.random.normal(jax.random.key(1), (*lead, d_in)),
             jax.random.normal(jax.random.key(2), (*lead, d_out)))
+
+
+# ----------------------------------------------------------------- the sharded MLP
+# The MLP at the sizes the 8-device tests use (every channel axis divisible by 8).
+SHARD_DIMS = (16, 32, 8, 64)  # d_in, hidden, d_out, batch
+SHARD_K, SHARD_PERIODS, SHARD_TP = 12, 2, 2
+FSDP_SPECS = {"l1": {"kernel": PartitionSpec(None, "d"), "bias": PartitionSpec("d")},
+              "l2": {"kernel": PartitionSpec("d", None), "bias": PartitionSpec()}}
+
+
+def mesh_of(axis_type):
+    """An 8-device mesh with one axis ``'d'`` of ``axis_type``."""
+    return jax.make_mesh((8,), ("d",), axis_types=(axis_type,))
+
+
+def put(mesh, tree, specs):
+    """``tree`` placed on ``mesh`` with the PartitionSpecs ``specs`` (same structure)."""
+    return jax.tree.map(lambda a, s: jax.device_put(a, NamedSharding(mesh, s)), tree, specs)
+
+
+def shard_params():
+    return mlp_params(*SHARD_DIMS[:3])
+
+
+def shard_groups():
+    return mlp_groups(SHARD_DIMS[1], name="hidden")
+
+
+def shard_data():
+    return mlp_data(SHARD_DIMS[3], *SHARD_DIMS[0:3:2])
+
+
+def shard_loss(params, x, y):
+    """`mlp_loss`; on an Explicit mesh each FSDP weight is gathered before use."""
+    if any(jax.sharding.get_abstract_mesh().explicit_axes):
+        params = jax.tree.map(lambda a: jax.sharding.reshard(a, PartitionSpec()), params)
+    return mlp_loss(params, x, y)
+
+
+def shard_train(tx, params, x, y, steps):
+    """``steps`` jitted steps of ``tx`` on `shard_loss` (``value_fn`` passed for CRIC)."""
+    def step(p, s, x, y):
+        g = jax.grad(shard_loss)(p, x, y)
+        u, s = tx.update(g, s, p, value_fn=lambda q: shard_loss(q, x, y))
+        return optax.apply_updates(p, u), s
+
+    step = jax.jit(step)
+    state = jax.jit(tx.init)(params)
+    for _ in range(steps):
+        params, state = step(params, state, x, y)
+    return params, state
 
 
 # ----------------------------------------------------------------------------- models

@@ -12,6 +12,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from helpers import mlp_data, mlp_groups, mlp_loss, mlp_params
 
 import hesso_jax as hj
 from hesso_jax.cric import CricConfig
@@ -19,30 +20,19 @@ from hesso_jax.cric import CricConfig
 D_IN, HIDDEN, D_OUT = 6, 12, 3
 K, PERIODS, TP, TW = 6, 2, 3, 2
 LAST = "must be the LAST transformation of the optax.chain"
+X, Y = mlp_data(32)
 
 
 def make_params(dtype=jnp.float32):
-    k1, k2 = jax.random.split(jax.random.key(0))
-    return {"l1": {"kernel": jax.random.normal(k1, (D_IN, HIDDEN), dtype),
-                   "bias": jnp.full((HIDDEN,), 0.1, dtype)},
-            "l2": {"kernel": jax.random.normal(k2, (HIDDEN, D_OUT), dtype),
-                   "bias": jnp.zeros((D_OUT,), dtype)}}
+    return mlp_params(dtype=dtype)
 
 
 def make_groups():
-    return hj.Groups.from_families([hj.GroupFamily(
-        HIDDEN, (hj.Member(("l1", "kernel"), 1), hj.Member(("l1", "bias"), 0)),
-        (hj.Member(("l2", "kernel"), 0),))])
-
-
-X = jax.random.normal(jax.random.key(1), (32, D_IN))
-Y = jax.random.normal(jax.random.key(2), (32, D_OUT))
+    return mlp_groups()
 
 
 def loss(params):
-    h = jax.nn.relu(X @ params["l1"]["kernel"] + params["l1"]["bias"])
-    out = h @ params["l2"]["kernel"] + params["l2"]["bias"]
-    return jnp.mean((out.astype(jnp.float32) - Y) ** 2)
+    return mlp_loss(params, X, Y)
 
 
 def hesso(**kw):
@@ -474,21 +464,33 @@ def test_early_checks_on_an_fsdp_mesh(axis_type, fault):
     """On 8 devices with FSDP-sharded parameters (sampled elements on sharded
     dimensions), a misplaced HESSO is reported at update 1 and a NaN update at the next
     update, long before the first period end; a correct run raises nothing."""
-    import test_sharding as ts
+    from helpers import (
+        FSDP_SPECS,
+        SHARD_K,
+        SHARD_PERIODS,
+        SHARD_TP,
+        mesh_of,
+        put,
+        shard_data,
+        shard_groups,
+        shard_params,
+        shard_train,
+    )
     from jax.sharding import AxisType, NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    mesh = ts.mesh_of(AxisType.Auto if axis_type == "auto" else AxisType.Explicit)
+    mesh = mesh_of(AxisType.Auto if axis_type == "auto" else AxisType.Explicit)
+    x, y = shard_data()
     with jax.set_mesh(mesh):
-        params = ts.put(mesh, ts.make_params(), ts.FSDP)
-        x = jax.device_put(ts.X, NamedSharding(mesh, P("d")))
-        y = jax.device_put(ts.Y, NamedSharding(mesh, P("d")))
-        h = hj.hesso(ts.make_groups(), ts.K, ts.PERIODS, ts.TP, warmup_steps=100)
+        params = put(mesh, shard_params(), FSDP_SPECS)
+        x = jax.device_put(x, NamedSharding(mesh, P("d")))
+        y = jax.device_put(y, NamedSharding(mesh, P("d")))
+        h = hj.hesso(shard_groups(), SHARD_K, SHARD_PERIODS, SHARD_TP, warmup_steps=100)
         ok = optax.chain(optax.adam(1e-2), h)
-        jax.block_until_ready(ts.train(ok, params, x, y, steps=3))
+        jax.block_until_ready(shard_train(ok, params, x, y, steps=3))
         if fault == "misplaced":
             tx, match = optax.chain(h, optax.adam(1e-2)), "did not move by HESSO's last update"
         else:
             tx, match = optax.chain(optax.sgd(1e30), h), "parameters are NaN/inf since step ~"
         with pytest.raises(Exception, match=match):
-            jax.block_until_ready(ts.train(tx, params, x, y, steps=3))
+            jax.block_until_ready(shard_train(tx, params, x, y, steps=3))

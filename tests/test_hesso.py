@@ -9,6 +9,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from helpers import mlp_data, mlp_forward, mlp_groups, mlp_loss, mlp_params
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -16,36 +17,20 @@ import hesso_jax as hj
 from hesso_jax.hesso import HessoState, resolve_count, schedule_counts
 
 D_IN, HIDDEN, D_OUT = 6, 12, 3
+DATA_X, DATA_Y = mlp_data(32)
+forward = mlp_forward
 
 
 def make_params(seed=0, dtype=jnp.float32):
-    k1, k2 = jax.random.split(jax.random.key(seed))
-    return {
-        "l1": {"kernel": jax.random.normal(k1, (D_IN, HIDDEN), dtype),
-               "bias": jnp.full((HIDDEN,), 0.1, dtype)},
-        "l2": {"kernel": jax.random.normal(k2, (HIDDEN, D_OUT), dtype),
-               "bias": jnp.zeros((D_OUT,), dtype)},
-    }
+    return mlp_params(seed=seed, dtype=dtype)
 
 
 def make_groups():
-    return hj.Groups.from_families([
-        hj.GroupFamily(HIDDEN, (hj.Member(("l1", "kernel"), 1), hj.Member(("l1", "bias"), 0)),
-                       (hj.Member(("l2", "kernel"), 0),), name="hidden")])
-
-
-def forward(params, x):
-    h = jax.nn.relu(x @ params["l1"]["kernel"] + params["l1"]["bias"])
-    return h @ params["l2"]["kernel"] + params["l2"]["bias"]
-
-
-DATA_X = jax.random.normal(jax.random.key(1), (32, D_IN))
-DATA_Y = jax.random.normal(jax.random.key(2), (32, D_OUT))
+    return mlp_groups(name="hidden")
 
 
 def loss_fn(params):
-    pred = forward(params, DATA_X)
-    return jnp.mean((pred.astype(jnp.float32) - DATA_Y) ** 2)
+    return mlp_loss(params, DATA_X, DATA_Y)
 
 
 def run(tx, params, steps, *, jit=True):

@@ -16,7 +16,20 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
-from helpers import mlp_data, mlp_groups, mlp_loss, mlp_params
+from helpers import (
+    FSDP_SPECS,
+    SHARD_DIMS,
+    SHARD_K,
+    SHARD_PERIODS,
+    SHARD_TP,
+    mesh_of,
+    put,
+    shard_data,
+    shard_groups,
+    shard_loss,
+    shard_params,
+    shard_train,
+)
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -24,34 +37,17 @@ import hesso_jax as hj
 from hesso_jax.cric import CricConfig
 from hesso_jax.hesso import HessoState
 
-D_IN, HIDDEN, D_OUT, BATCH = 16, 32, 8, 64
-K, PERIODS, TP, TW = 12, 2, 2, 1
+D_IN, HIDDEN, D_OUT, BATCH = SHARD_DIMS
+K, PERIODS, TP, TW = SHARD_K, SHARD_PERIODS, SHARD_TP, 1
 STEPS = TW + PERIODS * TP + 1  # warm-up, two periods, fine-tune; placement check at 3 and 5
 CRIC = CricConfig(sample_steps=2, learning_rate=0.05)
 
-FSDP = {"l1": {"kernel": P(None, "d"), "bias": P("d")},
-        "l2": {"kernel": P("d", None), "bias": P()}}
+FSDP = FSDP_SPECS
 DP = {"l1": {"kernel": P(), "bias": P()}, "l2": {"kernel": P(), "bias": P()}}
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (virtual) devices")
-
-
-def make_params():
-    return mlp_params(D_IN, HIDDEN, D_OUT)
-
-
-def make_groups():
-    return mlp_groups(HIDDEN, name="hidden")
-
-
-X, Y = mlp_data(BATCH, D_IN, D_OUT)
-
-
-def loss(params, x, y):
-    if any(jax.sharding.get_abstract_mesh().explicit_axes):
-        # Explicit mesh: FSDP gathers each weight before use (sharding is in the types).
-        params = jax.tree.map(lambda a: jax.sharding.reshard(a, P()), params)
-    return mlp_loss(params, x, y)
+make_params, make_groups, loss = shard_params, shard_groups, shard_loss
+X, Y = shard_data()
 
 
 def make_tx(cric, *, misplaced=False):
@@ -63,16 +59,7 @@ def make_tx(cric, *, misplaced=False):
 
 
 def train(tx, params, x, y, steps=STEPS):
-    def step(p, s, x, y):
-        g = jax.grad(loss)(p, x, y)
-        u, s = tx.update(g, s, p, value_fn=lambda q: loss(q, x, y))
-        return optax.apply_updates(p, u), s
-
-    step = jax.jit(step)
-    state = jax.jit(tx.init)(params)
-    for _ in range(steps):
-        params, state = step(params, state, x, y)
-    return params, state
+    return shard_train(tx, params, x, y, steps)
 
 
 @functools.cache
@@ -80,14 +67,6 @@ def reference(use_cric):
     """The single-device run (default device, no mesh)."""
     params, state = train(make_tx(CRIC if use_cric else None), make_params(), X, Y)
     return jax.device_get(params), hj.hesso_status(state)
-
-
-def mesh_of(axis_type):
-    return jax.make_mesh((8,), ("d",), axis_types=(axis_type,))
-
-
-def put(mesh, tree, specs):
-    return jax.tree.map(lambda a, s: jax.device_put(a, NamedSharding(mesh, s)), tree, specs)
 
 
 def assert_same_sharding(arr, mesh, spec, ndim):
