@@ -1,0 +1,59 @@
+"""benchmarks/llm.py: the LLM pruning runs, smoke-tested on a fresh tiny random Llama.
+
+``--random-init`` keeps the test independent of the git-ignored pretrained checkpoint; the
+properties asserted are the ones every real run checks too: each method reaches its
+parameter budget, removes exactly-zero groups, and its shrunk model equals the masked one.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def llm():
+    sys.path.insert(0, str(BENCHMARKS))   # the script imports its sibling `common`
+    try:
+        spec = importlib.util.spec_from_file_location("benchmarks_llm", BENCHMARKS / "llm.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    return module
+
+
+def test_quick_run_prunes_to_budget_with_every_method(llm, tmp_path):
+    result = llm.main(["--quick", "--random-init", "--no-write", "--out", str(tmp_path),
+                       "--modules", "textwrap,json,argparse,collections", "--no-dense-ft"])
+    assert not list(tmp_path.iterdir())   # --no-write writes nothing
+    rows = {r["method"]: r for r in result["rows"]}
+    assert set(rows) == {"dense", *llm.METHODS}   # --no-dense-ft: no control row
+    dense = rows.pop("dense")
+    assert dense["kept_params"] == 1.0 and dense["removed_groups"] == 0
+    for method, r in rows.items():
+        assert r["ratio"] == 0.25 and r["seed"] == 0
+        assert 0.75 - llm.TOLERANCE <= r["kept_params"] <= 0.75, method
+        assert r["params"] < dense["params"] and r["flops"] < dense["flops"], method
+        assert r["removed_groups"] > 0, method
+        assert r["max_abs_diff_masked_vs_shrunk"] < 1e-3, method
+        lay = r["per_layer"]
+        assert sum(lay["heads"]) + sum(lay["neurons"]) == r["removed_groups"], method
+        assert all(h < n for h, n in zip(lay["heads"], lay["heads_of"], strict=True))
+        assert r["heldout_perplexity"] > 1.0 and r["tokens_per_s"] > 0, method
+    assert rows["hesso_cric"]["cric_cycles"] is not None
+    assert "| HESSO-CRIC |" in llm.body_text(result)
+
+
+def test_plot_has_one_panel_per_method(llm, tmp_path):
+    lay = {"heads": [1, 0], "heads_of": [2, 2], "neurons": [10, 30],
+           "neurons_of": [64, 64]}
+    summary = [{"method": m, "ratio": 0.25, "n": 1, "ppl_mean": 5.0, "per_layer": lay}
+               for m in llm.METHODS]
+    llm.plot(summary, tmp_path / "llm.png")
+    assert (tmp_path / "llm.png").stat().st_size > 0
