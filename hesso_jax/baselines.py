@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from hesso_jax.budget import Budget, budget_select, resolve_budget
+from hesso_jax.budget import Budget, budget_min_keep, budget_select, resolve_budget
 from hesso_jax.costs import GroupCosts
 from hesso_jax.groups import Groups, resolve_count
 from hesso_jax.projection import FamilyFloor, bottom_k
@@ -117,7 +117,7 @@ def _budget_drop(groups: Groups, budget: Budget, scores: jax.Array,
                          "costs=hj.group_costs(model, groups, x_example)")
     resolved = resolve_budget(budget, groups, costs, min_keep=min_keep, who="one_shot_prune")
     alive = jnp.ones(groups.num_groups, bool)
-    floor = FamilyFloor.build(groups, min_keep, who="one_shot_prune")
+    floor = FamilyFloor.build(groups, budget_min_keep(min_keep), who="one_shot_prune")
     protected = (floor.protected(scores, alive) if floor is not None
                  else jnp.zeros(groups.num_groups, bool))
     return np.asarray(budget_select(scores, resolved.tables, alive, protected,

@@ -63,8 +63,8 @@ from hesso_jax.costs import CostTerms, GroupCosts
 from hesso_jax.groups import Groups, resolve_min_keep
 from hesso_jax.saliency import replicate
 
-__all__ = ["Budget", "CostTable", "ResolvedBudget", "budget_select", "marginal_cost",
-           "removed_cost", "resolve_budget"]
+__all__ = ["Budget", "CostTable", "ResolvedBudget", "budget_min_keep", "budget_select",
+           "marginal_cost", "removed_cost", "resolve_budget"]
 
 METRICS = ("params", "flops")
 
@@ -259,6 +259,24 @@ class ResolvedBudget(NamedTuple):
         return jnp.asarray(self.required, jnp.float32) * p / float(num_periods)
 
 
+def budget_min_keep(min_keep: int | float) -> int | float:
+    """The per-family floor a `Budget` selection uses: ``min_keep``, at least one group.
+
+    Surgery keeps one (exactly zero) placeholder group of a family whose groups are all
+    removed (`hesso_jax.KeepPlan`), so a selection that empties a family would count a
+    group as removed that the shrunk model still holds, and land above its target. A
+    budget therefore never selects a family's last group: an int ``min_keep`` below 1
+    becomes 1 (a fraction in (0, 1) already keeps ``⌈m · n_f⌉ ≥ 1``).
+
+    Example:
+      >>> budget_min_keep(0), budget_min_keep(3), budget_min_keep(0.05)
+      (1, 3, 0.05)
+    """
+    if isinstance(min_keep, int | np.integer) and not isinstance(min_keep, bool):
+        return max(int(min_keep), 1)
+    return min_keep
+
+
 def _floor_keep(groups: Groups, floors: np.ndarray, cost: np.ndarray) -> np.ndarray:
     """``bool[G]``: the ``m_f`` cheapest groups of every family (what the floors keep)."""
     family = groups.family_index()
@@ -274,7 +292,8 @@ def resolve_budget(budget: Budget, groups: Groups, costs: GroupCosts, *,
     """Checks that ``budget`` is reachable and builds the selection tables.
 
     The most a selection can remove is every group but the per-family floors
-    (`hesso_jax.groups.resolve_min_keep`); the floors are taken as each family's
+    (`hesso_jax.groups.resolve_min_keep` of `budget_min_keep`: at least one group per
+    family, which surgery keeps anyway); the floors are taken as each family's
     cheapest groups (normalised cost ``Σ_j c_{j,g} / D_j``) and the set's exact cost
     gives the smallest reachable fraction of each metric.
 
@@ -298,7 +317,7 @@ def resolve_budget(budget: Budget, groups: Groups, costs: GroupCosts, *,
         raise ValueError(f"{who}: costs has {costs.num_groups} groups, groups has "
                          f"{groups.num_groups}; were they computed for other groups?")
     items = budget.items()
-    floors = resolve_min_keep(min_keep, groups, who=who)
+    floors = resolve_min_keep(budget_min_keep(min_keep), groups, who=who)
     dense = np.asarray([float(costs.terms(n).dense()) for n, _ in items])
     norm = sum(costs.terms(n).marginal() / max(d, 1.0) for (n, _), d in zip(items, dense,
                                                                            strict=True))

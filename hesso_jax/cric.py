@@ -54,10 +54,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hesso_jax.budget import Budget, budget_select, resolve_budget
+from hesso_jax.budget import Budget, budget_min_keep, budget_select, resolve_budget
 from hesso_jax.costs import GroupCosts
 from hesso_jax.groups import Groups, check_int, resolve_count
-from hesso_jax.projection import bottom_k, gamma, project
+from hesso_jax.projection import FamilyFloor, bottom_k, gamma, project
 from hesso_jax.saliency import SaliencyFn, evaluate, resolve_saliency
 
 __all__ = ["CricConfig", "CricResult", "cric", "cric_select"]
@@ -282,8 +282,10 @@ def _budget_rule(budget: Budget, groups: Groups, costs: GroupCosts | None) -> Se
     rb = resolve_budget(budget, groups, costs, who="cric")
     alive = jnp.ones([groups.num_groups], bool)
     target = rb.period_target(0, 1)
+    floor = FamilyFloor.build(groups, budget_min_keep(0), who="cric")  # one group a family
 
     def select(scores: jax.Array, candidates: jax.Array) -> jax.Array:
-        return budget_select(scores, rb.tables, alive, alive & ~candidates, target)
+        protected = floor.protected(scores, alive) | (alive & ~candidates)
+        return budget_select(scores, rb.tables, alive, protected, target)
 
     return select

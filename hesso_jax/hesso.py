@@ -75,7 +75,14 @@ import numpy as np
 import optax
 
 from hesso_jax import placement
-from hesso_jax.budget import METRICS, Budget, ResolvedBudget, budget_select, resolve_budget
+from hesso_jax.budget import (
+    METRICS,
+    Budget,
+    ResolvedBudget,
+    budget_min_keep,
+    budget_select,
+    resolve_budget,
+)
 from hesso_jax.costs import GroupCosts
 from hesso_jax.cric import CricConfig, cric_select
 from hesso_jax.groups import (
@@ -682,7 +689,7 @@ def hesso(
     rb, k_code = None, 0
     if isinstance(K, Budget):
         rb = _resolve_hesso_budget(K, groups, costs, min_keep)
-        floor = FamilyFloor.build(groups, min_keep)
+        floor = FamilyFloor.build(groups, budget_min_keep(min_keep))
         per_period = np.zeros(P, np.int32)  # unused: budget_select sizes each period
         k_code = _budget_code(K)
     else:

@@ -12,6 +12,8 @@ from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import hesso_jax as hj
+from hesso_jax.baselines import one_shot_prune
 from hesso_jax.budget import (
     Budget,
     CostTable,
@@ -221,3 +223,31 @@ def test_two_metrics_meet_both_targets_minimally(a, b, seed, fracs):
             break
     else:
         assert not sel.any()
+
+
+def test_budget_never_empties_a_family_that_surgery_would_keep():
+    """Surgery keeps a zero placeholder of an emptied family, so a budget keeps one group
+    per family: the shrunk model meets its target, and a target only an emptied family
+    could meet is refused before any selection (it used to be 'met' and then missed)."""
+    fam = hj.GroupFamily(4, (hj.Member(("w1",), 1),), dependents=(hj.Member(("w2",), 0),))
+    groups = hj.Groups.from_families([fam])
+    r = np.random.default_rng(0)
+    params = {"w1": jnp.asarray(r.normal(size=(8, 4)), jnp.float32),
+              "w2": jnp.asarray(r.normal(size=(4, 3)), jnp.float32)}
+    x = jnp.ones((2, 8))
+    costs = hj.group_costs(lambda p, x: x @ p["w1"] @ p["w2"], params, groups, x)
+    dense = sum(v.size for v in params.values())  # 44; a neuron is 11
+    pruned, keep = one_shot_prune(params, groups, hj.Budget(params=0.3), costs=costs)
+    assert keep.sum() == 1
+    small, _ = hj.shrink(pruned, groups)
+    assert sum(v.size for v in small.values()) / dense <= 0.3
+    for call in (lambda: one_shot_prune(params, groups, hj.Budget(params=0.2), costs=costs),
+                 lambda: hj.hesso(groups, hj.Budget(params=0.2), 2, 2, costs=costs),
+                 lambda: hj.cric(lambda p: jnp.sum(x @ p["w1"] @ p["w2"]), params, groups,
+                                 hj.Budget(params=0.2), sample_steps=2, learning_rate=0.1,
+                                 costs=costs)):
+        with pytest.raises(ValueError, match="smallest reachable params fraction is 0.25"):
+            call()
+    res = hj.cric(lambda p: jnp.sum((x @ p["w1"] @ p["w2"]) ** 2), params, groups,
+                  hj.Budget(params=0.3), sample_steps=2, learning_rate=0.01, costs=costs)
+    assert int(np.asarray(res.redundant).sum()) == 3
