@@ -116,9 +116,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-dense-ft", action="store_true",
                    help="skip the control: the dense model trained with the recovery budget")
     p.add_argument("--min-keep", type=int, default=1,
-                   help="per-family floor of every method (groups each family keeps): "
-                        "hj.shrink_model keeps a zero placeholder group in an emptied "
-                        "family, which the budget does not count")
+                   help="per-family floor of every method (groups each family keeps); "
+                        "a Budget keeps at least 1 anyway (surgery's placeholder group)")
     p.add_argument("--taylor-batches", type=int, default=4)
     p.add_argument("--eval-windows", type=int, default=None,
                    help="held-out windows scored (default: all)")
@@ -451,9 +450,9 @@ def body_text(result: dict[str, Any]) -> str:
             f"prune the checkpoint in one shot (`one_shot_prune`, Taylor over "
             f"{a['taylor_batches']} batches) and fine-tune all {a['steps']} steps with "
             f"`keep_pruned`. Every method has the per-family floor `min_keep={a['min_keep']}` "
-            f"(each layer keeps a kv-head group and a neuron: `hj.shrink_model` keeps a "
-            f"zero placeholder group in an emptied family, which the budget does not "
-            f"count). Every run verified: removed groups exactly 0.0, "
+            f"(each layer keeps a kv-head group and a neuron; a `Budget` now keeps one "
+            f"group per family itself, since `hj.shrink_model` keeps a zero placeholder "
+            f"of an emptied family). Every run verified: removed groups exactly 0.0, "
             f"`hj.shrink_model` (masked == shrunk), kept params within "
             f"[target − {TOLERANCE}, target]. Perplexity: shrunk model, all "
             f"{result['heldout_windows']} held-out windows; FLOPs per {a['seq_len']}-byte "
