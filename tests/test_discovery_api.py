@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import ast
-import doctest
 import pathlib
 import warnings
 
@@ -264,23 +263,6 @@ def test_jaxpr_package_does_not_import_discovery():
                 names = [a.name for a in node.names]
             assert not any(n.startswith("hesso_jax.discovery") for n in names), path
     assert not hasattr(__import__("hesso_jax.discovery").discovery, "_Spaces")
-
-
-@pytest.mark.parametrize("fn", [axes.register_rule, axes.elementwise_rule,
-                                axes.def_elementwise, axes.def_identity, axes.def_source,
-                                axes.def_blocked, axes.default_rule, interpreter.source_line,
-                                views.leaf_axes, views.reshape_groups, views.view_axes,
-                                hj.discover_groups],
-                         ids=lambda f: f.__name__)
-def test_docstring_examples_run(fn):
-    globs = dict(vars(__import__(fn.__module__, fromlist=["_"])))
-    tests = doctest.DocTestFinder().find(fn, fn.__name__, globs=globs)
-    examples = sum(len(t.examples) for t in tests)
-    assert examples >= 1
-    runner = doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE)
-    for t in tests:
-        runner.run(t)
-    assert (runner.failures, runner.tries) == (0, examples)
 
 
 def test_capture_follows_parameter_views_with_the_shared_tracker():

@@ -69,3 +69,20 @@ def test_every_public_name_has_an_example():
         if not any(f"hj.{name}" in s or f"{name}(" in s for s in sources):
             missing.append(name)
     assert not missing, f"public names without a docstring example: {missing}"
+
+
+def _documented():
+    from hesso_jax.jaxpr import axes, interpreter, views
+
+    return [(f, 1) for f in (axes.register_rule, axes.elementwise_rule, axes.def_elementwise,
+                             axes.def_identity, axes.def_source, axes.def_blocked,
+                             axes.default_rule, interpreter.source_line, views.leaf_axes,
+                             views.reshape_groups, views.view_axes, hj.discover_groups)
+            ] + [(hj.hesso, 5), (hj.hesso_status, 5)]
+
+
+@pytest.mark.parametrize("fn,least", _documented(), ids=lambda v: getattr(v, "__name__", ""))
+def test_extension_points_and_hesso_carry_examples(fn, least):
+    """These docstrings must keep their examples (run above with their modules)."""
+    tests = doctest.DocTestFinder(exclude_empty=True).find(fn, fn.__name__, globs={})
+    assert sum(len(t.examples) for t in tests) >= least

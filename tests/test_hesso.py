@@ -1,6 +1,5 @@
 """HESSO as an optax transformation: schedule, exact zeros, placement, optax composition."""
 
-import doctest
 import re
 
 import jax
@@ -464,18 +463,6 @@ def test_bottom_k_selects_exactly_k_with_nan_and_inf_scores():
         assert not np.any(chosen & ~np.asarray(candidates))
     # finite scores first (0.5, 2.0), then inf/NaN by index (0, 2, 3, 7)
     np.testing.assert_array_equal(np.flatnonzero(bottom_k(scores, candidates, 4)), [0, 1, 2, 6])
-
-
-@pytest.mark.parametrize("fn", [hj.hesso, hj.hesso_status], ids=["hesso", "hesso_status"])
-def test_docstring_examples_run(fn):
-    """The public docstrings' ``Examples:`` run and print what they show."""
-    tests = doctest.DocTestFinder().find(fn, fn.__name__, globs={})
-    examples = sum(len(t.examples) for t in tests)
-    assert examples >= 5
-    runner = doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE)
-    for t in tests:
-        runner.run(t)
-    assert (runner.failures, runner.tries) == (0, examples)
 
 
 def test_schedule_is_named_in_the_state():
