@@ -308,3 +308,87 @@ def test_pretrain_save_load_roundtrip(tmp_path):
     assert lm_eval_loss(loaded, windows) == res.eval_loss[-1]
     with pytest.raises(FileNotFoundError, match="llm_pretrain.py"):
         load_pretrained(tmp_path / "missing")
+
+
+# ------------------------------------------------------------------------ generation
+def _greedy_reference(model, prompt, num_new):
+    """Greedy decoding by growing the sequence one token at a time (no fixed buffer)."""
+    seq = np.asarray(prompt)
+    for _ in range(num_new):
+        nxt = np.asarray(jnp.argmax(jitted(model)(jnp.asarray(seq))[:, -1], axis=-1))
+        seq = np.concatenate([seq, nxt[:, None].astype(seq.dtype)], axis=1)
+    return seq
+
+
+def test_generate_greedy_matches_growing_sequence_reference():
+    from hesso_jax.models.llama import generate
+
+    model = model_gqa()
+    prompt = tokens(30, (2, 5))
+    out = generate(model, prompt, 7)
+    assert out.shape == (2, 12) and out.dtype == prompt.dtype
+    np.testing.assert_array_equal(np.asarray(out), _greedy_reference(model, prompt, 7))
+    np.testing.assert_array_equal(np.asarray(generate(model, prompt, 0)), np.asarray(prompt))
+    # a 1-D prompt is one sequence; the call is traceable (nnx.jit gives the same tokens)
+    np.testing.assert_array_equal(np.asarray(generate(model, prompt[1], 7)),
+                                  np.asarray(out[1]))
+    jit_out = nnx.jit(lambda m, p: generate(m, p, 7))(model, prompt)
+    np.testing.assert_array_equal(np.asarray(jit_out), np.asarray(out))
+
+
+def test_generate_sampling_is_keyed_and_temperature_scaled():
+    from hesso_jax.models.llama import generate
+
+    model = model_gqa()
+    prompt = tokens(31, (4, 3))
+    a = generate(model, prompt, 12, temperature=1.0, key=jax.random.key(1))
+    b = generate(model, prompt, 12, temperature=1.0, key=jax.random.key(1))
+    c = generate(model, prompt, 12, temperature=1.0, key=jax.random.key(2))
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))    # same key, same tokens
+    assert not np.array_equal(np.asarray(a), np.asarray(c))         # another key differs
+    np.testing.assert_array_equal(np.asarray(a[:, :3]), np.asarray(prompt))
+    assert int(a.min()) >= 0 and int(a.max()) < V
+    # a vanishing temperature concentrates softmax(z / T) on the argmax: greedy
+    cold = generate(model, prompt, 12, temperature=1e-6, key=jax.random.key(3))
+    np.testing.assert_array_equal(np.asarray(cold), np.asarray(generate(model, prompt, 12)))
+
+
+def test_generate_shrunk_equals_masked_greedy():
+    from hesso_jax.models.llama import generate
+
+    model = model_gqa()
+    groups = model.groups()
+    keep = np.random.default_rng(3).random(groups.num_groups) > 0.5
+    keep[[0, 26]] = False, True   # layer 0 loses kv head 0 (with its query heads)
+    masked = masked_copy(model, groups, keep)
+    small = hj.shrink_model(masked, groups)
+    assert count_params(small) < count_params(masked)
+    prompt = tokens(32, (3, 4))
+    want = generate(masked, prompt, 10)
+    np.testing.assert_array_equal(np.asarray(generate(small, prompt, 10)), np.asarray(want))
+    assert not np.array_equal(np.asarray(want), np.asarray(generate(model, prompt, 10)))
+    key = jax.random.key(4)
+    np.testing.assert_array_equal(
+        np.asarray(generate(small, prompt, 10, temperature=0.8, key=key)),
+        np.asarray(generate(masked, prompt, 10, temperature=0.8, key=key)))
+
+
+def test_generate_rejects_bad_input():
+    from hesso_jax.models.llama import generate
+
+    model = model_gqa()   # max_len 32
+    prompt = tokens(33, (1, 4))
+    with pytest.raises(ValueError, match="max_len"):
+        generate(model, prompt, 29)
+    with pytest.raises(ValueError, match="key"):
+        generate(model, prompt, 2, temperature=0.5)
+    with pytest.raises(ValueError, match=">= 0"):
+        generate(model, prompt, 2, temperature=-1.0)
+    with pytest.raises(ValueError, match="num_new"):
+        generate(model, prompt, -1)
+    with pytest.raises(TypeError, match="num_new"):
+        generate(model, prompt, 2.0)
+    with pytest.raises(TypeError, match="integer"):
+        generate(model, jnp.ones((1, 3)), 2)
+    with pytest.raises(ValueError, match="P >= 1"):
+        generate(model, jnp.zeros((1, 0), jnp.int32), 2)

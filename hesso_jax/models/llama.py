@@ -24,6 +24,10 @@ Every size (heads, kv heads, head dimension, MLP width) is read from the paramet
 when the model runs, so the module `hesso_jax.shrink_model` returns (fewer kv heads with
 their query heads, fewer MLP neurons) runs without any static attribute being rewritten.
 
+`generate` continues token prompts greedily or by temperature sampling (one jitted
+``lax.fori_loop``); it too reads every size from the parameters, so a shrunk model
+generates as it is.
+
 The second half of the module is a pretraining recipe on a byte-level corpus that ships
 with Python (`hesso_jax.text.train_test_corpus`): `LlamaConfig`, `make_lm_train_chunk`
 (a jitted ``lax.scan`` of optimizer steps that works for any optax transformation,
@@ -50,12 +54,12 @@ import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
-from hesso_jax.groups import GroupFamily, Groups, Member
+from hesso_jax.groups import GroupFamily, Groups, Member, check_int
 from hesso_jax.models.charlm import lm_loss
 from hesso_jax.text import BYTE_VOCAB_SIZE
 
 __all__ = ["Llama", "LlamaAttention", "LlamaBlock", "LlamaConfig", "PretrainResult",
-           "SwiGLU", "apply_rope", "heldout_windows", "llama_families", "lm_eval_loss",
+           "SwiGLU", "apply_rope", "generate", "heldout_windows", "llama_families", "lm_eval_loss",
            "load_pretrained", "make_lm_train_chunk", "pretrain", "pretrain_optimizer",
            "rope_tables", "rotate_half",
            "save_pretrained", "unigram_perplexity"]
@@ -304,6 +308,107 @@ def llama_families(layers: Any, prefix: tuple[str, ...] = ("layers",)) -> list[G
             (Member((*m, "gate", "kernel"), 1), Member((*m, "up", "kernel"), 1)),
             (Member((*m, "down", "kernel"), 0),), name=f"{prefix[-1]}.{i}.mlp"))
     return families
+
+
+# ------------------------------------------------------------------------ generation
+@functools.partial(jax.jit, static_argnames=("graphdef", "num_new", "temperature"))
+def _generate(graphdef: Any, state: Any, prompt: jax.Array, key: jax.Array, *,
+              num_new: int, temperature: float) -> jax.Array:
+    """The ``lax.fori_loop`` of `generate` on a fixed ``[B, P + num_new]`` buffer."""
+    batch, plen = prompt.shape
+    buf = jnp.concatenate([prompt, jnp.zeros((batch, num_new), prompt.dtype)], axis=1)
+
+    def step(i: jax.Array, buf: jax.Array) -> jax.Array:
+        logits = nnx.merge(graphdef, state)(buf)
+        last = jax.lax.dynamic_index_in_dim(logits, plen + i - 1, axis=1,
+                                            keepdims=False).astype(jnp.float32)
+        if temperature == 0.0:
+            nxt = jnp.argmax(last, axis=-1)
+        else:
+            nxt = jax.random.categorical(jax.random.fold_in(key, i), last / temperature)
+        return jax.lax.dynamic_update_index_in_dim(buf, nxt.astype(buf.dtype)[:, None],
+                                                   plen + i, axis=1)
+
+    return jax.lax.fori_loop(0, num_new, step, buf)
+
+
+def generate(model: Llama, prompt_tokens: Any, num_new: int, *, temperature: float = 0.0,
+             key: jax.Array | None = None) -> jax.Array:
+    """Continues ``prompt_tokens`` by ``num_new`` tokens, greedily or by sampling.
+
+    With ``P`` prompt tokens, step ``i = 0..num_new-1`` reads the logits ``z`` the model
+    gives at position ``P + i - 1`` and appends
+
+        c_{P+i} = argmax_v z_v                          (``temperature == 0``: greedy)
+        c_{P+i} ~ softmax(z / temperature)              (``temperature > 0``)
+
+    (the sampling key of step ``i`` is ``fold_in(key, i)``). Full recompute, no KV cache:
+    every step runs the whole model on one fixed buffer ``int[B, P + num_new]`` (the
+    tokens so far, zeros to their right), so the loop is a single jitted
+    ``lax.fori_loop`` compiled once per ``(B, P, num_new, temperature)``; causal attention
+    makes position ``t``'s logits independent of the padding after it. Cost
+    ``O(num_new · (P + num_new)²)`` attention per sequence — fine for short continuations
+    of small models; a KV cache is the way to long ones. Every size comes from the
+    parameter shapes, so a model returned by `hesso_jax.shrink_model` generates as it is
+    (and greedily exactly like the masked model it came from, up to float rounding).
+    The function is traceable: it may be called inside ``nnx.jit``.
+
+    Args:
+      model: a `Llama` (or any module mapping ``int[B, T]`` to ``float[B, T, V]`` with
+        causal attention and a ``max_len`` attribute).
+      prompt_tokens: ``int[B, P]`` or ``int[P]`` token ids, ``P >= 1``.
+      num_new: tokens to append (``>= 0``).
+      temperature: ``0.0`` for greedy decoding, ``> 0`` to sample.
+      key: a PRNG key, required when ``temperature > 0``.
+
+    Returns:
+      ``int[B, P + num_new]`` (``int[P + num_new]`` for a 1-D prompt): the prompt followed
+      by the new tokens.
+
+    Raises:
+      ValueError: an empty prompt, ``P + num_new > model.max_len``, a negative
+        ``num_new`` or ``temperature``, or sampling without a key.
+      TypeError: non-integer tokens or ``num_new``.
+
+    Example:
+      >>> model = Llama(256, 16, 1, 2, 1, 32, rngs=nnx.Rngs(0))
+      >>> out = generate(model, jnp.array([[72, 105]]), 4)       # greedy
+      >>> out.shape, out[0, :2].tolist()
+      ((1, 6), [72, 105])
+      >>> bool((generate(model, jnp.array([72, 105]), 4) == out[0]).all())
+      True
+      >>> generate(model, jnp.array([1, 2]), 3, temperature=1.0,
+      ...          key=jax.random.key(0)).shape
+      (5,)
+    """
+    num_new = check_int("num_new", num_new, 0)
+    temperature = _check_temperature(temperature, key)
+    prompt = jnp.asarray(prompt_tokens)
+    if not jnp.issubdtype(prompt.dtype, jnp.integer):
+        raise TypeError(f"prompt_tokens must be integer token ids, got {prompt.dtype}")
+    if prompt.ndim not in (1, 2) or prompt.shape[-1] < 1:
+        raise ValueError(f"prompt_tokens must be int[B, P] or int[P] with P >= 1, got "
+                         f"shape {tuple(prompt.shape)}")
+    total = prompt.shape[-1] + num_new
+    if total > getattr(model, "max_len", total):
+        raise ValueError(f"{prompt.shape[-1]} prompt + {num_new} new tokens = {total} > "
+                         f"max_len={model.max_len}")
+    graphdef, state = nnx.split(model)
+    out = _generate(graphdef, state, jnp.atleast_2d(prompt),
+                    jax.random.key(0) if key is None else key, num_new=num_new,
+                    temperature=temperature)
+    return out[0] if prompt.ndim == 1 else out
+
+
+def _check_temperature(temperature: Any, key: jax.Array | None) -> float:
+    """``temperature`` as a float ``>= 0``; a key is needed to sample (``> 0``)."""
+    if isinstance(temperature, bool) or not isinstance(temperature, int | float):
+        raise TypeError(f"temperature must be a float, got {temperature!r}")
+    if not temperature >= 0.0 or not math.isfinite(temperature):
+        raise ValueError(f"temperature must be a finite float >= 0, got {temperature}")
+    if temperature > 0.0 and key is None:
+        raise ValueError(f"temperature={temperature} samples: pass key=jax.random.key(...)")
+    return float(temperature)
 
 
 # ------------------------------------------------------------------ pretraining recipe
