@@ -200,3 +200,28 @@ def test_minilm(kernel_env):
     assert snows["SNOWS 2:4, K=2"]["cosine"] > snows["magnitude 2:4"]["cosine"]
     assert _count_outputs(cells, "image/png") >= 4
     print(f"04_minilm: {seconds:.1f} s")
+
+
+def test_llm(kernel_env):
+    res, cells, seconds = execute("05_llm.ipynb")
+    # HESSO-CRIC under hj.Budget(params=0.75): the groups the state pruned are exactly zero
+    assert res["phase"] == "finetune"
+    assert res["zero_groups"] == res["state_pruned"] > 0
+    assert res["target_params"] - 0.03 <= res["kept_params"] <= res["target_params"]
+    assert res["params_shrunk"] < res["params_dense"]
+    assert res["flops_shrunk"] < res["flops_dense"]
+    # shrunk == masked: logits, perplexity, and greedy generation token for token
+    assert res["max_abs_logit_diff"] < 1e-3
+    assert res["greedy_shrunk_equals_masked"]
+    assert res["samples"]["shrunk"] == res["samples"]["masked"]
+    assert math.isclose(res["ppl_shrunk"], res["ppl_masked"], rel_tol=1e-4)
+    # the (quick) pretrained model beats the unigram baseline; generation appends num_new
+    assert 1.0 < res["ppl_dense"] < res["ppl_unigram"]
+    assert set(res["generated_lengths"].values()) == {res["prompt_len"] + res["num_new"]}
+    assert all(s.startswith("Return the ") for s in res["samples"].values())
+    assert len(res["per_layer"]) >= 1 and all(
+        r["kv_heads"][1] <= r["kv_heads"][0] and r["neurons"][1] <= r["neurons"][0]
+        for r in res["per_layer"])
+    assert _count_outputs(cells, "image/png") >= 3
+    assert _count_outputs(cells, "text/markdown") >= 1
+    print(f"05_llm: {seconds:.1f} s")
