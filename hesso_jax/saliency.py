@@ -25,10 +25,45 @@ most redundant; a group the optimizer is growing scores 2. (The PyTorch referenc
 ``1 + cos(x_g, ∇f_g) = 1 - cos(x_g, u_g)``, which ranks groups the optimizer shrinks as
 the most important; we use the orientation that agrees with the first-order argument.)
 
-Mixing (as in the reference): each score vector ``s`` is divided by its Euclidean norm
-over the live groups (``x_g ≠ 0``), then the normalised vectors are mixed with weights
-``w`` (default 0.2 each): ``score = Σ_k w_k s_k / ‖s_k‖``. Groups that are already exactly
-zero keep the raw mix; HESSO never re-selects them.
+Mixing. ``weighted(w, normalize=...)`` mixes the scores with weights ``w`` (default 0.2
+each) after one of two normalisations:
+
+* ``normalize="norm"`` (the default, as in the reference): each score vector ``s`` is
+  divided by its Euclidean norm over the live groups (``x_g ≠ 0``),
+  ``score = Σ_k w_k s_k / ‖s_k‖``. Groups that are already exactly zero keep the raw mix;
+  HESSO never re-selects them.
+* ``normalize="additive"`` (loss units, for cost budgets): every score is first replaced
+  by an *additive estimate of the loss increase from removing the group*
+  (`additive_scores`), then divided by its **sum** over the live groups, so that each
+  normalised score is the group's share of the total estimate and the mix
+  ``score = Σ_k w_k a_k / Σ_live a_k`` is a share of loss as well.
+
+Why "additive". Let a group ``g`` be replicated ``m`` times (the same slice repeated, as a
+head of ``m``·32 columns is to a neuron's one): a quantity measured per group in loss
+units must grow ``m``-fold, as its cost (params, FLOPs) does. Under that replication the
+five raw scores grow like ``m^½`` (magnitude), ``m^−½`` (average magnitude), ``m⁰``
+(cosine), ``m¹`` (Taylor-1) and ``m²`` (Taylor-2). Count-K selection ignores sizes, but a
+`hesso_jax.Budget` ranks by ``s_g / c_g`` (`hesso_jax.budget.budget_select`), the greedy
+rule of the fractional knapsack ``min Σ_{g∈R} s_g  s.t.  Σ_{g∈R} c_g ≥ Q``, which is only
+meaningful for an ``s`` additive over the removed set; with degree ½ or 0 scores the
+ratio is ``∝ m^{-½}`` or ``m^{-1}``, so large groups (heads, early channels) look cheap
+per FLOP whatever their importance. The additive estimates (all degree 1):
+
+* magnitude, average magnitude → ``½‖x_g‖²``: the loss increase of removing ``g`` under
+  an isotropic quadratic model ``f(x + δ) ≈ f(x) + ½‖δ‖²`` (in loss units the two
+  magnitudes coincide: the average is a per-element density, times ``|g|`` it is this
+  total);
+* cosine → ``½(1 + cos(x_g, u_g)) · ½‖x_g‖²`` ∈ ``[0, ½‖x_g‖²]``: the unitless agreement
+  factor (0 when the optimizer is already shrinking the group) times the isotropic loss;
+* Taylor-1 → ``|⟨x_g, u_g⟩|``, the first-order loss change (unchanged);
+* Taylor-2 → ``½ Σ_{e∈g} x_e² u_e²``: the second-order change with the *diagonal* of the
+  outer-product (Fisher) approximation, as in Optimal Brain Damage — the rank-one
+  ``½⟨x_g, u_g⟩²`` ranks like Taylor-1 and is degree 2.
+
+Magnitude and Taylor-2 are exactly additive over a partition of a group's elements,
+Taylor-1 sub-additive (``|a + b| ≤ |a| + |b|``, equal when the parts' first-order terms
+share a sign); all five are invariant to the positive scale of ``u`` after the
+normalisation, and the magnitudes to that of ``x``.
 
 Sharding. Every per-group vector is *replicated*: a member leaf sharded along a mesh axis
 (FSDP) is first reduced over its non-channel axes to one value per channel (``O(channels)``,
@@ -67,9 +102,12 @@ period start does not read the base update at all (`needs_direction`)."""
 DIRECTION_SCORES = ("cosine_similarity", "taylor_first_order", "taylor_second_order")
 """The scores that read the update direction ``d`` (the others read only ``x``)."""
 
-__all__ = ["DIRECTION_SCORES", "SCORES", "GroupStats", "SaliencyFn", "evaluate", "group_reduce",
-           "group_stats", "needs_direction", "raw_scores", "replicate", "resolve_saliency",
-           "weighted"]
+NORMALIZATIONS = ("norm", "additive")
+"""The ``normalize=`` modes of `weighted` (module docstring, "Mixing")."""
+
+__all__ = ["DIRECTION_SCORES", "NORMALIZATIONS", "SCORES", "GroupStats", "SaliencyFn",
+           "additive_scores", "evaluate", "group_reduce", "group_stats", "needs_direction",
+           "raw_scores", "replicate", "resolve_saliency", "weighted"]
 
 
 def group_reduce(groups: Groups, fn: Callable[..., jax.Array], *trees: Any) -> jax.Array:
@@ -101,21 +139,28 @@ class GroupStats(NamedTuple):
     dd: jax.Array  # ‖d_g‖²
     xd: jax.Array  # ⟨x_g, d_g⟩
     count: jax.Array  # |g|
+    xxdd: jax.Array | None = None  # Σ_{e∈g} x_e² d_e² (only with group_stats(diagonal=True))
 
 
-def group_stats(groups: Groups, params: Any, direction: Any = None) -> GroupStats:
+def group_stats(groups: Groups, params: Any, direction: Any = None, *,
+                diagonal: bool = False) -> GroupStats:
     """Per-group sufficient statistics of ``params`` ``x`` and ``direction`` ``d``.
 
     ``‖x_g‖²``, ``‖d_g‖²``, ``⟨x_g, d_g⟩`` (float32 accumulation, replicated, via
     `group_reduce`) and the static element count ``|g|``. Without a direction
     (``None``) ``‖d_g‖² = ⟨x_g, d_g⟩ = 0``: only the magnitude scores are meaningful.
+    With ``diagonal=True`` also ``Σ_{e∈g} x_e² d_e²`` (`additive_scores`' Taylor-2; one
+    more reduction over the parameters), else ``xxdd`` is None.
     """
     count = jnp.asarray(groups.counts(params), jnp.float32)
     xx = group_reduce(groups, _sq, params)
     if direction is None:
-        return GroupStats(xx, jnp.zeros_like(xx), jnp.zeros_like(xx), count)
+        zero = jnp.zeros_like(xx)
+        return GroupStats(xx, zero, zero, count, zero if diagonal else None)
+    xxdd = (group_reduce(groups, lambda x, d: jnp.square(_mul(x, d)), params, direction)
+            if diagonal else None)
     return GroupStats(xx, group_reduce(groups, _sq, direction),
-                      group_reduce(groups, _mul, params, direction), count)
+                      group_reduce(groups, _mul, params, direction), count, xxdd)
 
 
 def _safe_div(num: jax.Array, den: jax.Array) -> jax.Array:
@@ -136,6 +181,44 @@ def raw_scores(stats: GroupStats) -> dict[str, jax.Array]:
     }
 
 
+def additive_scores(stats: GroupStats) -> dict[str, jax.Array]:
+    """The five scores as additive loss-increase estimates (module docstring, "Mixing").
+
+    ``½‖x_g‖²`` (both magnitudes), ``½(1 + cos)·½‖x_g‖²``, ``|⟨x_g, d_g⟩|`` and
+    ``½ Σ_e x_e² d_e²``: each grows ``m``-fold when a group is replicated ``m`` times, as
+    its params and FLOPs do, so ``score / cost`` is a loss per unit of cost.
+
+    Taylor-2 needs ``stats.xxdd`` (``group_stats(..., diagonal=True)``); without it the
+    dict has no ``"taylor_second_order"`` entry.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import hesso_jax as hj
+      >>> groups = hj.Groups.from_families([               # one group of 2, one of 4 elements
+      ...     hj.GroupFamily(1, (hj.Member(("a",), 0, block=2),)),
+      ...     hj.GroupFamily(1, (hj.Member(("b",), 0, block=4),))])
+      >>> x = {"a": jnp.array([1.0, 2.0]), "b": jnp.array([1.0, 2.0, 1.0, 2.0])}  # b = a twice
+      >>> d = {"a": jnp.array([0.5, 1.0]), "b": jnp.array([0.5, 1.0, 0.5, 1.0])}
+      >>> stats = group_stats(groups, x, d, diagonal=True)
+      >>> a = additive_scores(stats)
+      >>> [a[k].tolist() for k in ("magnitude", "taylor_first_order", "taylor_second_order")]
+      [[2.5, 5.0], [2.5, 5.0], [2.125, 4.25]]
+      >>> (raw_scores(stats)["magnitude"] ** 2).tolist()   # ‖x_g‖ itself grows like √m
+      [5.0, 10.0]
+    """
+    half_sq = 0.5 * stats.xx
+    cos = raw_scores(stats)["cosine_similarity"]  # 1 + cos ∈ [0, 2]
+    out = {
+        "magnitude": half_sq,
+        "avg_magnitude": half_sq,
+        "cosine_similarity": 0.5 * cos * half_sq,
+        "taylor_first_order": jnp.abs(stats.xd),
+    }
+    if stats.xxdd is not None:
+        out["taylor_second_order"] = 0.5 * stats.xxdd
+    return out
+
+
 def _check_weights(weights: Mapping[str, float]) -> dict[str, float]:
     if not isinstance(weights, Mapping):
         raise TypeError(f"saliency weights must be a mapping name -> weight, got {weights!r}")
@@ -154,33 +237,69 @@ def _check_weights(weights: Mapping[str, float]) -> dict[str, float]:
     return out
 
 
-def weighted(weights: Mapping[str, float] | None = None) -> SaliencyFn:
+def _check_normalize(normalize: Any) -> str:
+    if normalize not in NORMALIZATIONS:
+        raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
+    return normalize
+
+
+def weighted(weights: Mapping[str, float] | None = None, *,
+             normalize: str = "norm") -> SaliencyFn:
     """The normalised weighted mix of the five scores (default: 0.2 each).
+
+    ``normalize="norm"``: ``Σ_k w_k s_k / ‖s_k‖`` over the live groups (the reference's
+    mix, HESSO's default). ``normalize="additive"``: ``Σ_k w_k a_k / Σ_live a_k`` with
+    ``a_k`` the additive loss-increase estimates of `additive_scores`, so the mix is each
+    group's share of the estimated loss and ``score / cost`` under a `hesso_jax.Budget`
+    compares a head with a neuron per FLOP or parameter (module docstring, "Mixing").
 
     Args:
       weights: ``{score name: weight >= 0}``; omitted scores get weight 0.
+      normalize: ``"norm"`` or ``"additive"``.
 
     Returns:
-      ``fn(params, direction, groups) -> float32[G]``.
+      ``fn(params, direction, groups) -> float32[G]``, with attributes ``weights``,
+      ``normalize`` and ``needs_direction``.
+
+    Raises:
+      TypeError / ValueError: for bad weights or an unknown ``normalize``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import hesso_jax as hj
+      >>> groups = hj.Groups.from_families([
+      ...     hj.GroupFamily(1, (hj.Member(("a",), 0, block=2),)),
+      ...     hj.GroupFamily(1, (hj.Member(("b",), 0, block=4),))])
+      >>> x = {"a": jnp.array([1.0, 2.0]), "b": jnp.array([1.0, 2.0, 1.0, 2.0])}
+      >>> fn = weighted({"magnitude": 1.0}, normalize="additive")
+      >>> [round(float(v), 4) for v in fn(x, None, groups)]  # shares of ½‖x‖²: b = a twice
+      [0.3333, 0.6667]
+      >>> [round(float(v), 4) for v in weighted({"magnitude": 1.0})(x, None, groups)]  # √2
+      [0.5774, 0.8165]
     """
     w = _check_weights(weights if weights is not None else dict.fromkeys(SCORES, 0.2))
-
+    mode = _check_normalize(normalize)
     directional = any(name in DIRECTION_SCORES for name in w)
+    additive = mode == "additive"
+    diagonal = additive and "taylor_second_order" in w
 
     def saliency(params: Any, direction: Any, groups: Groups) -> jax.Array:
         if directional and direction is None:
             raise ValueError(f"saliency {sorted(w)} needs the update direction, got None")
-        stats = group_stats(groups, params, direction if directional else None)
-        scores = raw_scores(stats)
+        stats = group_stats(groups, params, direction if directional else None,
+                            diagonal=diagonal)
+        scores = additive_scores(stats) if additive else raw_scores(stats)
         live = stats.xx > 0
         total = jnp.zeros_like(stats.xx)
-        for name, weight in w.items():
+        for name, weight in w.items():  # ≤ 5 scores, each a vector over all groups
             s = scores[name]
-            norm = jnp.sqrt(jnp.sum(jnp.where(live, jnp.square(s), 0.0)))
-            total = total + weight * _safe_div(s, norm)
+            scale = (jnp.sum(jnp.where(live, s, 0.0)) if additive
+                     else jnp.sqrt(jnp.sum(jnp.where(live, jnp.square(s), 0.0))))
+            total = total + weight * _safe_div(s, scale)
         return total
 
     saliency.weights = dict(w)  # type: ignore[attr-defined]
+    saliency.normalize = mode  # type: ignore[attr-defined]
     saliency.needs_direction = directional  # type: ignore[attr-defined]
     return saliency
 
@@ -208,18 +327,23 @@ def evaluate(fn: SaliencyFn, params: Any, direction: Any, groups: Groups) -> jax
     return scores
 
 
-def resolve_saliency(saliency: Any) -> SaliencyFn:
+def resolve_saliency(saliency: Any, *, normalize: str = "norm") -> SaliencyFn:
     """Turns the ``saliency=`` argument of `hesso` into a callable.
 
     Accepts ``None`` (equal mix of the five), a score name, a ``{name: weight}`` mapping, or
-    any callable ``fn(params, direction, groups) -> float32[G]``.
+    any callable ``fn(params, direction, groups) -> float32[G]`` (returned as is).
+    ``normalize`` is `weighted`'s, for the first three.
+
+    Example:
+      >>> resolve_saliency("magnitude", normalize="additive").normalize
+      'additive'
     """
     if saliency is None:
-        return weighted()
+        return weighted(normalize=normalize)
     if isinstance(saliency, str):
-        return weighted({saliency: 1.0})
+        return weighted({saliency: 1.0}, normalize=normalize)
     if isinstance(saliency, Mapping):
-        return weighted(saliency)
+        return weighted(saliency, normalize=normalize)
     if callable(saliency):
         return saliency
     raise TypeError(
