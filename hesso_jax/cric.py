@@ -57,6 +57,7 @@ import numpy as np
 from hesso_jax.budget import Budget, budget_min_keep, budget_select, resolve_budget
 from hesso_jax.costs import GroupCosts
 from hesso_jax.groups import Groups, check_int, resolve_count
+from hesso_jax.jaxpr.conv_layout import canonical_convs
 from hesso_jax.projection import FamilyFloor, bottom_k, gamma, project
 from hesso_jax.saliency import SaliencyFn, evaluate, resolve_saliency
 
@@ -107,6 +108,19 @@ class CricConfig:
         bound = max(num_groups - K, 0) // max(self.tolerance, 1)
         return bound if self.max_cycles is None else min(self.max_cycles, bound)
 
+    def gradient_count(self, trials: int) -> int:
+        """Loss gradients `cric` evaluates for ``trials`` trials (``cycles + 1``).
+
+        The greedy pick needs ``∇f(x⁰)``; every trial takes ``S`` steps.
+
+        Example:
+          >>> import hesso_jax as hj
+          >>> hj.CricConfig(sample_steps=5, learning_rate=0.1).gradient_count(3)
+          16
+        """
+        check_int("trials", trials, 0)
+        return 1 + trials * self.sample_steps
+
 
 class CricResult(NamedTuple):
     """What `cric` found.
@@ -154,8 +168,10 @@ def cric_select(loss_fn: Callable[[Any], jax.Array], params: Any, groups: Groups
         def select(scores: jax.Array, cand: jax.Array) -> jax.Array:
             return bottom_k(scores, cand, k)
 
+    value_and_grad = canonical_convs(jax.value_and_grad(loss_fn))
+
     def direction(x: Any) -> tuple[jax.Array, Any]:
-        loss, grads = jax.value_and_grad(loss_fn)(x)
+        loss, grads = value_and_grad(x)
         return loss, jax.tree.map(lambda g: (-lr * g).astype(g.dtype), grads)
 
     def trial(violating: jax.Array, acc: jax.Array) -> tuple[jax.Array, jax.Array]:
