@@ -6,6 +6,7 @@ other tests skip.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import sys
 from pathlib import Path
@@ -17,15 +18,19 @@ from flax import nnx
 from hesso_jax.models import CNN
 from hesso_jax.train import count_params
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "peers" / "torch_pruning_digits.py"
+PEERS = Path(__file__).resolve().parents[1] / "benchmarks" / "peers"
+
+
+def _import(name):
+    """A benchmarks/peers script as a module (its folder put on sys.path, as when run)."""
+    if str(PEERS) not in sys.path:
+        sys.path.insert(0, str(PEERS))
+    return importlib.import_module(name)
 
 
 @pytest.fixture(scope="module")
 def peers():
-    spec = importlib.util.spec_from_file_location("torch_pruning_digits", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _import("torch_pruning_digits")
 
 
 def test_missing_extra_is_said_clearly(peers, monkeypatch, capsys):
@@ -83,3 +88,67 @@ def test_tp_prune_to_params_hits_the_target(peers, global_pruning):
     assert pruned.stem[0].out_channels == pruned.block_b[0].out_channels
     assert tuple(pruned.eval()(torch.zeros(2, 1, 8, 8)).shape) == (2, 10)
     assert peers.torch_flops(pruned) < peers.torch_flops(model)
+
+
+def test_step_log_estimate_replaces_steps_by_their_median(peers):
+    log = peers.StepLog()
+    log.new().extend([5.0, 1.0, 1.0, 9.0])   # a first step (compilation), one stall
+    log.new().extend([2.0, 2.0, 2.0])
+    # wall 30 s: each segment's steps after the first at their median (1 s, 2 s).
+    assert log.estimate(30.0) == pytest.approx(30.0 - 11.0 + 3 * 1.0 - 4.0 + 2 * 2.0)
+    assert log.stalled() == 1
+    assert log.median() == pytest.approx(2.0)
+    fields = log.fields(30.0)
+    assert fields["steps"] == 7 and fields["stalled"] == 1
+
+
+# ------------------------------------------------------------------- Only-Train-Once
+
+
+@pytest.fixture(scope="module")
+def oto_bench():
+    return _import("oto_digits")
+
+
+def test_oto_missing_is_said_clearly(oto_bench, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "only_train_once", None)  # import now raises ImportError
+    assert oto_bench.main(["--seeds", "1", "--no-write"]) == 2
+    err = capsys.readouterr().err
+    assert "only-train-once" in err and "pip install" in err
+
+
+def test_step_kinds_follow_the_demo_schedule(oto_bench):
+    kinds = oto_bench.step_kinds(1500, 5)
+    assert [i for i, k in enumerate(kinds) if k == "start"] == [300, 450, 600, 750, 900]
+    assert kinds[0] == "first" and kinds.count("warm-up") == 299
+    assert kinds.count("period") == 745 and kinds.count("fine-tune") == 450
+
+
+def test_oto_smoke_prunes_exactly_and_constructs_the_subnet(oto_bench):
+    # Tiny steps, PyTorch side only (the JAX side is the demo recipe, tested elsewhere).
+    torch = pytest.importorskip("torch")
+    if importlib.util.find_spec("only_train_once") is None:
+        pytest.skip("only_train_once (only-train-once 3.0.1, extra 'peers') is not installed")
+    from hesso_jax.data import load_digits_split
+
+    oto = oto_bench.import_oto(torch)
+    torch.set_num_threads(1)
+    args = oto_bench.parse_args(["--steps", "20", "--periods", "2"])
+    data = load_digits_split(0)
+    tensors = oto_bench.tpd.torch_data(torch, data)
+    torch.manual_seed(0)
+    twin = oto_bench.tpd.torch_cnn(torch)
+    recipes = {"torch adam": oto_bench.TorchRecipe(args, torch, twin, tensors),
+               "oto hesso": oto_bench.TorchRecipe(args, torch, oto_bench.tpd.torch_cnn(torch),
+                                                  tensors, oto=oto)}
+    batches = oto_bench.tpd.batch_indices(len(data.x_train), 64, 0)
+    times = oto_bench.lockstep(recipes, [next(batches) for _ in range(20)])
+    assert all(len(t) == 20 for t in times.values())
+    out = recipes["oto hesso"].finish()
+    assert out["G"] == 192 and 0 < out["K"] <= 96
+    assert out["zero_groups"] == out["K"]          # exactly K groups at 0.0
+    assert out["max_logit_diff"] < 1e-4            # the subnet computes the sparse model
+    assert out["params"] < 84_826 and out["flops"] < oto_bench.tpd.torch_flops(twin)
+    fields = oto_bench.time_fields(times["oto hesso"], oto_bench.step_kinds(20, 2), 0.0)
+    assert set(fields["kind_ms"]) == set(oto_bench.KINDS)
+    assert fields["seconds"] == pytest.approx(sum(times["oto hesso"]))

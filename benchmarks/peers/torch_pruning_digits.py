@@ -18,22 +18,35 @@ batch size and batch order. For each seed and group sparsity:
   is matched, not the group count: the two libraries count groups differently).
 
 Reported: test accuracy (mean ± std over seeds), parameters, FLOPs per example (one
-analytic count from the channel counts, `cnn_flops`, for both frameworks), wall time
-of the whole recipe (train + prune + fine-tune) and the pruned/dense CPU latency ratio
-of each framework's own model (interleaved medians on the test set).
+analytic count from the channel counts, `cnn_flops`, for both frameworks), the
+pruned/dense CPU latency ratio of each framework's own model (interleaved medians on the
+test set) and two wall times of the whole recipe (train + prune + fine-tune):
+
+* **measured**: the recipe's wall clock, every step timed (JAX steps blocked on, PyTorch
+  eager);
+* **step-median estimate** (`StepLog.estimate`): the same wall clock with every training
+  step after the first of each ``train`` call replaced by that call's median step, i.e.
+  without the stalls a shared machine adds (the first step, which holds JAX's
+  compilation, pruning and evaluation are kept as measured).
+
+PyTorch runs on ``--threads`` intra-op threads, 1 by default: with 2, PyTorch steps on
+these shared 2-core machines stall (up to ~1 s a step), which inflated earlier wall
+times.
 
 Needs the optional extra ``peers`` (PyTorch and Torch-Pruning)::
 
     pip install torch --index-url https://download.pytorch.org/whl/cpu   # CPU-only machine
     pip install -e ".[peers]"
-    python benchmarks/peers/torch_pruning_digits.py                  # 3 seeds, 30/50/70%
+    python benchmarks/peers/torch_pruning_digits.py                  # 3 seeds, 30/50/70%, 1 thread
     python benchmarks/peers/torch_pruning_digits.py --seeds 1 --steps 300 --no-write
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import dataclasses
 import json
 import sys
 import time
@@ -45,8 +58,11 @@ import numpy as np
 
 HERE = Path(__file__).parent
 # This script lives one folder below the benchmarks it reuses (pareto_digits, common);
-# Python puts only its own folder on sys.path, so the parent folder is added here.
-sys.path.insert(0, str(HERE.parent))
+# Python puts only its own folder on sys.path, so the parent folder is added here (and its
+# own, for the sibling modules, when it is imported rather than run).
+for _folder in (HERE, HERE.parent):
+    if str(_folder) not in sys.path:
+        sys.path.insert(0, str(_folder))
 
 SECTION = "## Peer side by side: Torch-Pruning on digits"
 MISSING = ("benchmarks/peers needs the optional extra 'peers' (PyTorch and Torch-Pruning), "
@@ -64,6 +80,70 @@ def _import_peers() -> tuple[Any, Any]:
     return torch, torch_pruning
 
 
+@dataclasses.dataclass
+class StepLog:
+    """Wall seconds of every training step of one recipe, one segment per ``train`` call."""
+
+    segments: list[list[float]] = dataclasses.field(default_factory=list)
+
+    def new(self) -> list[float]:
+        """A fresh segment (the list a training loop appends its step times to)."""
+        self.segments.append([])
+        return self.segments[-1]
+
+    def median(self) -> float:
+        """Median step of all segments pooled (first steps left out)."""
+        rest = [t for seg in self.segments for t in seg[1:]]
+        return float(np.median(rest)) if rest else float("nan")
+
+    def stalled(self, factor: float = 3.0) -> int:
+        """Steps over ``factor`` × their segment's median (first steps left out)."""
+        return sum(int(np.sum(np.asarray(seg[1:]) > factor * np.median(seg[1:])))
+                   for seg in self.segments if len(seg) > 1)
+
+    def estimate(self, wall: float) -> float:
+        """``wall`` with each segment's steps after its first at the segment's median."""
+        for seg in self.segments:
+            if len(seg) > 1:
+                wall += (len(seg) - 1) * float(np.median(seg[1:])) - sum(seg[1:])
+        return wall
+
+    def fields(self, wall: float) -> dict[str, Any]:
+        """The row fields of a recipe that took ``wall`` seconds."""
+        return {"seconds": wall, "est_seconds": self.estimate(wall),
+                "step_ms": 1e3 * self.median(), "stalled": self.stalled(),
+                "steps": sum(len(seg) for seg in self.segments)}
+
+
+@contextlib.contextmanager
+def timed_jax_steps(log: StepLog) -> Iterator[StepLog]:
+    """Within the block, every `hesso_jax.train.make_step` step (so every step of
+    `train_classifier`) is blocked on and its wall time appended to a new ``log`` segment
+    per compiled step. `hesso_jax.train` itself is restored afterwards."""
+    import jax
+
+    import hesso_jax.train as train
+
+    original = train.make_step
+
+    def make_step(graphdef: Any, tx: Any) -> Any:
+        step, times = original(graphdef, tx), log.new()
+
+        def timed(*args: Any) -> Any:
+            t0 = time.perf_counter()
+            out = jax.block_until_ready(step(*args))
+            times.append(time.perf_counter() - t0)
+            return out
+
+        return timed
+
+    train.make_step = make_step
+    try:
+        yield log
+    finally:
+        train.make_step = original
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sparsities", default="0.3,0.5,0.7",
@@ -73,9 +153,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--periods", type=int, default=5)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch.set_num_threads (2 stall on shared 2-core machines)")
     p.add_argument("--no-write", action="store_true",
                    help="print only: do not write the JSON or RESULTS.md")
+    p.set_defaults(min_keep=0)  # pareto_digits.run_one's per-family floor: none here
     return p.parse_args(argv)
 
 
@@ -84,31 +166,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def torch_cnn(torch: Any, c1: int = 48, c2: int = 96, num_classes: int = 10,
               in_channels: int = 1) -> Any:
-    """The PyTorch twin of `hesso_jax.models.CNN` (NCHW; BatchNorm momentum 0.1 is flax's
-    0.9, eps 1e-5 in both); PyTorch's default initialisers."""
-    nn = torch.nn
+    """The PyTorch twin of `hesso_jax.models.CNN` (``twin.TorchCNN``: NCHW; BatchNorm
+    momentum 0.1 is flax's 0.9, eps 1e-5 in both); PyTorch's default initialisers.
+    ``torch`` is the imported module (the caller has checked that it is installed)."""
+    from twin import TorchCNN
 
-    def conv_bn(cin: int, cout: int, stride: int = 1) -> Any:
-        return nn.Sequential(nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False),
-                             nn.BatchNorm2d(cout, momentum=0.1, eps=1e-5))
-
-    class TorchCNN(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.stem = conv_bn(in_channels, c1)
-            self.block_a = conv_bn(c1, c1)
-            self.block_b = conv_bn(c1, c1)
-            self.down = conv_bn(c1, c2, stride=2)
-            self.head = nn.Linear(c2, num_classes)
-
-        def forward(self, x: Any) -> Any:
-            relu = torch.relu
-            h = relu(self.stem(x))
-            h = relu(h + self.block_b(relu(self.block_a(h))))
-            h = relu(self.down(h))
-            return self.head(h.mean(dim=(2, 3)))
-
-    return TorchCNN()
+    return TorchCNN(c1, c2, num_classes, in_channels)
 
 
 def batch_indices(n: int, batch_size: int, seed: int) -> Iterator[np.ndarray]:
@@ -124,17 +187,28 @@ def batch_indices(n: int, batch_size: int, seed: int) -> Iterator[np.ndarray]:
 
 
 def torch_train(torch: Any, model: Any, x: Any, y: Any, *, steps: int, lr: float,
-                batch_size: int, seed: int) -> None:
-    """``steps`` Adam steps of mean cross-entropy, in place (a fresh Adam, as after pruning)."""
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
+                batch_size: int, seed: int, log: StepLog | None = None,
+                opt: Any = None) -> None:
+    """``steps`` steps of mean cross-entropy, in place: ``opt`` (default a fresh Adam, as
+    after pruning); each step's wall time goes to a new segment of ``log`` if given."""
+    opt = torch.optim.Adam(model.parameters(), lr=lr) if opt is None else opt
+    times = log.new() if log is not None else []
     model.train()
     batches = batch_indices(len(x), batch_size, seed)
     for _ in range(steps):
-        idx = torch.from_numpy(next(batches))
-        loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        t0 = time.perf_counter()
+        torch_step(torch, model, opt, x, y, next(batches))
+        times.append(time.perf_counter() - t0)
+
+
+def torch_step(torch: Any, model: Any, opt: Any, x: Any, y: Any, idx: np.ndarray) -> float:
+    """One eager step of ``opt`` on the mean cross-entropy of batch ``idx``; its loss."""
+    i = torch.from_numpy(idx)
+    loss = torch.nn.functional.cross_entropy(model(x[i]), y[i])
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return float(loss.detach())
 
 
 def torch_accuracy(torch: Any, model: Any, x: Any, y: Any) -> float:
@@ -220,79 +294,99 @@ def jax_flops(model: Any) -> float:
 # --------------------------------------------------------------------------- the grid
 
 
-def run_seed(args: argparse.Namespace, seed: int, sparsities: list[float],
-             torch: Any, tp: Any) -> list[dict[str, Any]]:
-    """Every row of one seed: dense (both frameworks), ours and Torch-Pruning's runs."""
+def torch_data(torch: Any, data: Any) -> tuple[Any, Any, Any, Any]:
+    """``(x_train, y_train, x_test, y_test)`` of a digits split as NCHW / int64 tensors."""
+    nchw = lambda x: torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))  # noqa: E731
+    return (nchw(data.x_train), torch.from_numpy(data.y_train.astype(np.int64)),
+            nchw(data.x_test), torch.from_numpy(data.y_test.astype(np.int64)))
+
+
+def jax_rows(args: argparse.Namespace, seed: int, sparsities: list[float],
+             data: Any) -> tuple[list[dict[str, Any]], dict[float, int]]:
+    """hesso_jax's rows of one seed (dense, then HESSO and magnitude + FT at each sparsity,
+    the Pareto benchmark's recipe) and HESSO's shrunk parameter count per sparsity."""
     import optax
     import pareto_digits
 
-    from hesso_jax.data import load_digits_split
-    from hesso_jax.train import count_params, demo_schedule, evaluate
+    from hesso_jax.train import count_params, evaluate
     from hesso_jax.train import train_classifier as jax_train
 
-    data = load_digits_split(seed)
-    rows: list[dict[str, Any]] = []
-
-    def row(framework: str, method: str, sparsity: float, **kw: Any) -> None:
-        rows.append({"framework": framework, "method": method, "sparsity": sparsity,
-                     "seed": seed, **kw})
-
-    # JAX dense, then ours at each sparsity (the pareto benchmark's recipe).
+    base = {"framework": "hesso_jax", "seed": seed}
     dense = pareto_digits.ARCHS["cnn"][1](seed)
-    t0 = time.perf_counter()
-    jax_train(dense, optax.adam(args.lr), data, steps=args.steps, batch_size=args.batch_size,
-              seed=seed, eval_every=args.steps, progress=False)
-    row("hesso_jax", "dense", 0.0, acc=evaluate(dense, data.x_test, data.y_test),
-        params=count_params(dense), flops=jax_flops(dense),
-        latency_ratio=1.0, seconds=time.perf_counter() - t0)
+    with timed_jax_steps(StepLog()) as log:
+        t0 = time.perf_counter()
+        jax_train(dense, optax.adam(args.lr), data, steps=args.steps,
+                  batch_size=args.batch_size, seed=seed, eval_every=args.steps, progress=False)
+        wall = time.perf_counter() - t0
+    rows = [{**base, "method": "dense", "sparsity": 0.0,
+             "acc": evaluate(dense, data.x_test, data.y_test), "params": count_params(dense),
+             "flops": jax_flops(dense), "latency_ratio": 1.0, **log.fields(wall)}]
     targets = {}
     for s in sparsities:
         for method in ("hesso", "magnitude"):
-            r, small = pareto_digits.run_one(args, "cnn", method, s, seed, data, dense,
-                                             return_model=True)
-            row("hesso_jax", method, s, flops=jax_flops(small),
-                **{k: r[k] for k in ("acc", "params", "latency_ratio", "seconds")})
+            with timed_jax_steps(StepLog()) as log:
+                r, small = pareto_digits.run_one(args, "cnn", method, s, seed, data, dense,
+                                                 return_model=True)
+            rows.append({**base, "method": method, "sparsity": s, "flops": jax_flops(small),
+                         **{k: r[k] for k in ("acc", "params", "latency_ratio")},
+                         **log.fields(r["seconds"])})
             if method == "hesso":
                 targets[s] = r["params"]
+    return rows, targets
 
-    # PyTorch: dense, and the pre-pruning checkpoint at the step HESSO's last period ends.
-    torch.manual_seed(seed)
-    x_tr = torch.from_numpy(np.ascontiguousarray(data.x_train.transpose(0, 3, 1, 2)))
-    x_te = torch.from_numpy(np.ascontiguousarray(data.x_test.transpose(0, 3, 1, 2)))
-    y_tr = torch.from_numpy(data.y_train.astype(np.int64))
-    y_te = torch.from_numpy(data.y_test.astype(np.int64))
+
+def torch_rows(args: argparse.Namespace, seed: int, sparsities: list[float], data: Any,
+               targets: dict[float, int], torch: Any, tp: Any) -> list[dict[str, Any]]:
+    """PyTorch's rows of one seed: dense, then Torch-Pruning per layer and global at each
+    sparsity, pruned from one checkpoint at the step HESSO's last period ends."""
+    from hesso_jax.train import demo_schedule
+
+    x_tr, y_tr, x_te, y_te = torch_data(torch, data)
     example = x_tr[:1]
     warmup, period_len = demo_schedule(args.steps, args.periods)
     pre = warmup + args.periods * period_len
     fit = dict(lr=args.lr, batch_size=args.batch_size, seed=seed)
-
-    t_dense = torch_cnn(torch)
-    t0 = time.perf_counter()
-    torch_train(torch, t_dense, x_tr, y_tr, steps=args.steps, **fit)
-    row("torch", "dense", 0.0, acc=torch_accuracy(torch, t_dense, x_te, y_te),
-        params=sum(p.numel() for p in t_dense.parameters()),
-        flops=torch_flops(t_dense), latency_ratio=1.0,
-        seconds=time.perf_counter() - t0)
+    base = {"framework": "torch", "seed": seed}
 
     torch.manual_seed(seed)
-    base = torch_cnn(torch)
+    t_dense, log = torch_cnn(torch), StepLog()
     t0 = time.perf_counter()
-    torch_train(torch, base, x_tr, y_tr, steps=pre, **fit)
+    torch_train(torch, t_dense, x_tr, y_tr, steps=args.steps, log=log, **fit)
+    rows = [{**base, "method": "dense", "sparsity": 0.0,
+             "acc": torch_accuracy(torch, t_dense, x_te, y_te),
+             "params": sum(p.numel() for p in t_dense.parameters()),
+             "flops": torch_flops(t_dense), "latency_ratio": 1.0,
+             **log.fields(time.perf_counter() - t0)}]
+
+    torch.manual_seed(seed)
+    pre_model, pre_log = torch_cnn(torch), StepLog()
+    t0 = time.perf_counter()
+    torch_train(torch, pre_model, x_tr, y_tr, steps=pre, log=pre_log, **fit)
     t_pre = time.perf_counter() - t0
     for s in sparsities:
         for global_pruning in (False, True):
+            log = StepLog(segments=list(pre_log.segments))
             t0 = time.perf_counter()
-            pruned, ratio = tp_prune_to_params(tp, base, example, targets[s],
+            pruned, ratio = tp_prune_to_params(tp, pre_model, example, targets[s],
                                                global_pruning)
-            torch_train(torch, pruned, x_tr, y_tr, steps=args.steps - pre, **fit)
-            seconds = t_pre + time.perf_counter() - t0
-            row("torch", "tp_global" if global_pruning else "tp_uniform", s,
-                acc=torch_accuracy(torch, pruned, x_te, y_te),
-                params=sum(p.numel() for p in pruned.parameters()),
-                flops=torch_flops(pruned),
-                latency_ratio=torch_latency_ratio(torch, pruned, t_dense, x_te),
-                seconds=seconds, ratio=ratio)
+            torch_train(torch, pruned, x_tr, y_tr, steps=args.steps - pre, log=log, **fit)
+            rows.append({**base, "method": "tp_global" if global_pruning else "tp_uniform",
+                         "sparsity": s, "acc": torch_accuracy(torch, pruned, x_te, y_te),
+                         "params": sum(p.numel() for p in pruned.parameters()),
+                         "flops": torch_flops(pruned),
+                         "latency_ratio": torch_latency_ratio(torch, pruned, t_dense, x_te),
+                         "ratio": ratio, **log.fields(t_pre + time.perf_counter() - t0)})
     return rows
+
+
+def run_seed(args: argparse.Namespace, seed: int, sparsities: list[float],
+             torch: Any, tp: Any) -> list[dict[str, Any]]:
+    """Every row of one seed: dense (both frameworks), ours and Torch-Pruning's runs."""
+    from hesso_jax.data import load_digits_split
+
+    data = load_digits_split(seed)
+    rows, targets = jax_rows(args, seed, sparsities, data)
+    return rows + torch_rows(args, seed, sparsities, data, targets, torch, tp)
 
 
 LABELS = {("hesso_jax", "dense"): "hesso_jax dense", ("hesso_jax", "hesso"): "hesso_jax HESSO",
@@ -302,6 +396,18 @@ LABELS = {("hesso_jax", "dense"): "hesso_jax dense", ("hesso_jax", "hesso"): "he
           ("torch", "tp_global"): "Torch-Pruning magnitude + FT (global)"}
 
 
+def time_stats(sel: list[dict[str, Any]]) -> dict[str, Any]:
+    """Seed statistics of the `StepLog.fields` of some rows: mean step-median estimate and
+    median step, stalled steps summed (rows without them, from older runs, give NaN)."""
+    if not all("est_seconds" in r for r in sel):
+        return {"est_seconds": float("nan"), "step_ms": float("nan"), "stalled": 0,
+                "steps": 0}
+    return {"est_seconds": float(np.mean([r["est_seconds"] for r in sel])),
+            "step_ms": float(np.mean([r["step_ms"] for r in sel])),
+            "stalled": int(sum(r["stalled"] for r in sel)),
+            "steps": int(sum(r["steps"] for r in sel))}
+
+
 def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One line per (sparsity, framework, method), seed statistics as in the Pareto table."""
     from pareto_digits import aggregate
@@ -309,8 +415,12 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     key = lambda r: (r["sparsity"], r["framework"], r["method"])  # noqa: E731
     keys = sorted({key(r) for r in rows},
                   key=lambda k: (k[0], list(LABELS).index((k[1], k[2]))))
-    return [{"sparsity": k[0], "framework": k[1], "method": k[2],
-             **aggregate([r for r in rows if key(r) == k])} for k in keys]
+    out = []
+    for k in keys:
+        sel = [r for r in rows if key(r) == k]
+        out.append({"sparsity": k[0], "framework": k[1], "method": k[2], **aggregate(sel),
+                    **time_stats(sel)})
+    return out
 
 
 def table(summary: list[dict[str, Any]]) -> str:
@@ -318,14 +428,59 @@ def table(summary: list[dict[str, Any]]) -> str:
     from pareto_digits import flops_text
 
     lines = ["| target | method | seeds | test acc % (mean ± std) | params | FLOPs/example | "
-             "latency pruned/dense | wall s (train + prune + FT) |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+             "latency pruned/dense | wall s, measured | wall s, step-median est. | "
+             "median step | stalled steps (> 3× median) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for s in summary:
         target = "dense" if s["method"] == "dense" else f"{100 * s['sparsity']:.0f}% groups"
         lines.append(f"| {target} | {LABELS[(s['framework'], s['method'])]} | {s['n']} | "
                      f"{s['acc_mean']:.2f} ± {s['acc_std']:.2f} | {s['params']:,.0f} | "
-                     f"{flops_text(s['flops'])} | {s['latency_ratio']:.2f} | {s['seconds']:.1f} |")
+                     f"{flops_text(s['flops'])} | {s['latency_ratio']:.2f} | "
+                     f"{s['seconds']:.1f} | {s['est_seconds']:.1f} | {s['step_ms']:.1f} ms | "
+                     f"{s['stalled']} / {s['steps']} |")
     return "\n".join(lines)
+
+
+def load_text() -> str:
+    """The 1/5/15-minute load averages now, ``'1.9/2.0/2.3'`` ("n/a" where unknown)."""
+    import os
+
+    try:
+        return "/".join(f"{x:.1f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def write_results(args: argparse.Namespace, argv: list[str] | None, torch: Any,
+                  rows: list[dict[str, Any]], summary: list[dict[str, Any]],
+                  loads: tuple[str, str]) -> None:
+    """``torch_pruning_digits.json`` and this benchmark's RESULTS.md section."""
+    import jax
+    import torch_pruning
+    from common import command_line, environment_line, upsert_section
+
+    command = command_line("peers/torch_pruning_digits.py", argv)
+    versions = (f"torch {torch.__version__}, torch-pruning "
+                f"{getattr(torch_pruning, '__version__', '?')}, jax {jax.__version__}")
+    (HERE / "torch_pruning_digits.json").write_text(json.dumps(
+        {"command": command, "versions": versions, "threads": args.threads,
+         "load_average": {"start": loads[0], "end": loads[1]}, "rows": rows,
+         "summary": summary}, indent=1))
+    body = (f"Command: `{command}` ({args.steps} steps, Adam lr {args.lr}, batch "
+            f"{args.batch_size}, P={args.periods}; PyTorch eager on {args.threads} intra-op "
+            f"thread(s), JAX jitted (XLA's own thread pool); {versions}; "
+            f"{environment_line()}; load average (1/5/15 min) {loads[0]} at the start, "
+            f"{loads[1]} at the end; 2 CPU cores shared with other jobs). Torch-Pruning's "
+            "channel ratio is bisected to HESSO's shrunk parameter count of the same seed; "
+            "HESSO's rows are those of the Pareto benchmark, run again here.\n\n"
+            "Wall times, two ways: *measured* is the recipe's wall clock (train + prune + "
+            "fine-tune, every step timed: JAX steps blocked on), mean over seeds; "
+            "*step-median est.* is the same with every training step after the first of "
+            "each training call at that call's median step (stalls removed; JAX's "
+            "compilation in the first step, pruning and bisection kept as measured). "
+            "*Median step* is pooled over the recipe's training calls (pruned models "
+            "fine-tune with smaller steps).\n\n" + table(summary))
+    upsert_section(HERE.parent / "RESULTS.md", SECTION, body)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -340,31 +495,13 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     sparsities = [float(s) for s in args.sparsities.split(",")]
     rows: list[dict[str, Any]] = []
+    start = load_text()
     for seed in tqdm(range(args.seeds), desc="seeds"):
         rows.extend(run_seed(args, seed, sparsities, torch, tp))
     summary = summarize(rows)
-    text = table(summary)
-    print(text)
+    print(table(summary))
     if not args.no_write:
-        command = " ".join(["python benchmarks/peers/torch_pruning_digits.py",
-                            *(argv if argv is not None else sys.argv[1:])])
-        import jax
-        import torch_pruning
-
-        versions = (f"torch {torch.__version__}, torch-pruning "
-                    f"{getattr(torch_pruning, '__version__', '?')}, jax {jax.__version__}")
-        (HERE / "torch_pruning_digits.json").write_text(json.dumps(
-            {"command": command, "versions": versions, "rows": rows, "summary": summary},
-            indent=1))
-        from common import environment_line, upsert_section
-
-        body = (f"Command: `{command}` ({args.steps} steps, Adam lr {args.lr}, batch "
-                f"{args.batch_size}, P={args.periods}; {versions}; {environment_line()}; "
-                "wall times compare only within the table). Torch-Pruning's "
-                "channel ratio is bisected to HESSO's shrunk parameter count of the same "
-                "seed; HESSO's rows are those of the Pareto benchmark, run again here.\n\n"
-                + text)
-        upsert_section(HERE.parent / "RESULTS.md", SECTION, body)
+        write_results(args, argv, torch, rows, summary, (start, load_text()))
     return 0
 
 
