@@ -188,10 +188,18 @@ def recover(model: nnx.Module, tx: optax.GradientTransformation, data: jax.Array
 
 
 def prune(method: str, dense: nnx.Module, groups: hj.Groups, ratio: float, seed: int,
-          data: jax.Array, args: argparse.Namespace) -> tuple[nnx.Module, dict[str, Any]]:
-    """One method at one ratio and seed: the pruned (masked) model and its run record."""
+          data: jax.Array, args: argparse.Namespace, *,
+          budget: hj.Budget | int | float | None = None,
+          saliency: str | None = None) -> tuple[nnx.Module, dict[str, Any]]:
+    """One method at one ratio and seed: the pruned (masked) model and its run record.
+
+    ``budget`` defaults to ``hj.Budget(params=1 - ratio)`` (a count or fraction of groups
+    is accepted too, as by `hj.hesso`); ``saliency`` is HESSO's ``saliency=`` (a score
+    name; ``None``: the default mix) and must be ``None`` for the one-shot baselines."""
     model = nnx.clone(dense)
-    budget = hj.Budget(params=1.0 - ratio)
+    budget = hj.Budget(params=1.0 - ratio) if budget is None else budget
+    if saliency is not None and method not in ("hesso", "hesso_cric"):
+        raise ValueError(f"saliency= is a HESSO option, not one of {method!r}")
     base = pretrain_optimizer(args.steps, args.lr, args.lr_warmup)
     info: dict[str, Any] = {"cric_cycles": None}
     if method in ("hesso", "hesso_cric"):
@@ -200,7 +208,7 @@ def prune(method: str, dense: nnx.Module, groups: hj.Groups, ratio: float, seed:
                               max_cycles=args.cric_cycles) if method == "hesso_cric" else None)
         tx = optax.chain(base, hj.hesso(groups, budget, args.periods, period_len,
                                         warmup_steps=warmup, cric=cric,
-                                        min_keep=args.min_keep))
+                                        min_keep=args.min_keep, saliency=saliency))
         info["schedule"] = {"warmup": warmup, "periods": args.periods,
                             "period_len": period_len}
     else:
@@ -254,22 +262,28 @@ def per_layer(groups: hj.Groups, drop: np.ndarray) -> dict[str, list[int]]:
 
 
 def verify(method: str, model: nnx.Module, groups: hj.Groups, expected: np.ndarray,
-           target: float, x: jax.Array) -> tuple[nnx.Module, np.ndarray, float, float]:
-    """Checks the run (see the module docstring); returns ``(small, zero groups, kept
-    params fraction, max |masked - shrunk| logits)``. Raises `RuntimeError` otherwise."""
+           x: jax.Array) -> tuple[nnx.Module, np.ndarray, float]:
+    """Checks the run (see the module docstring); returns ``(small, zero groups, max
+    |masked - shrunk| logits)``. Raises `RuntimeError` otherwise."""
     zero = np.asarray(groups.zero_groups(nnx.state(model, nnx.Param)))
     if not zero[expected].all():
         raise RuntimeError(f"{method}: {int((expected & ~zero).sum())} removed groups "
                            "are not exactly zero")
     small = hj.shrink_model(model, groups)   # verifies masked == shrunk by running
-    kept = count_params(small) / count_params(model)
-    if not target - TOLERANCE - 1e-9 <= kept <= target + 1e-9:
-        raise RuntimeError(f"{method}: kept {kept:.4f} of the params, target {target:.4f} "
-                           f"(allowed [{target - TOLERANCE:.4f}, {target:.4f}])")
     diff = float(jnp.max(jnp.abs(forward_fn(small)(x) - forward_fn(model)(x))))
     if not diff < 1e-3:
         raise RuntimeError(f"{method}: shrunk logits differ from masked ones by {diff}")
-    return small, zero, kept, diff
+    return small, zero, diff
+
+
+def check_target(method: str, target: tuple[str, float], kept: dict[str, float]) -> None:
+    """Raises `RuntimeError` unless the kept fraction of ``target = (metric, fraction)``
+    (``"params"`` or ``"flops"``) lies in ``[fraction - TOLERANCE, fraction]``."""
+    metric, want = target
+    got = kept[metric]
+    if not want - TOLERANCE - 1e-9 <= got <= want + 1e-9:
+        raise RuntimeError(f"{method}: kept {got:.4f} of the {metric}, target {want:.4f} "
+                           f"(allowed [{want - TOLERANCE:.4f}, {want:.4f}])")
 
 
 def throughput(small: nnx.Module, dense: nnx.Module, args: argparse.Namespace,
@@ -285,17 +299,24 @@ def throughput(small: nnx.Module, dense: nnx.Module, args: argparse.Namespace,
 
 def measure(method: str, ratio: float, seed: int, model: nnx.Module, info: dict[str, Any],
             dense: nnx.Module, groups: hj.Groups, windows: np.ndarray,
-            args: argparse.Namespace) -> dict[str, Any]:
-    """The row of one pruned run (after `verify`)."""
+            args: argparse.Namespace, *,
+            target: tuple[str, float] | None = None) -> dict[str, Any]:
+    """The row of one pruned run (after `verify` and `check_target`; ``target`` defaults
+    to ``("params", 1 - ratio)``, ``("count", ·)`` checks nothing beyond `verify`)."""
+    target = ("params", 1.0 - ratio) if target is None else target
     x_time = timing_input(windows, args)
-    small, zero, kept, diff = verify(method, model, groups, info["expected"], 1.0 - ratio,
-                                     x_time)
-    loss = lm_eval_loss(small, windows)
+    small, zero, diff = verify(method, model, groups, info["expected"], x_time)
     x = jnp.asarray(windows[:1, :-1])
     costs = hj.group_costs(small, None, x)
+    kept = {"params": count_params(small) / count_params(model),
+            "flops": costs.dense_flops / groups.costs.dense_flops}
+    if target[0] != "count":
+        check_target(method, target, kept)
+    loss = lm_eval_loss(small, windows)
     tps, dense_tps = throughput(small, dense, args, x_time)
-    return {"method": method, "ratio": ratio, "seed": seed, "target_kept": 1.0 - ratio,
-            "kept_params": kept, "kept_flops": costs.dense_flops / groups.costs.dense_flops,
+    return {"method": method, "ratio": ratio, "seed": seed, "target": list(target),
+            "target_kept": 1.0 - ratio,
+            "kept_params": kept["params"], "kept_flops": kept["flops"],
             "params": count_params(small), "flops": int(costs.dense_flops),
             "removed_groups": int(zero.sum()), "heldout_loss": loss,
             "heldout_perplexity": math.exp(loss), "tokens_per_s": tps,
@@ -317,7 +338,7 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         ppl = [r["heldout_perplexity"] for r in sel]
         mean = {k: statistics.mean(r[k] for r in sel)
                 for k in ("kept_params", "kept_flops", "params", "flops", "speedup",
-                          "tokens_per_s", "train_s")}
+                          "tokens_per_s", "dense_tokens_per_s", "train_s")}
         layers = {k: np.mean([r["per_layer"][k] for r in sel], axis=0).tolist()
                   for k in sel[0]["per_layer"]}
         out.append({"method": method, "ratio": ratio, "n": len(sel),
@@ -330,7 +351,8 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def table(summary: list[dict[str, Any]]) -> str:
     """The markdown table of `summarize`'s rows."""
     lines = ["| method | params removed (target) | seeds | held-out ppl | params (kept) | "
-             "FLOPs / window (kept) | tokens/s (× dense) | kv-head groups removed per "
+             "FLOPs / window (kept) | tokens/s: this model vs dense, same rounds (×) | "
+             "kv-head groups removed per "
              "layer | SwiGLU neurons removed per layer | recovery s |",
              "|---|---:|---:|---:|---:|---:|---:|---|---|---:|"]
     for s in summary:
@@ -344,8 +366,9 @@ def table(summary: list[dict[str, Any]]) -> str:
             f"| {LABELS[s['method']]} | {removed} | {s['n']} | "
             f"{s['ppl_mean']:.3f} ± {s['ppl_std']:.3f} | {s['params']:,.0f} "
             f"({100 * s['kept_params']:.1f} %) | {s['flops'] / 1e6:.1f} M "
-            f"({100 * s['kept_flops']:.1f} %) | {s['tokens_per_s']:,.0f} "
-            f"(× {s['speedup']:.2f}) | {heads} | {neurons} | {s['train_s']:.0f} |")
+            f"({100 * s['kept_flops']:.1f} %) | {s['tokens_per_s']:,.0f} vs "
+            f"{s['dense_tokens_per_s']:,.0f} (× {s['speedup']:.2f}) | {heads} | {neurons} | "
+            f"{s['train_s']:.0f} |")
     return "\n".join(lines)
 
 
@@ -463,14 +486,28 @@ def body_text(result: dict[str, Any]) -> str:
             + table(s))
 
 
-def run_grid(args: argparse.Namespace) -> dict[str, Any]:
-    """Every (seed, ratio, method) run; the rows, the summary and what they ran on."""
+def setup(args: argparse.Namespace) -> tuple[nnx.Module, LlamaConfig, jax.Array,
+                                              np.ndarray, hj.Groups]:
+    """``(dense model, its config, training bytes, held-out windows, discovered groups)``."""
     dense, cfg = load_model(args)
     modules = args.modules.split(",") if args.modules else None
     train, test = text.train_test_corpus(0.1, modules=modules)
     data = jnp.asarray(text.encode_bytes(train), jnp.int32)
     windows = heldout_windows(text.encode_bytes(test), args.seq_len, args.eval_windows)
     groups = hj.discover_groups(dense, jnp.asarray(windows[:1, :-1]))
+    return dense, cfg, data, windows, groups
+
+
+def start_text(args: argparse.Namespace) -> str:
+    """Where the runs start from, for the report."""
+    return ("a fresh randomly initialised tiny Llama (--random-init)" if args.random_init
+            else f"the pretrained checkpoint `{args.ckpt.relative_to(ROOT)}`"
+            if args.ckpt.is_relative_to(ROOT) else str(args.ckpt))
+
+
+def run_grid(args: argparse.Namespace) -> dict[str, Any]:
+    """Every (seed, ratio, method) run; the rows, the summary and what they ran on."""
+    dense, cfg, data, windows, groups = setup(args)
     rows = [dense_row(dense, groups, windows, args)]
     print(f"dense: {rows[0]['params']:,} params, held-out ppl "
           f"{rows[0]['heldout_perplexity']:.3f}; G = {groups.num_groups}")
@@ -488,10 +525,8 @@ def run_grid(args: argparse.Namespace) -> dict[str, Any]:
                    f"kept {100 * r['kept_params']:.1f} % params, ×{r['speedup']:.2f} "
                    f"tokens/s, {r['train_s']:.0f} s")
     summary = summarize(rows)
-    start = ("a fresh randomly initialised tiny Llama (--random-init)" if args.random_init
-             else f"the pretrained checkpoint `{args.ckpt.relative_to(ROOT)}`"
-             if args.ckpt.is_relative_to(ROOT) else str(args.ckpt))
-    return {"rows": rows, "summary": summary, "config": cfg.to_dict(), "start": start,
+    return {"rows": rows, "summary": summary, "config": cfg.to_dict(),
+            "start": start_text(args),
             "num_groups": groups.num_groups, "heldout_windows": len(windows)}
 
 

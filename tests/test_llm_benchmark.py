@@ -57,3 +57,46 @@ def test_plot_has_one_panel_per_method(llm, tmp_path):
                for m in llm.METHODS]
     llm.plot(summary, tmp_path / "llm.png")
     assert (tmp_path / "llm.png").stat().st_size > 0
+
+
+@pytest.fixture(scope="module")
+def ablation(llm):
+    sys.path.insert(0, str(BENCHMARKS))
+    sys.modules.setdefault("llm", llm)    # the ablation imports its sibling `llm`
+    try:
+        spec = importlib.util.spec_from_file_location("benchmarks_llm_ablation",
+                                                      BENCHMARKS / "llm_ablation.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    return module
+
+
+def test_flop_budget_lands_on_the_flops_count_k_reached_and_resumes(ablation, tmp_path):
+    from hesso_jax.groups import resolve_count
+
+    argv = ["--quick", "--random-init", "--out", str(tmp_path), "--parts", "budget",
+            "--modules", "textwrap,json,argparse,collections"]
+    result = ablation.main(argv)
+    rows = {(r["target"][0], r["saliency"]): r for r in result["rows"]}
+    assert set(rows) == {("count", None), ("flops", None), ("flops", "additive")}
+    count = rows["count", None]
+    G = sum(count["per_layer"]["heads_of"]) + sum(count["per_layer"]["neurons_of"])
+    assert count["removed_groups"] == resolve_count(0.25, G)
+    for mix in (None, "additive"):
+        flops = rows["flops", mix]
+        assert flops["target"][1] == count["kept_flops"]
+        assert count["kept_flops"] - ablation.llm.TOLERANCE <= flops["kept_flops"] \
+            <= count["kept_flops"] + 1e-9
+    assert "Budget(flops=" in (tmp_path / "RESULTS.md").read_text()
+    saved = (tmp_path / ablation.JSON).read_text()
+    again = ablation.main([*argv, "--resume"])     # nothing left to run: same rows
+    assert again["rows"] == result["rows"]
+    assert (tmp_path / ablation.JSON).read_text().count('"part"') == saved.count('"part"')
+
+
+def test_target_check_names_the_metric(llm):
+    llm.check_target("hesso", ("flops", 0.5), {"flops": 0.49, "params": 0.9})
+    with pytest.raises(RuntimeError, match="kept 0.5100 of the flops"):
+        llm.check_target("hesso", ("flops", 0.5), {"flops": 0.51, "params": 0.4})
