@@ -274,13 +274,34 @@ def checks_text(result: dict[str, Any]) -> str:
     kept = all(r["keeps_mask_zeros"] for r in snows)
     never = all(r["objective_never_worse"] for r in snows)
     ovl = ", ".join(f"{p}: {100 * v:.1f} %" for p, v in result["mask_overlap"].items())
-    ratio = ("; mean per-layer objective after/before: " + ", ".join(
+    ratio = ("; mean per-layer objective after/before (K=2 sums the errors of 3 ops, so "
+             "its ratio is not comparable with K=0's): " + ", ".join(
         f"{r['pattern']} {r['criterion']} K={r['K']} {r['objective_ratio_mean']:.3f}"
         for r in snows)) if snows else ""
     return (f"Checks: mask holds in every run: {'yes' if ok else 'NO'}; SNOWS keeps "
             f"every zero of its mask: {'yes' if kept else 'NO'}; no layer objective "
             f"increased: {'yes' if never else 'NO'}{ratio}. Magnitude and Wanda masks "
             f"agree on {ovl or '–'} of the kernel entries.")
+
+
+def findings(result: dict[str, Any]) -> str:
+    """What the table says, computed from it: Wanda vs magnitude per method and pattern,
+    and K=2 vs K=0 per (pattern, criterion)."""
+    ppl = {(r["pattern"], r["criterion"], r["K"]): r["heldout_perplexity"]
+           for r in result["rows"]}
+    out = []
+    for pattern in dict.fromkeys(p for p, _, _ in ppl):
+        for k in dict.fromkeys(k for _, _, k in ppl):
+            mag, wan = ppl.get((pattern, "magnitude", k)), ppl.get((pattern, "wanda", k))
+            if mag is not None and wan is not None:
+                out.append(f"{pattern} {METHOD_LABELS[k]}: Wanda {wan:.3f} vs magnitude "
+                           f"{mag:.3f} ({wan - mag:+.3f})")
+    for pattern, criterion, k in ppl:
+        if k == 2 and (pattern, criterion, 0) in ppl:
+            out.append(f"{pattern} {criterion}: K=2 {ppl[(pattern, criterion, 2)]:.3f} vs "
+                       f"K=0 {ppl[(pattern, criterion, 0)]:.3f} "
+                       f"({ppl[(pattern, criterion, 2)] - ppl[(pattern, criterion, 0)]:+.3f})")
+    return "Held-out perplexity differences: " + "; ".join(out) + "." if out else ""
 
 
 def body_text(result: dict[str, Any]) -> str:
@@ -296,7 +317,8 @@ def body_text(result: dict[str, Any]) -> str:
         f"stay dense) with `hj.snows(model, calib, sparsity=..., criterion=..., K=..., "
         f"gauss_newton=True, batch_size={a['calib_batch']})`. Calibration: "
         f"{result['calib_shape'][0]} windows of {result['calib_shape'][1]} bytes at random "
-        f"offsets of the training text (seed {a['seed']}); held-out text never seen. "
+        f"offsets of the training text (seed {a['seed']}; one draw, no repeats); "
+        f"held-out text never seen. "
         f"Masks on the dense network: magnitude `|W|` or Wanda `|W_ij|·‖X_j‖` (per-kernel "
         f"ranking for 50 %, per run of 4 along the reduction axis for 2:4); *mask only* "
         f"applies it (`newton_steps=0`: magnitude pruning, or Wanda itself); SNOWS refits "
@@ -304,11 +326,13 @@ def body_text(result: dict[str, Any]) -> str:
         f"{a['cg_max_iters']}) to the dense outputs of its own op (K=0) and the next 2 "
         f"linear ops (K=2). Perplexity: all {result['heldout_windows']} held-out windows of "
         f"{a['seq_len'] + 1} bytes. Seconds: the `hj.snows` call (compilation included; "
-        f"machine shared). Machine: {environment_line(result['machine'])}.\n\n"
+        f"machine shared; whole run {result.get('wall_s', float('nan')):.0f} s). Machine: "
+        f"{environment_line(result['machine'])}.\n\n"
         + table(result) + "\n\n" + checks_text(result)
         + f" Lowest pruned perplexity: {best['pattern']} {best['criterion']} "
           f"{best['method']} ({best['heldout_perplexity']:.3f} vs dense "
-          f"{d['heldout_perplexity']:.3f}). Plot: `benchmarks/llm_snows.png`.")
+          f"{d['heldout_perplexity']:.3f}). " + findings(result)
+        + " Plot: `benchmarks/llm_snows.png`.")
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
