@@ -37,6 +37,7 @@ section "MiniLM-L6 sentence encoder" of ``RESULTS.md``.
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -63,7 +64,7 @@ TRAINABLE = nnx.All(nnx.Param, nnx.PathContains("layers"))
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = parser(__doc__)
-    p.add_argument("--sparsities", nargs="+", type=float, default=[0.25, 0.5, 0.7])
+    p.add_argument("--sparsities", nargs="*", type=float, default=[0.25, 0.5, 0.7])
     p.add_argument("--methods", nargs="+", default=["hesso", "cric"],
                    choices=["hesso", "cric"])
     p.add_argument("--steps", type=int, default=140)
@@ -88,6 +89,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--timing-batch", type=int, default=32)
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--flops", nargs="*", type=float, default=[],
+                   help="FLOP-budget rows: HESSO with hj.Budget(flops=f) for each f")
+    p.add_argument("--budget-normalize", nargs="+", default=["norm", "additive"],
+                   choices=list(hj.saliency.NORMALIZATIONS),
+                   help="saliency normalisations of the FLOP-budget rows (weighted(normalize=))")
+    p.add_argument("--match-flops", action="store_true",
+                   help="also run count-K HESSO at the K whose removal of MLP neurons alone "
+                        "meets each --flops target (the matched count-K row)")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the rows (and SNOWS results) already in minilm.json that this "
+                        "run does not redo")
     return p.parse_args(argv)
 
 
@@ -145,18 +157,37 @@ def layer_params(model: nnx.Module) -> int:
     return count_params(nnx.state(model, TRAINABLE))
 
 
-def group_counts(groups: hj.Groups, zero: np.ndarray) -> dict[str, int]:
-    """Zero groups split into attention heads (block > 1) and MLP neurons."""
-    heads = neurons = 0
-    start = 0
-    for fam in groups.families:
+def group_counts(groups: hj.Groups, zero: np.ndarray) -> dict[str, Any]:
+    """Zero groups split into attention heads (block > 1) and MLP neurons, in total and
+    per family in order (one head and one neuron family per layer)."""
+    heads: list[int] = []
+    neurons: list[int] = []
+    for fam, start in zip(groups.families, groups.starts, strict=True):
         z = int(zero[start:start + fam.size].sum())
-        if fam.members[0].block > 1:
-            heads += z
-        else:
-            neurons += z
-        start += fam.size
-    return {"heads_removed": heads, "neurons_removed": neurons}
+        (heads if fam.members[0].block > 1 else neurons).append(z)
+    return {"heads_removed": sum(heads), "neurons_removed": sum(neurons),
+            "heads_per_layer": heads, "neurons_per_layer": neurons}
+
+
+def encoder_flops(model: nnx.Module, ids: np.ndarray, mask: np.ndarray) -> float:
+    """FLOPs of one jitted forward on ``(ids, mask)`` from XLA's cost analysis."""
+    cost = embed_fn(model).lower(nnx.state(model), jnp.asarray(ids),
+                                 jnp.asarray(mask)).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    return float(cost.get("flops", float("nan")))
+
+
+def matched_count(groups: hj.Groups, flops: float) -> int:
+    """The K whose removal of MLP neurons alone meets the kept FLOP fraction ``flops``.
+
+    Count-K HESSO removes only neurons on MiniLM, every one of equal FLOPs ``c_n``: so
+    ``K = ⌈(1 − f) · D / c_n⌉`` (``D`` the dense FLOPs of the cost model).
+    """
+    terms = groups.costs.terms("flops")
+    c = terms.marginal()
+    neuron = np.concatenate([np.full(f.size, f.members[0].block == 1)
+                             for f in groups.families])
+    return int(np.ceil((1.0 - flops) * terms.dense() / c[neuron].max()))
 
 
 def describe_groups(groups: hj.Groups) -> list[dict]:
@@ -167,9 +198,11 @@ def describe_groups(groups: hj.Groups) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------ training
-def distill(dense: SentenceEncoder, groups: hj.Groups, sparsity: float, cric: bool,
-            data: dict, args: argparse.Namespace, desc: str) -> tuple[SentenceEncoder, dict]:
-    """Distils a copy of ``dense`` with HESSO (or HESSO-CRIC) at ``sparsity``."""
+def distill(dense: SentenceEncoder, groups: hj.Groups, sparsity: float | int | hj.Budget,
+            cric: bool, data: dict, args: argparse.Namespace, desc: str,
+            saliency: Any = None) -> tuple[SentenceEncoder, dict]:
+    """Distils a copy of ``dense`` with HESSO (or HESSO-CRIC) at ``sparsity`` (a fraction,
+    a count or a `hesso_jax.Budget`) with ``saliency`` (HESSO's default mix if None)."""
     student = nnx.clone(dense)
     graphdef, params, rest = nnx.split(student, TRAINABLE, ...)
     cric_cfg = (hj.CricConfig(sample_steps=args.cric_steps, learning_rate=args.cric_lr,
@@ -177,7 +210,7 @@ def distill(dense: SentenceEncoder, groups: hj.Groups, sparsity: float, cric: bo
     tx = optax.chain(optax.adam(args.lr, eps=args.adam_eps),
                      hj.hesso(groups, sparsity, args.periods, args.period_len,
                               warmup_steps=args.warmup, cric=cric_cfg,
-                              total_steps=args.steps))
+                              total_steps=args.steps, saliency=saliency))
     opt_state = tx.init(params)
 
     def loss_fn(p: Any, r: Any, ids: jax.Array, mask: jax.Array,
@@ -199,13 +232,48 @@ def distill(dense: SentenceEncoder, groups: hj.Groups, sparsity: float, cric: bo
     nnx.update(student, params)
     status = hj.hesso_status(opt_state)
     zero = np.asarray(groups.zero_groups(nnx.state(student, nnx.Param)))
+    p_frac, f_frac = groups.costs.kept_fraction(zero)
     info = {"train_seconds": seconds, "losses": losses, "zero_groups": int(zero.sum()),
             "K": int(status.target), "cric_cycles": int(status.cric_cycles),
+            "params_fraction_model": float(p_frac), "flops_fraction_model": float(f_frac),
             **group_counts(groups, zero)}
     return student, info
 
 
 # ------------------------------------------------------------------------------ main run
+def run_specs(args: argparse.Namespace, groups: hj.Groups) -> list[dict[str, Any]]:
+    """The runs: count-K HESSO / HESSO-CRIC per ``--sparsities``; HESSO with
+    ``hj.Budget(flops=f)`` per ``--flops`` and ``--budget-normalize``; with
+    ``--match-flops`` count-K HESSO at `matched_count` of every ``f``."""
+    specs = []
+    for method in args.methods:
+        for sp in args.sparsities:
+            name = "HESSO" if method == "hesso" else "HESSO-CRIC"
+            specs.append({"K": sp, "cric": method == "cric", "saliency": None,
+                          "desc": f"{name} {sp:g}",
+                          "row": {"method": name, "sparsity": sp, "budget_flops": None,
+                                  "normalize": "norm"}})
+    for f in args.flops:
+        if args.match_flops:
+            k = matched_count(groups, f)
+            specs.append({"K": k, "cric": False, "saliency": None, "desc": f"HESSO K={k}",
+                          "row": {"method": "HESSO", "sparsity": k / groups.num_groups,
+                                  "budget_flops": None, "normalize": "norm",
+                                  "matched_flops": f}})
+        for norm in args.budget_normalize:
+            specs.append({"K": hj.Budget(flops=f), "cric": False,
+                          "saliency": hj.saliency.weighted(normalize=norm),
+                          "desc": f"HESSO flops={f:g} {norm}",
+                          "row": {"method": "HESSO", "sparsity": None, "budget_flops": f,
+                                  "normalize": norm}})
+    return specs
+
+
+def row_key(r: dict) -> tuple:
+    """What distinguishes a row across runs (``--merge``)."""
+    return (r["method"], r.get("sparsity"), r.get("budget_flops"), r.get("normalize", "norm"))
+
+
 def run(args: argparse.Namespace) -> dict:
     t_all = time.perf_counter()
     train_s, test_s = train_test_sentences(args.n_train, args.n_test, seed=args.seed)
@@ -236,24 +304,24 @@ def run(args: argparse.Namespace) -> dict:
         "dense": {"params": count_params(dense), "layer_params": layer_params(dense)},
         "rows": [],
     }
-    for method in args.methods:
-        for sp in args.sparsities:
-            name = "HESSO" if method == "hesso" else "HESSO-CRIC"
-            student, info = distill(dense, groups, sp, method == "cric", data, args,
-                                    f"{name} {sp:g}")
-            masked_test = embed_all(student, test_ids, test_mask)
-            small = hj.shrink_model(student, groups)
-            small_test = embed_all(small, test_ids, test_mask)
-            t_dense, t_small = time_pair(dense, small, test_ids[tb], test_mask[tb],
-                                         args.repeats)
-            row = {"method": name, "sparsity": sp, **info,
-                   **agreement(small_test, dense_test),
-                   "shrunk_vs_masked_max_abs": float(np.abs(small_test - masked_test).max()),
-                   "params": count_params(small), "layer_params": layer_params(small),
-                   "dense_ms": 1e3 * t_dense, "shrunk_ms": 1e3 * t_small,
-                   "speedup": t_dense / t_small}
-            print({k: v for k, v in row.items() if k != "losses"})
-            res["rows"].append(row)
+    res["dense"]["flops"] = encoder_flops(dense, test_ids[tb], test_mask[tb])
+    for spec in run_specs(args, groups):
+        student, info = distill(dense, groups, spec["K"], spec["cric"], data, args,
+                                spec["desc"], spec["saliency"])
+        masked_test = embed_all(student, test_ids, test_mask)
+        small = hj.shrink_model(student, groups)
+        small_test = embed_all(small, test_ids, test_mask)
+        t_dense, t_small = time_pair(dense, small, test_ids[tb], test_mask[tb],
+                                     args.repeats)
+        flops = encoder_flops(small, test_ids[tb], test_mask[tb])
+        row = {**spec["row"], **info, **agreement(small_test, dense_test),
+               "shrunk_vs_masked_max_abs": float(np.abs(small_test - masked_test).max()),
+               "params": count_params(small), "layer_params": layer_params(small),
+               "flops": flops, "flops_fraction": flops / res["dense"]["flops"],
+               "dense_ms": 1e3 * t_dense, "shrunk_ms": 1e3 * t_small,
+               "speedup": t_dense / t_small}
+        print({k: v for k, v in row.items() if k != "losses"})
+        res["rows"].append(row)
     if args.snows:
         res["snows"] = run_snows(dense, train_ids, train_mask, test_ids, test_mask,
                                  dense_test, args)
@@ -336,16 +404,17 @@ def markdown(args: argparse.Namespace, res: dict, command: str) -> str:
         f"≤ {args.cric_cycles} cycles per period start.  ",
         f"Speed: jitted forward of {args.timing_batch} sentences × {args.seq_len} tokens, "
         f"median of {args.repeats}, dense and shrunk alternately in one process.", "",
-        "| method | group sparsity | heads / neurons removed | cosine (min) | NN agreement "
-        "| top-10 overlap | params (layers) | dense / shrunk ms | CPU speed-up |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-        f"| dense | 0 | 0 / 0 | 1 | 100% | 100% | {d['params'] / 1e6:.2f} M "
+        "| method | target | heads / neurons removed | FLOPs kept | cosine (min) | "
+        "NN agreement | top-10 overlap | params (layers) | dense / shrunk ms | CPU speed-up |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| dense | 0 | 0 / 0 | 100% | 1 | 100% | 100% | {d['params'] / 1e6:.2f} M "
         f"({d['layer_params'] / 1e6:.2f} M) | | 1.00× |",
     ]
     for r in res["rows"]:
+        kept = f"{r['flops_fraction']:.1%}" if "flops_fraction" in r else "–"
         lines.append(
-            f"| {r['method']} | {r['sparsity']:.0%} | {r['heads_removed']} / "
-            f"{r['neurons_removed']} | {r['cosine']:.4f} ({r['cosine_min']:.3f}) | "
+            f"| {row_label(r)} | {row_target(r)} | {r['heads_removed']} / "
+            f"{r['neurons_removed']} | {kept} | {r['cosine']:.4f} ({r['cosine_min']:.3f}) | "
             f"{r['nn_agreement']:.1%} | {r['top10_overlap']:.1%} | "
             f"{r['params'] / 1e6:.2f} M ({r['layer_params'] / 1e6:.2f} M) | "
             f"{r['dense_ms']:.0f} / {r['shrunk_ms']:.0f} | {r['speedup']:.2f}× |")
@@ -354,10 +423,19 @@ def markdown(args: argparse.Namespace, res: dict, command: str) -> str:
                      f"({s['cosine_min']:.3f}) | {s['nn_agreement']:.1%} | "
                      f"{s['top10_overlap']:.1%} | – | – | – (needs 2:4 kernels) |")
     worst = max((r["shrunk_vs_masked_max_abs"] for r in res["rows"]), default=0.0)
+    count = [r for r in res["rows"] if not r.get("budget_flops")]
+    budget = [r for r in res["rows"] if r.get("budget_flops")]
     lines += ["", f"Shrunk vs masked encoder, held-out embeddings: max |Δ| = {worst:.1e}. "
-              "Exactly K groups zero in every run: "
-              f"{'yes' if all(r['zero_groups'] == r['K'] for r in res['rows']) else 'NO'}.",
+              "Exactly K groups zero in every count-K run: "
+              f"{'yes' if all(r['zero_groups'] == r['K'] for r in count) else 'NO'}."
+              + (" Every FLOP-budget run's kept FLOPs in [f − 0.03, f]: cost model (the "
+                 "budget's own count, `groups.costs`) "
+                 f"{'yes' if all(budget_ok(r, 'flops_fraction_model') for r in budget) else 'NO'}"
+                 ", XLA cost analysis of the shrunk encoder (the column above) "
+                 f"{'yes' if all(budget_ok(r, 'flops_fraction') for r in budget) else 'NO'}."
+                 if budget else ""),
               ""]
+    lines += split_table(res["rows"])
     if "snows" in res:
         sn = res["snows"][f"SNOWS 2:4, K={args.snows_k}"]
         lines += [f"SNOWS: all {sn['layers']} dense kernels of the layers (q, k, v, attention "
@@ -368,16 +446,55 @@ def markdown(args: argparse.Namespace, res: dict, command: str) -> str:
     return "\n".join(lines)
 
 
+def row_label(r: dict) -> str:
+    """``HESSO``, ``HESSO (count K, FLOP-matched)`` or ``HESSO (Budget, additive)``."""
+    if r.get("budget_flops"):
+        return f"{r['method']} (Budget, {r.get('normalize', 'norm')})"
+    return f"{r['method']} (count K, FLOP-matched)" if r.get("matched_flops") else r["method"]
+
+
+def row_target(r: dict) -> str:
+    if r.get("budget_flops"):
+        return f"{r['budget_flops']:.0%} FLOPs"
+    if r.get("matched_flops"):
+        return f"K={r['K']} ({r['sparsity']:.1%})"
+    return f"{r['sparsity']:.0%} groups"
+
+
+def budget_ok(r: dict, key: str) -> bool:
+    """Whether the kept FLOP fraction ``r[key]`` lies in ``[f − 0.03, f]``."""
+    f = r["budget_flops"]
+    return f - 0.03 <= r[key] <= f + 1e-9
+
+
+def split_table(rows: list[dict]) -> list[str]:
+    """Per-layer heads / neurons removed, for the rows that record it (FLOP runs)."""
+    rows = [r for r in rows if "heads_per_layer" in r and (r.get("budget_flops")
+                                                         or r.get("matched_flops"))]
+    if not rows:
+        return []
+    n = len(rows[0]["heads_per_layer"])
+    out = ["Heads / MLP neurons removed per layer (of 12 / 1536):", "",
+           "| run | " + " | ".join(f"layer {i}" for i in range(n)) + " |",
+           "|---|" + "---:|" * n]
+    for r in rows:
+        cells = [f"{h} / {m}" for h, m in zip(r["heads_per_layer"], r["neurons_per_layer"],
+                                              strict=True)]
+        out.append(f"| {row_label(r)}, {row_target(r)} | " + " | ".join(cells) + " |")
+    return [*out, ""]
+
+
 def plot(res: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    methods = list(dict.fromkeys(r["method"] for r in res["rows"]))
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4))
+    plain = [r for r in res["rows"] if not r.get("budget_flops") and not r.get("matched_flops")]
+    methods = list(dict.fromkeys(r["method"] for r in plain))
     for color, method in zip(("C0", "C1"), methods, strict=False):
-        rows = [r for r in res["rows"] if r["method"] == method]
+        rows = [r for r in plain if r["method"] == method]
         sp = [100 * r["sparsity"] for r in rows]
         axes[0].plot(sp, [r["cosine"] for r in rows], "o-", color=color,
                      label=f"{method}: cosine")
@@ -394,17 +511,46 @@ def plot(res: dict, path: Path) -> None:
                 title="CPU speed-up of the shrunk encoder")
     axes[2].set(xlabel="step", ylabel="1 − cos (train batch)", yscale="log",
                 title="distillation loss")
+    flop_rows = [r for r in res["rows"] if "flops_fraction" in r]
+    for color, label in zip(("C4", "C5", "C6", "C7", "C8"),
+                            dict.fromkeys(row_label(r) for r in flop_rows), strict=False):
+        pts = sorted((r["flops_fraction"], r["cosine"]) for r in flop_rows
+                     if row_label(r) == label)
+        axes[3].plot(*zip(*pts, strict=True), "o-", color=color, label=label)
+    axes[3].set(xlabel="FLOPs kept (XLA, shrunk encoder)", ylabel="held-out cosine",
+                title="count K vs FLOP budget")
     for ax in axes:
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
+def merge(res: dict, out: Path, snows: bool, command: str) -> str:
+    """Adds the rows of ``out/minilm.json`` this run did not redo (and its SNOWS results
+    when this run has none); returns the commands of both as one string."""
+    path = out / "minilm.json"
+    if not path.exists():
+        return command
+    old = json.loads(path.read_text())
+    redone = {row_key(r) for r in res["rows"]}
+    res["rows"] = [r for r in old["rows"] if row_key(r) not in redone] + res["rows"]
+    if not snows and "snows" in old:
+        res["snows"] = old["snows"]
+    res["commands"] = [*old.get("commands", [old.get("command", "python benchmarks/minilm.py")]),
+                       command]
+    return "`, then `".join(res["commands"])
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     res = run(args)
-    body = markdown(args, res, command_line("minilm.py", argv))
+    command = command_line("minilm.py", argv).strip()
+    res["commands"] = [command]
+    if args.merge:
+        command = merge(res, args.out, args.snows, command)
+    body = markdown(args, res, command)
     publish(args.out, SECTION, body, results=res, json_name="minilm.json",
             write=not args.no_write)
     if not args.no_write:

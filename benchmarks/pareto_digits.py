@@ -57,6 +57,11 @@ ARCHS = {
                                    rngs=nnx.Rngs(seed))),
 }
 METHODS = ("hesso", "hesso_cric", "magnitude", "taylor")
+DEFAULT_STEPS = 1500  # --steps; rows written before they recorded "steps" all used it
+FLOP_METHODS = ("hesso", "hesso_additive", "hesso_cric_additive", "magnitude", "taylor")
+"""Methods of the FLOP-budget rows; ``_additive``: HESSO's saliency mix with
+``hj.saliency.weighted(normalize="additive")`` (loss shares, `hesso_jax.saliency`)."""
+ALL_METHODS = (*METHODS, "hesso_additive", "hesso_cric_additive")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -67,13 +72,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--seeds", default="3",
                    help="a count N (seeds 0..N-1) or a comma list of seeds, e.g. '1,2' or '2,'")
-    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     p.add_argument("--periods", type=int, default=5)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--min-keep", type=float, default=0,
                    help="per-family floor of every pruning method (hj.hesso(min_keep=...), "
                         "one_shot_prune(min_keep=...)): an int count or a fraction in (0, 1)")
+    p.add_argument("--flops", default="",
+                   help="FLOP-budget rows: kept FLOP fractions, e.g. '0.7,0.5,0.3' (each "
+                        "method with K = hj.Budget(flops=f))")
+    p.add_argument("--flop-methods", default=",".join(FLOP_METHODS))
     p.add_argument("--merge", action="store_true",
                    help="add these runs to the rows already in pareto_digits.json "
                         "(same arch/method/sparsity/seed replaced)")
@@ -97,45 +106,62 @@ def _taylor_grads(model: nnx.Module, data: Any, seed: int, batches: int = 4,
     return out
 
 
-def run_one(args: argparse.Namespace, arch: str, method: str, sparsity: float, seed: int,
-            data: Any, dense: nnx.Module, *, return_model: bool = False) -> Any:
-    """One pruned run: its row, or ``(row, shrunk model)`` with ``return_model``."""
-    model = ARCHS[arch][1](seed)
-    groups = hj.discover_groups(model, data.x_train[:1])
+def _train_pruned(args: argparse.Namespace, model: nnx.Module, groups: hj.Groups,
+                  method: str, K: float | hj.Budget, seed: int, data: Any) -> None:
+    """Trains ``model`` in place with ``method`` at ``K`` (a group fraction or a Budget)."""
     min_keep = _min_keep(args)
     warmup, period_len = demo_schedule(args.steps, args.periods)
     common = dict(batch_size=args.batch_size, seed=seed, eval_every=args.steps,
                   progress=False)
-    t0 = time.perf_counter()
-    if method in ("hesso", "hesso_cric"):
+    base = method.removesuffix("_additive")
+    if base in ("hesso", "hesso_cric"):
         cric = (hj.CricConfig(sample_steps=5, learning_rate=args.lr * 10)
-                if method == "hesso_cric" else None)
+                if base == "hesso_cric" else None)
+        saliency = (hj.saliency.weighted(normalize="additive")
+                    if method.endswith("_additive") else None)
         tx = optax.chain(optax.adam(args.lr),
-                         hj.hesso(groups, sparsity, args.periods, period_len,
-                                  warmup_steps=warmup, cric=cric, min_keep=min_keep))
+                         hj.hesso(groups, K, args.periods, period_len, warmup_steps=warmup,
+                                  cric=cric, min_keep=min_keep, saliency=saliency))
         train_classifier(model, tx, data, steps=args.steps, **common)
-    else:
-        pre = warmup + args.periods * period_len  # when HESSO finishes pruning
-        train_classifier(model, optax.adam(args.lr), data, steps=pre, **common)
-        grads = _taylor_grads(model, data, seed) if method == "taylor" else ()
-        params = nnx.state(model, nnx.Param)
-        pruned, keep = one_shot_prune(params, groups, sparsity, method, grads,
-                                      min_keep=min_keep)
-        nnx.update(model, pruned)
-        tx = optax.chain(optax.adam(args.lr), keep_pruned(groups, keep))
-        train_classifier(model, tx, data, steps=args.steps - pre, **common)
+        return
+    pre = warmup + args.periods * period_len  # when HESSO finishes pruning
+    train_classifier(model, optax.adam(args.lr), data, steps=pre, **common)
+    grads = _taylor_grads(model, data, seed) if method == "taylor" else ()
+    params = nnx.state(model, nnx.Param)
+    pruned, keep = one_shot_prune(params, groups, K, method, grads, min_keep=min_keep)
+    nnx.update(model, pruned)
+    tx = optax.chain(optax.adam(args.lr), keep_pruned(groups, keep))
+    train_classifier(model, tx, data, steps=args.steps - pre, **common)
+
+
+def run_one(args: argparse.Namespace, arch: str, method: str, sparsity: float | None,
+            seed: int, data: Any, dense: nnx.Module, *, flops: float | None = None,
+            return_model: bool = False) -> Any:
+    """One pruned run at group ``sparsity`` (count K) or, with ``flops``, at
+    ``hj.Budget(flops=flops)``: its row, or ``(row, shrunk model)`` with ``return_model``."""
+    model = ARCHS[arch][1](seed)
+    groups = hj.discover_groups(model, data.x_train[:1])
+    t0 = time.perf_counter()
+    K = hj.Budget(flops=flops) if flops is not None else sparsity
+    _train_pruned(args, model, groups, method, K, seed, data)
     seconds = time.perf_counter() - t0
-    zero = groups.zero_groups(nnx.state(model, nnx.Param))
-    k = hj.groups.resolve_count(sparsity, groups.num_groups)
-    if int(zero.sum()) < k:
-        raise RuntimeError(f"{method}: {int(zero.sum())} zero groups, expected {k}")
+    zero = np.asarray(groups.zero_groups(nnx.state(model, nnx.Param)))
+    if flops is None:
+        k = hj.groups.resolve_count(sparsity, groups.num_groups)
+        if int(zero.sum()) < k:
+            raise RuntimeError(f"{method}: {int(zero.sum())} zero groups, expected {k}")
     small = hj.shrink_model(model, groups)
     x_test = jnp.asarray(data.x_test)
     acc = evaluate(small, data.x_test, data.y_test)
     masked = evaluate(model, data.x_test, data.y_test)
-    row = {"arch": arch, "method": method, "sparsity": sparsity, "seed": seed,
-           "min_keep": min_keep, "acc": acc, "acc_masked": masked, "params": count_params(small),
-           "flops": forward_flops(small, data.x_test[:1]),
+    small_flops = forward_flops(small, data.x_test[:1])
+    row = {"arch": arch, "method": method, "sparsity": sparsity, "budget_flops": flops,
+           "steps": args.steps, "seed": seed, "min_keep": _min_keep(args), "acc": acc,
+           "acc_masked": masked,
+           "params": count_params(small), "flops": small_flops,
+           "flops_fraction": small_flops / forward_flops(dense, data.x_test[:1]),
+           "flops_fraction_model": float(groups.costs.kept_fraction(zero)[1]),
+           "zero_groups": int(zero.sum()), "group_fraction": float(zero.mean()),
            "latency_ratio": latency_ratio(make_eval(small), nnx.state(small),
                                           make_eval(dense), nnx.state(dense), x_test,
                                           rounds=20)[0],
@@ -150,12 +176,17 @@ def _min_keep(args: argparse.Namespace) -> int | float:
 
 
 def _key(r: dict[str, Any]) -> tuple:
-    """What distinguishes a configuration (rows before ``--min-keep`` existed had none)."""
-    return (r["arch"], r["method"], r["sparsity"], r.get("min_keep", 0))
+    """What distinguishes a configuration (rows before ``--min-keep`` existed had none;
+    count-K rows have ``budget_flops`` None, FLOP-budget rows ``sparsity`` None)."""
+    return (r["arch"], r["method"], r["sparsity"], r.get("min_keep", 0),
+            r.get("budget_flops"), r.get("steps", DEFAULT_STEPS))
 
 
-def _label(method: str, min_keep: int | float) -> str:
-    return f"{method} (min_keep={min_keep})" if min_keep else method
+def _label(method: str, min_keep: int | float, budget: float | None = None,
+           steps: int = 1500) -> str:
+    name = f"{method} (FLOP budget)" if budget is not None else method
+    name = name if steps == DEFAULT_STEPS else f"{name} [{steps} steps]"
+    return f"{name} (min_keep={min_keep})" if min_keep else name
 
 
 def flops_text(flops: float) -> str:
@@ -167,17 +198,22 @@ def aggregate(sel: list[dict[str, Any]]) -> dict[str, Any]:
     """Seed statistics of one configuration's rows: accuracy in % (mean, sample std),
     mean params/FLOPs/seconds, median latency ratio."""
     accs = [100 * r["acc"] for r in sel]
+    frac = [r["flops_fraction"] for r in sel if "flops_fraction" in r]
     return {"n": len(sel), "acc_mean": statistics.mean(accs),
             "acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
             "params": statistics.mean(r["params"] for r in sel),
             "flops": statistics.mean(r["flops"] for r in sel),
+            "flops_fraction": statistics.mean(frac) if frac else None,
             "latency_ratio": statistics.median(r["latency_ratio"] for r in sel),
             "seconds": statistics.mean(r["seconds"] for r in sel)}
 
 
 def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    keys = sorted({_key(r) for r in rows}, key=lambda k: (k[0], k[2], k[3], k[1]))
+    keys = sorted({_key(r) for r in rows},
+                  key=lambda k: (k[0], -k[5], k[4] is not None, -(k[4] or 0), k[2] or 0,
+                                 k[3], k[1]))
     return [{"arch": key[0], "method": key[1], "sparsity": key[2], "min_keep": key[3],
+             "budget_flops": key[4], "steps": key[5],
              **aggregate([r for r in rows if _key(r) == key])} for key in keys]
 
 
@@ -189,26 +225,31 @@ def plot(summary: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import NullFormatter
 
-    colours = dict(zip(("dense", *METHODS), plt.get_cmap("tab10").colors, strict=False))
+    names = ("dense", *ALL_METHODS)
+    colours = dict(zip(names, plt.get_cmap("tab10").colors, strict=False))
     archs = sorted({s["arch"] for s in summary})
     fig, axes = plt.subplots(1, len(archs), figsize=(6.5 * len(archs), 4.6), squeeze=False)
     for ax, arch in zip(axes[0], archs, strict=True):
-        series = sorted({(s["method"], s.get("min_keep", 0)) for s in summary
-                         if s["arch"] == arch},
-                        key=lambda m: (("dense", *METHODS).index(m[0]), m[1]))
-        for method, min_keep in series:
+        series = sorted({(s["method"], s.get("min_keep", 0), s.get("budget_flops") is not None,
+                          s["steps"]) for s in summary if s["arch"] == arch},
+                        key=lambda m: (-m[3], m[2], names.index(m[0]), m[1]))
+        for method, min_keep, budget, steps in series:
             pts = sorted((s["flops"], s["acc_mean"], s["acc_std"]) for s in summary
                          if s["arch"] == arch and s["method"] == method
-                         and s.get("min_keep", 0) == min_keep
+                         and s.get("min_keep", 0) == min_keep and s["steps"] == steps
+                         and (s.get("budget_flops") is not None) == budget
                          and s["flops"] == s["flops"])  # a removed layer has no FLOPs
             if not pts:
                 continue
             f, a, e = zip(*pts, strict=True)
-            # no floor: circles, solid; a count floor: squares, dotted; a fraction: triangles
+            # no floor: circles, solid; a count floor: squares, dotted; a fraction: triangles;
+            # a FLOP budget: diamonds, dash-dotted
             kind = 0 if not min_keep else (1 if float(min_keep).is_integer() else 2)
-            style = "none" if method == "dense" else ("-", ":", "--")[kind]
+            style = "none" if method == "dense" else ("-.", ("-", ":", "--")[kind])[not budget]
             ax.errorbar(np.asarray(f) / 1e6, a, yerr=e, capsize=3, color=colours[method],
-                        marker="os^"[kind], linestyle=style, label=_label(method, min_keep))
+                        marker="D" if budget else "os^"[kind], linestyle=style,
+                        alpha=1.0 if steps == DEFAULT_STEPS else 0.6,
+                        label=_label(method, min_keep, 0.0 if budget else None, steps))
         ax.set_xscale("log")
         ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("FLOPs per example (M, shrunk model)")
@@ -220,10 +261,79 @@ def plot(summary: list[dict[str, Any]], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def results_table(summary: list[dict[str, Any]]) -> str:
+    """One line per configuration; the target is a group sparsity or a FLOP budget."""
+    lines = ["| arch | method | target | seeds | test acc % (mean ± std) | params | "
+             "FLOPs/example | latency shrunk/dense | train s |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for s in summary:
+        target = (f"{100 * s['sparsity']:.0f}% groups" if s.get("budget_flops") is None
+                  else f"FLOPs ≤ {100 * s['budget_flops']:.0f}%")
+        lines.append(f"| {ARCHS[s['arch']][0]} | "
+                     f"{_label(s['method'], s['min_keep'], s.get('budget_flops'), s['steps'])} | "
+                     f"{target} | {s['n']} | "
+                     f"{s['acc_mean']:.2f} ± {s['acc_std']:.2f} | {s['params']:,.0f} | "
+                     f"{flops_text(s['flops'])} | {s['latency_ratio']:.2f} | "
+                     f"{s['seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+def flop_section(rows: list[dict[str, Any]], summary: list[dict[str, Any]]) -> str:
+    """The FLOP-budget part of the RESULTS.md section (empty without FLOP rows)."""
+    budget = [r for r in rows if r.get("budget_flops") is not None]
+    if not budget:
+        return ""
+    ok = all(r["budget_flops"] - 0.03 <= r["flops_fraction_model"] <= r["budget_flops"] + 1e-9
+             for r in budget)
+    xla = [r["flops_fraction"] - r["budget_flops"] for r in budget]
+    return ("\n\n### FLOP budgets: count K vs hj.Budget(flops=f) at the same achieved FLOPs"
+            "\n\nEvery FLOP-budget run keeps a fraction of the cost model's FLOPs "
+            f"(`groups.costs`) in [f − 0.03, f]: {'yes' if ok else 'NO'}; XLA's count of the "
+            f"shrunk model minus f: {min(xla):+.3f} to {max(xla):+.3f}. `_additive`: HESSO's "
+            "mix with `hj.saliency.weighted(normalize=\"additive\")`; magnitude / taylor are "
+            "`one_shot_prune(..., hj.Budget(flops=f))`. The count-K column interpolates the "
+            "count-K HESSO curve (and the dense point) of the table above with the same step "
+            "count linearly in FLOPs at the row's achieved FLOPs.\n\n" + matched_table(summary))
+
+
+def interpolate(points: list[tuple[float, float]], x: float) -> float | None:
+    """Piecewise-linear ``y(x)`` through ``points`` (sorted by x); None outside them."""
+    pts = sorted(points)
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:], strict=False):
+        if x0 <= x <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return None
+
+
+def matched_table(summary: list[dict[str, Any]]) -> str:
+    """FLOP-budget rows against count-K HESSO *at the same achieved FLOPs*: the count-K
+    accuracy is interpolated linearly in FLOPs between its two nearest measured points."""
+    lines = ["| arch | FLOP target | method | seeds | FLOPs kept (XLA) | test acc % | "
+             "count-K HESSO at same FLOPs | Δ |", "|---|---:|---|---:|---:|---:|---:|---:|"]
+    for s in summary:
+        if s.get("budget_flops") is None:
+            continue
+        count = [(c["flops"], c["acc_mean"]) for c in summary
+                 if c["arch"] == s["arch"] and c["method"] in ("hesso", "dense")
+                 and c["steps"] == s["steps"]
+                 and c.get("budget_flops") is None and not c.get("min_keep")
+                 and c["flops"] == c["flops"]]
+        ref = interpolate(count, s["flops"])
+        ref_text = "–" if ref is None else f"{ref:.2f}"
+        delta = "–" if ref is None else f"{s['acc_mean'] - ref:+.2f}"
+        lines.append(f"| {ARCHS[s['arch']][0]} | {100 * s['budget_flops']:.0f}% | "
+                     f"{_label(s['method'], s['min_keep'], None, s['steps'])} | {s['n']} | "
+                     f"{100 * (s['flops_fraction'] or float('nan')):.1f}% | "
+                     f"{s['acc_mean']:.2f} ± {s['acc_std']:.2f} | {ref_text} | {delta} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     archs = args.archs.split(",")
-    sparsities = [float(s) for s in args.sparsities.split(",")]
+    sparsities = [float(s) for s in args.sparsities.split(",") if s]
+    flop_targets = [float(f) for f in args.flops.split(",") if f]
+    flop_methods = [m for m in args.flop_methods.split(",") if m]
     methods = args.methods.split(",")
     rows: list[dict[str, Any]] = []
     out_json = HERE / "pareto_digits.json"
@@ -247,7 +357,8 @@ def main(argv: list[str] | None = None) -> None:
     seeds = ([int(s) for s in args.seeds.split(",") if s] if "," in args.seeds
              else list(range(int(args.seeds))))
     jobs = [(a, s) for a in archs for s in seeds]
-    bar = tqdm(total=len(jobs) * (1 + len(methods) * len(sparsities)), desc="runs")
+    bar = tqdm(total=len(jobs) * (1 + len(methods) * len(sparsities)
+                                  + len(flop_methods) * len(flop_targets)), desc="runs")
     for arch, seed in jobs:
         data = load_digits_split(seed)
         dense = ARCHS[arch][1](seed)
@@ -256,6 +367,7 @@ def main(argv: list[str] | None = None) -> None:
                          batch_size=args.batch_size, seed=seed, eval_every=args.steps,
                          progress=False)
         rows.append({"arch": arch, "method": "dense", "sparsity": 0.0, "seed": seed,
+                     "steps": args.steps,
                      "min_keep": 0, "acc": evaluate(dense, data.x_test, data.y_test),
                      "acc_masked": None,
                      "params": count_params(dense),
@@ -270,20 +382,17 @@ def main(argv: list[str] | None = None) -> None:
                                 acc=f"{100 * rows[-1]['acc']:.1f}")
                 bar.update()
                 save()
+        for f in flop_targets:
+            for method in flop_methods:
+                rows.append(run_one(args, arch, method, None, seed, data, dense, flops=f))
+                bar.set_postfix(arch=arch, m=method, flops=f,
+                                acc=f"{100 * rows[-1]['acc']:.1f}")
+                bar.update()
+                save()
     bar.close()
     rows = merged()
     summary = summarize(rows)
-    lines = ["| arch | method | group sparsity | seeds | test acc % (mean ± std) | params | "
-             "FLOPs/example | latency shrunk/dense | train s |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for s in summary:
-        lines.append(f"| {ARCHS[s['arch']][0]} | {_label(s['method'], s['min_keep'])} | "
-                     f"{100 * s['sparsity']:.0f}% | "
-                     f"{s['n']} | "
-                     f"{s['acc_mean']:.2f} ± {s['acc_std']:.2f} | {s['params']:,.0f} | "
-                     f"{flops_text(s['flops'])} | {s['latency_ratio']:.2f} | "
-                     f"{s['seconds']:.0f} |")
-    table = "\n".join(lines)
+    table = results_table(summary)
     print(table)
     save()
     if not args.no_write:
@@ -292,8 +401,9 @@ def main(argv: list[str] | None = None) -> None:
         body = (f"Commands: `{cmd}` ({args.steps} steps, Adam "
                 f"lr {args.lr}, batch {args.batch_size}, P={args.periods}; last command on "
                 f"{environment_line()}; `train s` and latency are only comparable within the "
-                "table). Accuracy is the shrunk model's; every pruned run has exactly K groups "
-                "at 0.0. Plot: `benchmarks/pareto_digits.png`.\n\n" + table)
+                "table). Accuracy is the shrunk model's; every count-K run has exactly K groups "
+                "at 0.0. Plot: `benchmarks/pareto_digits.png`.\n\n" + table
+                + flop_section(rows, summary))
         upsert_section(HERE / "RESULTS.md", SECTION, body)
 
 
