@@ -157,6 +157,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="torch.set_num_threads (2 stall on shared 2-core machines)")
     p.add_argument("--no-write", action="store_true",
                    help="print only: do not write the JSON or RESULTS.md")
+    p.add_argument("--tag", default="",
+                   help="write torch_pruning_digits_<tag>.json and a RESULTS section of "
+                        "its own (a partial grid next to the full one)")
     p.set_defaults(min_keep=0)  # pareto_digits.run_one's per-family floor: none here
     return p.parse_args(argv)
 
@@ -454,7 +457,8 @@ def load_text() -> str:
 def write_results(args: argparse.Namespace, argv: list[str] | None, torch: Any,
                   rows: list[dict[str, Any]], summary: list[dict[str, Any]],
                   loads: tuple[str, str]) -> None:
-    """``torch_pruning_digits.json`` and this benchmark's RESULTS.md section."""
+    """``torch_pruning_digits.json`` and this benchmark's RESULTS.md section (with
+    ``--tag``: ``torch_pruning_digits_<tag>.json`` and a section named after the tag)."""
     import jax
     import torch_pruning
     from common import command_line, environment_line, upsert_section
@@ -462,7 +466,8 @@ def write_results(args: argparse.Namespace, argv: list[str] | None, torch: Any,
     command = command_line("peers/torch_pruning_digits.py", argv)
     versions = (f"torch {torch.__version__}, torch-pruning "
                 f"{getattr(torch_pruning, '__version__', '?')}, jax {jax.__version__}")
-    (HERE / "torch_pruning_digits.json").write_text(json.dumps(
+    suffix = f"_{args.tag}" if args.tag else ""
+    (HERE / f"torch_pruning_digits{suffix}.json").write_text(json.dumps(
         {"command": command, "versions": versions, "threads": args.threads,
          "load_average": {"start": loads[0], "end": loads[1]}, "rows": rows,
          "summary": summary}, indent=1))
@@ -480,7 +485,8 @@ def write_results(args: argparse.Namespace, argv: list[str] | None, torch: Any,
             "compilation in the first step, pruning and bisection kept as measured). "
             "*Median step* is pooled over the recipe's training calls (pruned models "
             "fine-tune with smaller steps).\n\n" + table(summary))
-    upsert_section(HERE.parent / "RESULTS.md", SECTION, body)
+    section = f"{SECTION} ({args.tag.replace('_', ' ')})" if args.tag else SECTION
+    upsert_section(HERE.parent / "RESULTS.md", section, body)
 
 
 def main(argv: list[str] | None = None) -> int:
