@@ -319,3 +319,58 @@ def random_keep(groups, rng, *, drop_family=None):
         start, size = groups.starts[drop_family], groups.families[drop_family].size
         keep[start:start + size] = False
     return keep
+
+
+# --------------------------------------------------- tensor parallel over pruned axes
+# A 2-D mesh ("fsdp", "tp"): the pruned axes (kv heads with their query heads, SwiGLU
+# neurons) and the embedding's vocabulary are sharded over "tp", Megatron style; every
+# weight's largest other axis over "fsdp". Used by tests/test_llama_sharding.py.
+TP_MESH_SHAPE = (2, 4)  # fsdp, tp
+
+
+def tp_mesh(axis_type, shape=TP_MESH_SHAPE):
+    """A ``("fsdp", "tp")`` mesh of ``shape`` with both axes of ``axis_type``."""
+    return jax.make_mesh(shape, ("fsdp", "tp"), axis_types=(axis_type, axis_type))
+
+
+def tp_specs(tree, groups, *, tp="tp", fsdp="fsdp"):
+    """PartitionSpecs sharding every grouped axis over ``tp`` and the largest other one
+    over ``fsdp``.
+
+    A leaf holding a member or dependent of a family (the first one found, members first)
+    gets ``tp`` on that axis: ``query``/``key``/``value`` on their head axis, ``out`` on
+    its head axis, ``gate``/``up`` on their neuron (output) axis, ``down`` on its neuron
+    (input) axis. A leaf of two or more dimensions in no family (the embedding) gets
+    ``tp`` on its largest axis (the vocabulary, Megatron's vocabulary-parallel embedding).
+    Every leaf of two or more dimensions gets ``fsdp`` on its largest remaining axis (the
+    model width); vectors outside the groups (RMSNorm scales) are replicated.
+    """
+    tp_axis = {}
+    for fam in groups.families:
+        for m in (*fam.members, *fam.dependents):
+            tp_axis.setdefault(m.path, m.axis)
+
+    def spec(path, x):
+        entries = [None] * x.ndim
+        if path in tp_axis:
+            entries[tp_axis[path] % x.ndim] = tp
+        elif x.ndim >= 2:  # not prunable (the embedding): its largest axis over tp
+            entries[int(np.argmax(x.shape))] = tp
+        free = [a for a in range(x.ndim) if entries[a] is None]
+        if x.ndim >= 2 and free:
+            entries[max(free, key=lambda a: x.shape[a])] = fsdp
+        return PartitionSpec(*entries)
+
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    return jax.tree_util.tree_unflatten(
+        treedef, [spec(p, x) for p, x in zip(hj.tree_paths(tree), leaves, strict=True)])
+
+
+def put_host(mesh, tree, specs):
+    """`put` built from host slices (``make_array_from_callback``: nothing compiled)."""
+    def one(a, s):
+        host = np.asarray(a)
+        return jax.make_array_from_callback(host.shape, NamedSharding(mesh, s),
+                                            lambda idx: host[idx])
+
+    return jax.tree.map(one, tree, specs)
