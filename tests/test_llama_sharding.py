@@ -16,10 +16,10 @@ Explicit-typed arrays its first op, the embedding lookup (a gather of batch-shar
 tokens), raises ``ShardingTypeError`` asking for an ``out_sharding=``. The gradients,
 HESSO's update and the optimizer state stay Explicit-typed.
 
-``run`` blocks after every step. Without it one early run of this setup (Auto, 2 x 4)
-died in an XLA:CPU rendezvous timeout: each device's collectives wait on a thread of a
-shared pool, and with 8 virtual devices on 2 cores four devices held every pool thread in
-sub-mesh collectives while the other four never started theirs.
+``run`` blocks after every step. Without it one of four runs of this setup (Auto, 2 x 4)
+died in an XLA:CPU rendezvous timeout (2 cores shared with other jobs): each device's
+collectives wait on a thread of one shared pool, and every waiting thread belonged to
+devices 0-3, none to devices 4-7.
 """
 
 from __future__ import annotations
