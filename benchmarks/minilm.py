@@ -419,7 +419,7 @@ def markdown(args: argparse.Namespace, res: dict, command: str) -> str:
             f"{r['params'] / 1e6:.2f} M ({r['layer_params'] / 1e6:.2f} M) | "
             f"{r['dense_ms']:.0f} / {r['shrunk_ms']:.0f} | {r['speedup']:.2f}× |")
     for label, s in res.get("snows", {}).items():
-        lines.append(f"| {label} | 50% of layer weights | – | {s['cosine']:.4f} "
+        lines.append(f"| {label} | 50% of layer weights | – | – | {s['cosine']:.4f} "
                      f"({s['cosine_min']:.3f}) | {s['nn_agreement']:.1%} | "
                      f"{s['top10_overlap']:.1%} | – | – | – (needs 2:4 kernels) |")
     worst = max((r["shrunk_vs_masked_max_abs"] for r in res["rows"]), default=0.0)
