@@ -31,10 +31,18 @@ the first trial already put ``K`` there, so the number of corrective cycles (tri
 the first) is at most ``⌊(G − K)/(tolerance + 1)⌋ ≤ (G − K)/max(tolerance, 1)``
 (Corollary 3.4).
 
+Cost. Every trial starts at ``x⁰``, so its first step ``u₀ = −η∇f(x⁰)`` and score
+``s(x⁰, u₀)`` are those of step 1 and are computed once: a call evaluates
+``1 + trials·(S − 1)`` gradients (`CricConfig.gradient_count`; the selection is the same as
+recomputing them). The gradients run inside the loops with every convolution in canonical
+channels-last layout (`hesso_jax.jaxpr.conv_layout.canonical_convs`: same values; XLA:CPU
+runs the transposed gradient convolutions JAX emits 25–110× slower inside loop bodies than
+at the top level).
+
 Memory: one working copy of the parameters (the trial iterate ``x``; ``x⁰`` is the input
-itself, never copied) plus the transient gradient and length-``G`` vectors. The PyTorch
-reference keeps two copies. The cycle loop is a ``lax.while_loop`` and the trial a
-``lax.fori_loop``, so `cric` is pure and jittable.
+itself, never copied) and the shared first step ``u₀``, plus the transient gradient and
+length-``G`` vectors. The PyTorch reference keeps two copies. The cycle loop is a
+``lax.while_loop`` and the trial a ``lax.fori_loop``, so `cric` is pure and jittable.
 
 Sharding: the trial iterate keeps the parameters' sharding through the ``fori_loop``
 (``x + u'`` of two arrays sharded like the parameters), and every length-``G`` carry of the
@@ -111,15 +119,16 @@ class CricConfig:
     def gradient_count(self, trials: int) -> int:
         """Loss gradients `cric` evaluates for ``trials`` trials (``cycles + 1``).
 
-        The greedy pick needs ``∇f(x⁰)``; every trial takes ``S`` steps.
+        The greedy pick needs ``∇f(x⁰)``; every trial takes ``S`` steps from ``x⁰``, the
+        first of which reuses that gradient: ``1 + trials·(S − 1)``.
 
         Example:
           >>> import hesso_jax as hj
           >>> hj.CricConfig(sample_steps=5, learning_rate=0.1).gradient_count(3)
-          16
+          13
         """
         check_int("trials", trials, 0)
-        return 1 + trials * self.sample_steps
+        return 1 + trials * (self.sample_steps - 1)
 
 
 class CricResult(NamedTuple):
@@ -174,23 +183,9 @@ def cric_select(loss_fn: Callable[[Any], jax.Array], params: Any, groups: Groups
         loss, grads = value_and_grad(x)
         return loss, jax.tree.map(lambda g: (-lr * g).astype(g.dtype), grads)
 
-    def trial(violating: jax.Array, acc: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """``(A + Σ_j s(x_j, u_j), finite)``: one trial from ``x⁰`` projecting ``violating``."""
-
-        def step(j: jax.Array, carry: tuple[Any, jax.Array, jax.Array]
-                 ) -> tuple[Any, jax.Array, jax.Array]:
-            x, acc, finite = carry
-            loss, u = direction(x)
-            acc = acc + evaluate(saliency, x, u, groups)
-            coef = jnp.where(violating, gamma(j, S), 1.0)
-            u = project(layout, u, x, violating, coef)
-            x = jax.tree.map(lambda a, b: (a + b).astype(a.dtype), x, u)
-            return x, acc, finite & jnp.isfinite(loss)
-
-        _, acc, finite = jax.lax.fori_loop(0, S, step, (params, acc, jnp.asarray(True)))
-        return acc, finite & jnp.all(jnp.isfinite(acc))
-
-    greedy = evaluate(saliency, params, direction(params)[1], groups)
+    loss0, u0 = direction(params)
+    greedy = evaluate(saliency, params, u0, groups)
+    trial = _trial_fn(direction, saliency, groups, layout, params, S, (loss0, u0, greedy))
     first = select(greedy, candidates)
     has_work = jnp.any(first) if custom else k > 0
 
@@ -225,6 +220,41 @@ def cric_select(loss_fn: Callable[[Any], jax.Array], params: Any, groups: Groups
     redundant = jnp.where(none_accepted, first, select(out.acc, candidates))
     scores = jnp.where(none_accepted & out.rejected, greedy, out.acc)
     return CricResult(redundant, cycles, out.sizes, scores, out.rejected.astype(jnp.int32))
+
+
+Direction = Callable[[Any], tuple[jax.Array, Any]]
+
+
+def _trial_fn(direction: Direction, saliency: SaliencyFn, groups: Groups, layout: Any,
+              params: Any, S: int, start: tuple[jax.Array, Any, jax.Array]
+              ) -> Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]:
+    """``trial(V, A) -> (A + Σ_j s(x_j, u_j), finite)``: one trial from ``x⁰`` projecting V.
+
+    Every trial starts at ``x⁰``, so its first sample point is the same for all of them:
+    ``start = (f(x⁰), u₀ = −η∇f(x⁰), s(x⁰, u₀))`` is computed once (the greedy pick needs
+    it too) and each trial evaluates ``S − 1`` gradients, not ``S``.
+    """
+    loss0, u0, score0 = start
+
+    def move(j: jax.Array | int, x: Any, u: Any, violating: jax.Array) -> Any:
+        """``x + u`` elsewhere, ``γ_j(x + u)`` on ``V`` (the HESSO projection)."""
+        coef = jnp.where(violating, gamma(j, S), 1.0)
+        u = project(layout, u, x, violating, coef)
+        return jax.tree.map(lambda a, b: (a + b).astype(a.dtype), x, u)
+
+    def trial(violating: jax.Array, acc: jax.Array) -> tuple[jax.Array, jax.Array]:
+        def step(j: jax.Array, carry: tuple[Any, jax.Array, jax.Array]
+                 ) -> tuple[Any, jax.Array, jax.Array]:
+            x, acc, finite = carry
+            loss, u = direction(x)
+            acc = acc + evaluate(saliency, x, u, groups)
+            return move(j, x, u, violating), acc, finite & jnp.isfinite(loss)
+
+        carry = (move(0, params, u0, violating), acc + score0, jnp.isfinite(loss0))
+        _, acc, finite = jax.lax.fori_loop(1, S, step, carry)
+        return acc, finite & jnp.all(jnp.isfinite(acc))
+
+    return trial
 
 
 def cric(loss_fn: Callable[[Any], jax.Array], params: Any, groups: Groups,

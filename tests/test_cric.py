@@ -189,3 +189,76 @@ def test_bad_k_and_groups():
         hj.cric(loss_fn, teacher(), [1], 2, sample_steps=1, learning_rate=0.1)
     with pytest.raises(TypeError, match="cric must be None or a hesso_jax.CricConfig"):
         hj.hesso(groups_of(), 2, 1, 1, cric={"sample_steps": 2})
+
+
+# ---------------------------------------------------------------- cost (issue 14 item 2)
+def test_cric_evaluates_gradient_count_gradients():
+    """Each trial reuses the gradient at x⁰ of the greedy pick: 1 + trials·(S − 1) calls."""
+    calls = []
+
+    def counted(p):
+        jax.debug.callback(lambda: calls.append(1))
+        return loss_fn(p)
+
+    p, groups = teacher(), groups_of()
+    res = jax.jit(lambda p: hj.cric(counted, p, groups, 2, sample_steps=5,
+                                    learning_rate=0.05))(p)
+    jax.effects_barrier()
+    trials = int(res.cycles) + 1
+    config = CricConfig(sample_steps=5, learning_rate=0.05)
+    assert trials >= 2 and len(calls) == config.gradient_count(trials) == 1 + 4 * trials
+    assert not np.any(np.asarray(res.redundant)[CRITICAL])  # the same selection as before
+
+
+def small_cnn_loss():
+    """A strided, padded, dilated, grouped conv net on 8×8 inputs and its channel groups."""
+    from jax import lax
+
+    k = jax.random.split(jax.random.key(3), 3)
+    params = {"c1": jax.random.normal(k[0], (3, 3, 2, 8)) / 3,
+              "c2": jax.random.normal(k[1], (3, 3, 4, 8)) / 3,
+              "head": jax.random.normal(k[2], (8, 1)) / 3}
+    x = jax.random.normal(jax.random.key(4), (4, 8, 8, 2))
+    y = jax.random.normal(jax.random.key(5), (4, 1))
+    nhwc = ("NHWC", "HWIO", "NHWC")
+
+    def loss(p):
+        h = jax.nn.relu(lax.conv_general_dilated(x, p["c1"], (2, 2), ((1, 0), (0, 1)),
+                                                 dimension_numbers=nhwc))
+        h = jax.nn.relu(lax.conv_general_dilated(h, p["c2"], (1, 1), "SAME",
+                                                 rhs_dilation=(2, 1), dimension_numbers=nhwc,
+                                                 feature_group_count=2))
+        return jnp.mean((jnp.mean(h, axis=(1, 2)) @ p["head"] - y) ** 2)
+
+    groups = hj.Groups.from_families([hj.GroupFamily(8, (hj.Member(("c2",), 3),))])
+    return loss, params, groups
+
+
+def test_cric_gradients_have_no_convolution_in_a_non_canonical_layout():
+    """Structure, not timing: inside CRIC's loops every convolution is channels-last (the
+    layout XLA:CPU runs on its fast kernels), and the selection equals the stock one."""
+    import importlib
+
+    from hesso_jax.jaxpr.conv_layout import conv_dimension_numbers, is_canonical
+
+    loss, params, groups = small_cnn_loss()
+
+    def make_run():  # a fresh function per trace: jit and make_jaxpr cache by identity
+        return lambda p: hj.cric(loss, p, groups, 3, sample_steps=3, learning_rate=0.5)
+
+    dns = conv_dimension_numbers(jax.make_jaxpr(make_run())(params))
+    # greedy + trial gradient: 2 forward, 2 kernel-gradient, 1 input-gradient conv each
+    assert len(dns) == 2 * 5 and all(map(is_canonical, dns))
+    new = jax.jit(make_run())(params)
+    cric_module = importlib.import_module("hesso_jax.cric")
+    saved = cric_module.canonical_convs
+    cric_module.canonical_convs = lambda fn: fn
+    try:
+        stock_dns = conv_dimension_numbers(jax.make_jaxpr(make_run())(params))
+        stock = jax.jit(make_run())(params)
+    finally:
+        cric_module.canonical_convs = saved
+    assert len(stock_dns) == 10 and not all(map(is_canonical, stock_dns))
+    np.testing.assert_array_equal(new.redundant, stock.redundant)
+    np.testing.assert_array_equal(new.violating_sizes, stock.violating_sizes)
+    np.testing.assert_allclose(new.scores, stock.scores, rtol=1e-5, atol=1e-6)
