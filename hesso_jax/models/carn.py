@@ -87,6 +87,10 @@ def conv_nhwc(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int],
     non-canonical transposed convolutions into this form only at the top level of a
     program, and runs them 30–60× slower inside ``lax.cond``/``while_loop`` bodies, which
     is where HESSO-CRIC computes its trial gradients (a relative of jax-ml/jax#12868).
+    CRIC now rewrites the convolutions of any model's trial gradients itself
+    (`hesso_jax.jaxpr.conv_layout.canonical_convs`, all strides, dilations and groups), so
+    ``CARN(canonical_grad=False)`` is fast there too; `conv_nhwc` still helps gradients a
+    user computes inside their own ``lax`` loops.
 
     Other keyword arguments of ``lax.conv_general_dilated`` (``precision``,
     ``out_sharding``, ...) are accepted and ignored.
