@@ -36,8 +36,8 @@ Cost. Every trial starts at ``x⁰``, so its first step ``u₀ = −η∇f(x⁰)
 ``1 + trials·(S − 1)`` gradients (`CricConfig.gradient_count`; the selection is the same as
 recomputing them). The gradients run inside the loops with every convolution in canonical
 channels-last layout (`hesso_jax.jaxpr.conv_layout.canonical_convs`: same values; XLA:CPU
-runs the transposed gradient convolutions JAX emits 25–110× slower inside loop bodies than
-at the top level).
+runs the transposed gradient convolutions JAX emits tens of times slower inside loop
+bodies than at the top level).
 
 Memory: one working copy of the parameters (the trial iterate ``x``; ``x⁰`` is the input
 itself, never copied) and the shared first step ``u₀``, plus the transient gradient and
