@@ -589,7 +589,11 @@ def hesso(
       warmup_steps: plain steps before the first period.
       saliency: ``None`` (equal mix of the five scores), a score name, a
         ``{name: weight}`` mapping, or a callable ``fn(params, direction, groups) -> [G]``
-        (see `hesso_jax.saliency`). Lowest score = most redundant.
+        (see `hesso_jax.saliency`). Lowest score = most redundant. With a count ``K`` a
+        name, mapping or ``None`` is mixed with ``normalize="norm"`` (the reference's mix);
+        with a `hesso_jax.Budget` with ``normalize="additive"`` (each score an additive
+        loss-increase estimate, so saliency per unit of cost compares heads with neurons;
+        pass ``hesso_jax.saliency.weighted(w, normalize="norm")`` for the other).
       cric: ``None`` (greedy bottom-K̂ at period starts) or a `CricConfig`: HESSO-CRIC,
         where each period start selects its K̂ groups with the corrective cycle
         (`hesso_jax.cric`) among the groups not yet pruned. The update then needs the
@@ -685,7 +689,9 @@ def hesso(
                 "never reach exactly zero; shorten warmup_steps, P or Tp")
     if cric is not None and not isinstance(cric, CricConfig):
         raise TypeError(f"cric must be None or a hesso_jax.CricConfig, got {cric!r}")
-    score_fn = resolve_saliency(saliency)
+    # under a Budget a name / mapping / None mix is additive (loss shares, fair per unit cost)
+    mix = "additive" if isinstance(K, Budget) else "norm"
+    score_fn = resolve_saliency(saliency, normalize=mix)
     rb, k_code = None, 0
     if isinstance(K, Budget):
         rb = _resolve_hesso_budget(K, groups, costs, min_keep)
@@ -698,7 +704,7 @@ def hesso(
         per_period = np.asarray(schedule_counts(k_code, P), np.int32)
     cric_score, cric_cap = None, 0
     if cric is not None:
-        cric_score = score_fn if cric.saliency is None else resolve_saliency(cric.saliency)
+        cric_score = resolve_saliency(cric.saliency, normalize=mix) if cric.saliency else score_fn
         cric_cap = cric.cycle_cap(G, int(per_period.max()))
     schedule = HessoSchedule(warmup_steps=Tw, periods=P, period_len=Tp, k=k_code)
     if not isinstance(check_updates, bool):

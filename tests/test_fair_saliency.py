@@ -156,3 +156,26 @@ def test_under_a_budget_heads_go_exactly_when_they_are_the_cheaper_loss_per_cost
     # ‖x_g‖ / c_g: heads √32·h/32 vs neurons n/1, so heads look 5.7x cheaper per unit of
     # cost than they are, and the norm mix removes one even when it carries 4x the loss
     assert heads_removed("norm") == 1
+
+
+@pytest.mark.parametrize("budgeted", [True, False])
+def test_hesso_mixes_additively_under_a_budget_and_by_norm_for_a_count(budgeted):
+    import optax
+
+    from hesso_jax.costs import GroupCosts
+
+    groups, params, _ = heads_and_neurons(1.0, 0.5)  # heads carry 4x a neuron's loss/cost
+    owner = np.concatenate([np.repeat([0, 1], 32), np.arange(2, 66)]).astype(np.int32)
+    terms = CostTerms.build([(1, [(128, owner)])], 66)
+    costs = GroupCosts.from_terms(terms, terms)
+    # a count K = 1 removes the lowest score; the budget removes 32 of 128 cost units
+    K = hj.Budget(flops=0.75) if budgeted else 1
+    tx = optax.chain(optax.sgd(0.0), hj.hesso(groups, K, 1, 1, costs=costs,
+                                              saliency="magnitude"))
+    state = tx.init(params)
+    updates, state = jax.jit(tx.update)(jax.tree.map(jnp.zeros_like, params), state, params)
+    pruned = np.asarray(hj.hesso_status(state).pruned)
+    if budgeted:  # additive: 32 neurons (¼ of a head's loss per unit cost), no head
+        assert pruned[:2].sum() == 0 and pruned[2:].sum() == 32
+    else:  # the reference's norm mix, count K: ‖x‖ of a neuron (0.5) < a head's (5.7)
+        assert pruned[:2].sum() == 0 and pruned[2:].sum() == 1
