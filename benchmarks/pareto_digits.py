@@ -60,7 +60,8 @@ METHODS = ("hesso", "hesso_cric", "magnitude", "taylor")
 DEFAULT_STEPS = 1500  # --steps; rows written before they recorded "steps" all used it
 FLOP_METHODS = ("hesso", "hesso_additive", "hesso_cric_additive", "magnitude", "taylor")
 """Methods of the FLOP-budget rows; ``_additive``: HESSO's saliency mix with
-``hj.saliency.weighted(normalize="additive")`` (loss shares, `hesso_jax.saliency`)."""
+``hj.saliency.weighted(normalize="additive")`` (loss shares, `hesso_jax.saliency`); the
+others with ``normalize="norm"`` (the reference's mix), set explicitly."""
 ALL_METHODS = (*METHODS, "hesso_additive", "hesso_cric_additive")
 
 
@@ -117,8 +118,9 @@ def _train_pruned(args: argparse.Namespace, model: nnx.Module, groups: hj.Groups
     if base in ("hesso", "hesso_cric"):
         cric = (hj.CricConfig(sample_steps=5, learning_rate=args.lr * 10)
                 if base == "hesso_cric" else None)
-        saliency = (hj.saliency.weighted(normalize="additive")
-                    if method.endswith("_additive") else None)
+        # explicit: hj.hesso's default mix is "norm" for a count K, "additive" for a Budget
+        saliency = hj.saliency.weighted(
+            normalize="additive" if method.endswith("_additive") else "norm")
         tx = optax.chain(optax.adam(args.lr),
                          hj.hesso(groups, K, args.periods, period_len, warmup_steps=warmup,
                                   cric=cric, min_keep=min_keep, saliency=saliency))
@@ -228,8 +230,13 @@ def plot(summary: list[dict[str, Any]], path: Path) -> None:
     names = ("dense", *ALL_METHODS)
     colours = dict(zip(names, plt.get_cmap("tab10").colors, strict=False))
     archs = sorted({s["arch"] for s in summary})
-    fig, axes = plt.subplots(1, len(archs), figsize=(6.5 * len(archs), 4.6), squeeze=False)
-    for ax, arch in zip(axes[0], archs, strict=True):
+    budgeted = sorted({(s["arch"], s["steps"]) for s in summary
+                       if s.get("budget_flops") is not None})
+    n = len(archs) + len(budgeted)
+    fig, axes = plt.subplots(1, n, figsize=(6.5 * n, 4.6), squeeze=False)
+    for ax, (arch, steps) in zip(axes[0][len(archs):], budgeted, strict=True):
+        _plot_budget_panel(ax, summary, arch, steps, colours)
+    for ax, arch in zip(axes[0][:len(archs)], archs, strict=True):
         series = sorted({(s["method"], s.get("min_keep", 0), s.get("budget_flops") is not None,
                           s["steps"]) for s in summary if s["arch"] == arch},
                         key=lambda m: (-m[3], m[2], names.index(m[0]), m[1]))
@@ -290,8 +297,10 @@ def flop_section(rows: list[dict[str, Any]], summary: list[dict[str, Any]]) -> s
             "\n\nEvery FLOP-budget run keeps a fraction of the cost model's FLOPs "
             f"(`groups.costs`) in [f − 0.03, f]: {'yes' if ok else 'NO'}; XLA's count of the "
             f"shrunk model minus f: {min(xla):+.3f} to {max(xla):+.3f}. `_additive`: HESSO's "
-            "mix with `hj.saliency.weighted(normalize=\"additive\")`; magnitude / taylor are "
-            "`one_shot_prune(..., hj.Budget(flops=f))`. The count-K column interpolates the "
+            "mix with `hj.saliency.weighted(normalize=\"additive\")` (hj.hesso's default "
+            "under a Budget), the others the reference's `normalize=\"norm\"` mix; "
+            "magnitude / taylor are `one_shot_prune(..., hj.Budget(flops=f))`. The count-K "
+            "column interpolates the "
             "count-K HESSO curve (and the dense point) of the table above with the same step "
             "count linearly in FLOPs at the row's achieved FLOPs.\n\n" + matched_table(summary))
 
@@ -326,6 +335,42 @@ def matched_table(summary: list[dict[str, Any]]) -> str:
                      f"{100 * (s['flops_fraction'] or float('nan')):.1f}% | "
                      f"{s['acc_mean']:.2f} ± {s['acc_std']:.2f} | {ref_text} | {delta} |")
     return "\n".join(lines)
+
+
+def write_outputs(args: argparse.Namespace, rows: list[dict[str, Any]],
+                  summary: list[dict[str, Any]], commands: list[str]) -> None:
+    """The plot and the RESULTS.md section of ``rows`` (``summary = summarize(rows)``)."""
+    plot(summary, HERE / "pareto_digits.png")
+    cmd = "`, then `".join(c.strip() for c in commands)
+    body = (f"Commands: `{cmd}` ({DEFAULT_STEPS} steps unless a row says [N steps], Adam "
+            f"lr {args.lr}, batch {args.batch_size}, P={args.periods}; last command on "
+            f"{environment_line()}; `train s` and latency are only comparable within the "
+            "table). Accuracy is the shrunk model's; every count-K run has exactly K groups "
+            "at 0.0. Plot: `benchmarks/pareto_digits.png`.\n\n" + results_table(summary)
+            + flop_section(rows, summary))
+    upsert_section(HERE / "RESULTS.md", SECTION, body)
+
+
+def _plot_budget_panel(ax: Any, summary: list[dict[str, Any]], arch: str, steps: int,
+                       colours: dict[str, Any]) -> None:
+    """Accuracy vs kept FLOP fraction of one arch's FLOP-budget runs at ``steps`` steps,
+    with the count-K HESSO curve of the same step count."""
+    sel = [s for s in summary if s["arch"] == arch and s["steps"] == steps
+           and not s.get("min_keep") and s["flops_fraction"] is not None]
+    series = {"hesso (count K)": [s for s in sel if s["method"] == "hesso"
+                                  and s.get("budget_flops") is None]}
+    for method in dict.fromkeys(s["method"] for s in sel if s.get("budget_flops")):
+        series[f"{method} (FLOP budget)"] = [s for s in sel if s["method"] == method
+                                             and s.get("budget_flops") is not None]
+    for label, pts in series.items():
+        pts = sorted((100 * s["flops_fraction"], s["acc_mean"]) for s in pts)
+        if pts:
+            ax.plot(*zip(*pts, strict=True), "o-" if "count" in label else "D-.",
+                    color=colours[label.split(" ")[0]], label=label)
+    ax.set(xlabel="FLOPs kept (% of dense, XLA)", ylabel="test accuracy (%)",
+           title=f"{ARCHS[arch][0]}: FLOP budgets, {steps} steps")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -396,15 +441,7 @@ def main(argv: list[str] | None = None) -> None:
     print(table)
     save()
     if not args.no_write:
-        plot(summary, HERE / "pareto_digits.png")
-        cmd = "`, then `".join(c.strip() for c in commands)
-        body = (f"Commands: `{cmd}` ({args.steps} steps, Adam "
-                f"lr {args.lr}, batch {args.batch_size}, P={args.periods}; last command on "
-                f"{environment_line()}; `train s` and latency are only comparable within the "
-                "table). Accuracy is the shrunk model's; every count-K run has exactly K groups "
-                "at 0.0. Plot: `benchmarks/pareto_digits.png`.\n\n" + table
-                + flop_section(rows, summary))
-        upsert_section(HERE / "RESULTS.md", SECTION, body)
+        write_outputs(args, rows, summary, commands)
 
 
 if __name__ == "__main__":
