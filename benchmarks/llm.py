@@ -113,6 +113,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cric-steps", type=int, default=3, help="CRIC trial steps S")
     p.add_argument("--cric-lr", type=float, default=1e-2, help="CRIC trial step size")
     p.add_argument("--cric-cycles", type=int, default=3, help="cap on CRIC cycles per start")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the rows of llm.json that this command does not rerun "
+                        "(other methods, seeds or ratios)")
     p.add_argument("--no-dense-ft", action="store_true",
                    help="skip the control: the dense model trained with the recovery budget")
     p.add_argument("--min-keep", type=int, default=1,
@@ -448,7 +451,9 @@ def body_text(result: dict[str, Any]) -> str:
              f"ratio{'s' * (len(ratios) > 1)} ("
              + ", ".join(f"{100 * r:.0f} %" for r in ratios) + " of the params removed)**")
     sched = next((r["schedule"] for r in result["rows"] if r.get("schedule")), None)
-    hesso_text = (f"HESSO warm-up {sched['warmup']}, P = {sched['periods']} periods of "
+    hesso_text = (f"HESSO with its default saliency (under a `Budget` the additive mix, "
+                  f"`weighted(normalize=\"additive\")`), warm-up {sched['warmup']}, "
+                  f"P = {sched['periods']} periods of "
                   f"{sched['period_len']}, fine-tune "
                   f"{a['steps'] - sched['warmup'] - sched['periods'] * sched['period_len']}"
                   if sched else "")
@@ -461,7 +466,8 @@ def body_text(result: dict[str, Any]) -> str:
                  f"dense checkpoint {dense['ppl_mean']:.3f}"
                  + (f", dense + the same {a['steps']} steps {control['ppl_mean']:.3f}"
                     if control else "") + ")." if best else "")
-    return (f"Command: `{result['command']}` — {scope}; not the full grid "
+    commands = " then ".join(f"`{c}`" for c in result.get("commands", [result["command"]]))
+    return (f"Command{'s' * ('commands' in result)}: {commands} — {scope}; not the full grid "
             f"(`python benchmarks/llm.py`: 3 seeds × 20/25/30 %). Starting point: "
             f"{result['start']}. Groups: `hj.discover_groups` (G = {result['num_groups']}); "
             f"budget `hj.Budget(params=1 - r)` of the whole model (embedding, norms "
@@ -530,6 +536,16 @@ def run_grid(args: argparse.Namespace) -> dict[str, Any]:
             "num_groups": groups.num_groups, "heldout_windows": len(windows)}
 
 
+def merged(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """``new`` plus the rows of ``old`` it did not rerun (same method, ratio and seed);
+    the commands of both are kept (``commands``), the summary is recomputed."""
+    ran = {(r["method"], r["ratio"], r["seed"]) for r in new["rows"]}
+    rows = new["rows"] + [r for r in old["rows"]
+                          if (r["method"], r["ratio"], r["seed"]) not in ran]
+    commands = [*old.get("commands", [old["command"]]), new["command"]]
+    return {**new, "rows": rows, "summary": summarize(rows), "commands": commands}
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Runs the grid; writes ``llm.json``, ``llm.png`` and the RESULTS section."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -541,6 +557,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result.update(command=command_line("llm.py", argv), machine=environment(),
                       args={k: (str(v) if isinstance(v, Path) else v)
                             for k, v in vars(args).items()})
+        if args.merge and (args.out / "llm.json").exists():
+            result = merged(json.loads((args.out / "llm.json").read_text()), result)
     body = body_text(result)
     publish(args.out, SECTION, body, results=result, json_name="llm.json",
             write=not args.no_write)

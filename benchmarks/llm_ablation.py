@@ -75,11 +75,11 @@ def run_key(row: dict[str, Any]) -> tuple:
 
 
 def one_run(args: argparse.Namespace, ctx: dict[str, Any], part: str, method: str,
-            budget: Any, target: tuple[str, float], saliency: str | None) -> dict[str, Any]:
+            budget: Any, target: tuple[str, float], saliency: str) -> dict[str, Any]:
     """A verified `llm.prune` + `llm.measure` run, tagged with its part and saliency."""
     dense, groups = ctx["dense"], ctx["groups"]
     ratio = args.ratio if part == "saliency" else args.count_fraction
-    fn = weighted(normalize="additive") if saliency == "additive" else saliency
+    fn = saliency_fn(saliency)
     model, info = llm.prune(method, dense, groups, ratio, args.seed, ctx["data"], args,
                             budget=budget, saliency=fn)
     row = llm.measure(method, ratio, args.seed, model, info, dense, groups, ctx["windows"],
@@ -89,6 +89,16 @@ def one_run(args: argparse.Namespace, ctx: dict[str, Any], part: str, method: st
                f"{row['heldout_perplexity']:.3f}, kept {100 * row['kept_params']:.1f} % "
                f"params, {100 * row['kept_flops']:.1f} % FLOPs")
     return row
+
+
+def saliency_fn(name: str) -> Any:
+    """HESSO's ``saliency=`` for a row label, the normalisation always explicit (under a
+    `Budget` HESSO's own default is the additive mix): ``"norm"`` / ``"additive"`` the
+    equal mix of the five scores normalised by norm / to shares, a score name that score
+    alone, norm-normalised (the reference's scores, as in the paper's Table 6)."""
+    if name in ("norm", "additive"):
+        return weighted(normalize=name)
+    return weighted({name: 1.0}, normalize="norm")
 
 
 def saliency_jobs(args: argparse.Namespace) -> list[tuple]:
@@ -107,16 +117,16 @@ def run_all(args: argparse.Namespace, ctx: dict[str, Any],
     jobs = saliency_jobs(args) if "saliency" in parts else []
     if "budget" in parts:
         jobs.append(("budget", "hesso", args.count_fraction, ("count", args.count_fraction),
-                     None))
+                     "norm"))
     for job in tqdm(jobs, desc="ablation runs"):
         if (job[0], job[1], job[4], job[3][0]) not in done:
             rows.append(one_run(args, ctx, *job))
             save(rows)
     if "budget" not in parts:
         return rows
-    count = next(r for r in rows if run_key(r) == ("budget", "hesso", None, "count"))
+    count = next(r for r in rows if run_key(r) == ("budget", "hesso", "norm", "count"))
     f = count["kept_flops"]
-    for mix in (None, "additive"):
+    for mix in ("norm", "additive"):
         if ("budget", "hesso", mix, "flops") not in done:
             rows.append(one_run(args, ctx, "budget", "hesso", hj.Budget(flops=f),
                                 ("flops", f), mix))
@@ -155,7 +165,7 @@ def budget_table(rows: list[dict[str, Any]]) -> str:
     sel = sorted((r for r in rows if r["part"] == "budget"), key=lambda r: r["target"][0])
     names = {"count": "HESSO, K = {:.0%} of the groups",
              "flops": "HESSO, `Budget(flops={:.4f})`"}
-    mixes = {None: "", "additive": ", `weighted(normalize=\"additive\")`"}
+    mixes = {"norm": ", norm mix", "additive": ", additive mix"}
     return "\n".join([HEADER.format(what="selection")] + [
         _row_line(r, names[r["target"][0]].format(r["target"][1]) + mixes[r["saliency"]])
         for r in sel])
@@ -168,15 +178,18 @@ def body_text(result: dict[str, Any]) -> str:
     if any(r["part"] == "saliency" for r in rows):
         parts.append(f"**Saliency scores (paper Table 6)**, {100 * a['ratio']:.0f} % of the "
                      f"params removed (`hj.Budget(params={1 - a['ratio']:g})`), seed "
-                     f"{a['seed']}; each score alone (`saliency=<name>`). The equal mix "
-                     f"(HESSO's default) is the LLM-pruning section's row of the same "
-                     f"seed and ratio.\n\n" + saliency_table(rows))
+                     f"{a['seed']}; each score alone, normalised by its norm as in the "
+                     f"reference (`weighted({{name: 1.0}}, normalize=\"norm\")`). The equal "
+                     f"norm mix of the five is the LLM-pruning section's HESSO / HESSO-CRIC "
+                     f"row of the same seed, ratio and recipe.\n\n" + saliency_table(rows))
     if any(r["part"] == "budget" for r in rows):
         parts.append("**Budget in FLOPs vs a count of groups**: count-K HESSO first, then "
                      "`hj.Budget(flops=f)` at the FLOP fraction `f` count-K achieved, with "
-                     "the default saliency mix and with the additive mix "
-                     "(`hesso_jax.saliency.weighted(normalize=\"additive\")`: each score "
-                     "a loss-increase estimate, so saliency / cost is loss per FLOP)."
+                     "the equal mix of the five scores normalised by norm (the reference's "
+                     "mix, HESSO's default for a count K) and normalised additively "
+                     "(`weighted(normalize=\"additive\")`, HESSO's default under a "
+                     "`Budget`: each score a loss-increase estimate, so saliency / cost is "
+                     "loss per FLOP)."
                      "\n\n" + budget_table(rows))
     return (f"Command: `{result['command']}`. Starting point: {result['start']}; recipe, "
             f"verification and measurement as in the LLM-pruning section ({a['steps']} "

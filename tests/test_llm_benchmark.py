@@ -80,11 +80,11 @@ def test_flop_budget_lands_on_the_flops_count_k_reached_and_resumes(ablation, tm
             "--modules", "textwrap,json,argparse,collections"]
     result = ablation.main(argv)
     rows = {(r["target"][0], r["saliency"]): r for r in result["rows"]}
-    assert set(rows) == {("count", None), ("flops", None), ("flops", "additive")}
-    count = rows["count", None]
+    assert set(rows) == {("count", "norm"), ("flops", "norm"), ("flops", "additive")}
+    count = rows["count", "norm"]
     G = sum(count["per_layer"]["heads_of"]) + sum(count["per_layer"]["neurons_of"])
     assert count["removed_groups"] == resolve_count(0.25, G)
-    for mix in (None, "additive"):
+    for mix in ("norm", "additive"):
         flops = rows["flops", mix]
         assert flops["target"][1] == count["kept_flops"]
         assert count["kept_flops"] - ablation.llm.TOLERANCE <= flops["kept_flops"] \
@@ -100,3 +100,24 @@ def test_target_check_names_the_metric(llm):
     llm.check_target("hesso", ("flops", 0.5), {"flops": 0.49, "params": 0.9})
     with pytest.raises(RuntimeError, match="kept 0.5100 of the flops"):
         llm.check_target("hesso", ("flops", 0.5), {"flops": 0.51, "params": 0.4})
+
+
+def test_merge_keeps_the_rows_not_rerun(llm):
+    lay = {"heads": [1], "heads_of": [2], "neurons": [3], "neurons_of": [8]}
+
+    def row(method, ppl, seed=0):
+        return {"method": method, "ratio": 0.25, "seed": seed, "heldout_perplexity": ppl,
+                "per_layer": lay, **dict.fromkeys(
+                    ("kept_params", "kept_flops", "params", "flops", "speedup",
+                     "tokens_per_s", "dense_tokens_per_s", "train_s"), 1.0)}
+
+    old = {"command": "python benchmarks/llm.py", "rows": [row("hesso", 9.0),
+                                                           row("taylor", 4.0)]}
+    new = {"command": "python benchmarks/llm.py --methods hesso --merge",
+           "rows": [row("hesso", 5.0), row("hesso", 6.0, seed=1)]}
+    out = llm.merged(old, new)
+    ppl = sorted((r["method"], r["seed"], r["heldout_perplexity"]) for r in out["rows"])
+    assert ppl == [("hesso", 0, 5.0), ("hesso", 1, 6.0), ("taylor", 0, 4.0)]
+    assert out["commands"] == [old["command"], new["command"]]
+    hesso = next(s for s in out["summary"] if s["method"] == "hesso")
+    assert hesso["n"] == 2 and hesso["ppl_mean"] == 5.5
