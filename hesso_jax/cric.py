@@ -278,7 +278,9 @@ def cric(loss_fn: Callable[[Any], jax.Array], params: Any, groups: Groups,
       learning_rate: trial gradient-step size.
       tolerance: stop when at most this many new violating groups appear.
       max_cycles: cap on corrective cycles (default: the Corollary 3.4 bound).
-      saliency: see `hesso` (default: equal mix of the five scores).
+      saliency: see `hesso` (default: equal mix of the five scores); as there, a name,
+        mapping or ``None`` is mixed with ``normalize="norm"`` for a count ``K`` and with
+        ``normalize="additive"`` for a `hesso_jax.Budget`.
       costs: the groups' `hesso_jax.GroupCosts` for a `Budget` (default
         ``groups.costs``, recorded by `hesso_jax.discover_groups`).
 
@@ -314,8 +316,10 @@ def cric(loss_fn: Callable[[Any], jax.Array], params: Any, groups: Groups,
     else:
         k = resolve_count(K, G)
     groups.validate(params, dependents="present")
+    mix = "additive" if isinstance(K, Budget) else "norm"
     return cric_select(loss_fn, params, groups, k, jnp.ones([G], bool), config,
-                       resolve_saliency(saliency), config.cycle_cap(G, k), select=select)
+                       resolve_saliency(saliency, normalize=mix), config.cycle_cap(G, k),
+                       select=select)
 
 
 def _budget_rule(budget: Budget, groups: Groups, costs: GroupCosts | None) -> Select:

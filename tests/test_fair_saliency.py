@@ -179,3 +179,23 @@ def test_hesso_mixes_additively_under_a_budget_and_by_norm_for_a_count(budgeted)
         assert pruned[:2].sum() == 0 and pruned[2:].sum() == 32
     else:  # the reference's norm mix, count K: ‖x‖ of a neuron (0.5) < a head's (5.7)
         assert pruned[:2].sum() == 0 and pruned[2:].sum() == 1
+
+
+def test_cric_function_mixes_like_hesso_under_a_budget():
+    """`hj.cric` with a Budget uses the additive mix too: with a loss that does not move
+    the parameters (zero trial steps), CRIC keeps the greedy pick, which is the additive
+    one (32 neurons), not the norm mix's head."""
+    from hesso_jax.costs import GroupCosts
+
+    groups, params, _ = heads_and_neurons(1.0, 0.5)
+    owner = np.concatenate([np.repeat([0, 1], 32), np.arange(2, 66)]).astype(np.int32)
+    terms = CostTerms.build([(1, [(128, owner)])], 66)
+    costs = GroupCosts.from_terms(terms, terms)
+
+    def flat(p):
+        return 0.0 * sum(jnp.sum(x) for x in jax.tree.leaves(p))
+
+    res = hj.cric(flat, params, groups, hj.Budget(flops=0.75), sample_steps=1,
+                  learning_rate=1e-3, max_cycles=0, saliency="magnitude", costs=costs)
+    red = np.asarray(res.redundant)
+    assert red[:2].sum() == 0 and red[2:].sum() == 32
