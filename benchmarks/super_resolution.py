@@ -384,10 +384,13 @@ def markdown(args: argparse.Namespace, res: dict, command: str) -> str:
               f"{res['dense']['wall_s']:.0f} s, HESSO " + ", ".join(
                   f"{r['wall_s']:.0f}" for r in runs_h) + " s, HESSO-CRIC " + ", ".join(
                   f"{r['wall_s']:.0f}" for r in runs_c) + " s.",
-              "", "The stock row is why `CARN` convolves with `conv_nhwc` by default: XLA:CPU "
-              "runs JAX's transposed (gradient) convolutions 30–60× slower inside `lax.cond` / "
-              "`while_loop` bodies (where CRIC computes its trial gradients) than at the top "
-              "level; `conv_nhwc` writes them as canonical NHWC convolutions (same values)."]
+              "", "The stock row: `CARN(canonical_grad=False)` convolves with JAX's stock "
+              "`lax.conv_general_dilated`, whose transposed (gradient) convolutions XLA:CPU "
+              "runs tens of times slower inside `lax.cond` / `while_loop` bodies (where CRIC "
+              "computes its trial gradients) than at the top level; CRIC rewrites every "
+              "convolution of the loss into canonical channels-last layout itself "
+              "(`hesso_jax/jaxpr/conv_layout.py`), so this row measures that rewrite against "
+              "`CARN`'s own `conv_nhwc`."]
     return "\n".join(lines)
 
 
