@@ -23,7 +23,7 @@ def families(sizes):
         for i, n in enumerate(sizes)])
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=25, deadline=None)
 @given(data=st.data())
 def test_protected_are_the_top_alive_of_each_family(data):
     sizes = data.draw(st.lists(st.integers(1, 7), min_size=1, max_size=5))

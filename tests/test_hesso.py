@@ -9,7 +9,7 @@ import optax
 import pytest
 from flax import nnx
 from helpers import mlp_data, mlp_forward, mlp_groups, mlp_loss, mlp_params
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import hesso_jax as hj
@@ -411,6 +411,7 @@ def test_update_requires_params_and_matching_updates():
 
 
 # ---------------------------------------------------------------- properties
+@settings(max_examples=min(settings().max_examples, 12), deadline=None)  # a compile each
 @given(K=st.integers(0, HIDDEN - 1), P=st.integers(1, 4), Tp=st.integers(1, 3),
        Tw=st.integers(0, 2), seed=st.integers(0, 3))
 def test_property_schedule_prunes_exactly_k(K, P, Tp, Tw, seed):
