@@ -180,8 +180,9 @@ def body_text(result: dict[str, Any]) -> str:
                      f"params removed (`hj.Budget(params={1 - a['ratio']:g})`), seed "
                      f"{a['seed']}; each score alone, normalised by its norm as in the "
                      f"reference (`weighted({{name: 1.0}}, normalize=\"norm\")`). The equal "
-                     f"norm mix of the five is the LLM-pruning section's HESSO / HESSO-CRIC "
-                     f"row of the same seed, ratio and recipe.\n\n" + saliency_table(rows))
+                     f"mix of the five (HESSO's default: under a `Budget` the additive mix) "
+                     f"is the LLM-pruning section's HESSO / HESSO-CRIC row of the same seed, "
+                     f"ratio and recipe.\n\n" + saliency_table(rows))
     if any(r["part"] == "budget" for r in rows):
         parts.append("**Budget in FLOPs vs a count of groups**: count-K HESSO first, then "
                      "`hj.Budget(flops=f)` at the FLOP fraction `f` count-K achieved, with "
@@ -191,7 +192,8 @@ def body_text(result: dict[str, Any]) -> str:
                      "`Budget`: each score a loss-increase estimate, so saliency / cost is "
                      "loss per FLOP)."
                      "\n\n" + budget_table(rows))
-    return (f"Command: `{result['command']}`. Starting point: {result['start']}; recipe, "
+    commands = " then ".join(f"`{c}`" for c in result.get("commands", [result["command"]]))
+    return (f"Commands: {commands}. Starting point: {result['start']}; recipe, "
             f"verification and measurement as in the LLM-pruning section ({a['steps']} "
             f"recovery steps × {a['batch']} windows, P = {a['periods']}, CRIC "
             f"`CricConfig(sample_steps={a['cric_steps']}, learning_rate={a['cric_lr']:g}, "
@@ -208,7 +210,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                               "machine": environment(), "start": llm.start_text(args),
                               "args": {k: (str(v) if isinstance(v, Path) else v)
                                        for k, v in vars(args).items()}}
-    rows = json.loads(path.read_text())["rows"] if args.resume and path.exists() else []
+    old = json.loads(path.read_text()) if args.resume and path.exists() else {}
+    rows = old.get("rows", [])
+    result["commands"] = [*old.get("commands", [old["command"]] if old else []),
+                          result["command"]]
 
     def save(rows: list[dict[str, Any]]) -> None:
         if not args.no_write:
