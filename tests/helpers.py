@@ -5,6 +5,10 @@ each other (``from helpers import ...``; pytest puts ``tests/`` on ``sys.path``)
 from __future__ import annotations
 
 import functools
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
 
 import jax
 import jax.numpy as jnp
@@ -374,3 +378,20 @@ def put_host(mesh, tree, specs):
                                             lambda idx: host[idx])
 
     return jax.tree.map(one, tree, specs)
+
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """``benchmarks/<name>.py`` as the module ``benchmarks_<name>``, with ``benchmarks/`` on
+    ``sys.path`` while it loads (the scripts import their siblings, `common`, `llm`)."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        spec = importlib.util.spec_from_file_location(f"benchmarks_{name}",
+                                                      BENCHMARKS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    return module

@@ -25,8 +25,6 @@ devices 0-3, none to devices 4-7.
 from __future__ import annotations
 
 import functools
-import importlib.util
-from pathlib import Path
 
 import chex
 import jax
@@ -34,7 +32,15 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from helpers import TP_MESH_SHAPE, assert_close_rel, put_host, randomized, tp_mesh, tp_specs
+from helpers import (
+    TP_MESH_SHAPE,
+    assert_close_rel,
+    load_benchmark,
+    put_host,
+    randomized,
+    tp_mesh,
+    tp_specs,
+)
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -253,10 +259,7 @@ def test_shrunk_model_keeps_tp_divisible_sizes_and_runs_resharded():
 
 def test_memory_benchmark_measures_what_the_formula_says():
     """benchmarks/llm_memory.py: measured per-device bytes == its arithmetic, balanced."""
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "llm_memory.py"
-    spec = importlib.util.spec_from_file_location("benchmarks_llm_memory", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("llm_memory")
     _, params, groups, _ = problem()
     assert bench.tp_specs(params, groups) == tp_specs(params, groups)  # one rule
 

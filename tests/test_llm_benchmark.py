@@ -7,25 +7,13 @@ parameter budget, removes exactly-zero groups, and its shrunk model equals the m
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
-
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+from helpers import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def llm():
-    sys.path.insert(0, str(BENCHMARKS))   # the script imports its sibling `common`
-    try:
-        spec = importlib.util.spec_from_file_location("benchmarks_llm", BENCHMARKS / "llm.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(BENCHMARKS))
-    return module
+    return load_benchmark("llm")
 
 
 def test_quick_run_prunes_to_budget_with_every_method(llm, tmp_path):
@@ -60,17 +48,8 @@ def test_plot_has_one_panel_per_method(llm, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def ablation(llm):
-    sys.path.insert(0, str(BENCHMARKS))
-    sys.modules.setdefault("llm", llm)    # the ablation imports its sibling `llm`
-    try:
-        spec = importlib.util.spec_from_file_location("benchmarks_llm_ablation",
-                                                      BENCHMARKS / "llm_ablation.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(BENCHMARKS))
-    return module
+def ablation():
+    return load_benchmark("llm_ablation")
 
 
 def test_flop_budget_lands_on_the_flops_count_k_reached_and_resumes(ablation, tmp_path):

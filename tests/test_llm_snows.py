@@ -8,28 +8,16 @@ masks are different masks of the same sparsity.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
+from helpers import load_benchmark
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 MODULES = "textwrap,json,argparse,collections"
 
 
 @pytest.fixture(scope="module")
 def llm_snows():
-    sys.path.insert(0, str(BENCHMARKS))   # the script imports its siblings `common`, `llm`
-    try:
-        spec = importlib.util.spec_from_file_location("benchmarks_llm_snows",
-                                                      BENCHMARKS / "llm_snows.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(BENCHMARKS))
-    return module
+    return load_benchmark("llm_snows")
 
 
 def test_quick_run_checks_every_cell(llm_snows, tmp_path):
