@@ -284,6 +284,21 @@ class _Phase(NamedTuple):
     after_end: jax.Array
 
 
+class _Prologue(NamedTuple):
+    """What `_Hesso._prologue` computed before the projection (traced values)."""
+
+    layout: Layout
+    phase: _Phase
+    state: HessoState  # with its per-group vectors replicated
+    probe: placement.ProbeSites
+    x_sample: list[jax.Array]
+    check: jax.Array  # int32[] 0: the placement check's result
+    redundant: jax.Array  # G_R (the period start's selection, or the state's)
+    scores: jax.Array
+    cycles: jax.Array
+    rejected: jax.Array
+
+
 def _phase(count: jax.Array, Tw: int, P: int, Tp: int) -> _Phase:
     """The `_Phase` of the update whose HESSO counter is ``count``."""
     k = count - Tw
@@ -395,6 +410,16 @@ class _Hesso:
         """
         del extra_args  # optax passes the chain's extra arguments to every member
         extra = _Extra(value_fn, grad)
+        return self._finish(self._prologue(updates, state, params, extra), params, updates)
+
+    def _prologue(self, updates: Any, state: HessoState, params: Any, extra: _Extra,
+                  recompute: Callable[[], Any] | None = None) -> _Prologue:
+        """Everything before the projection: checks, phase, placement check, selection.
+
+        ``recompute`` (the fused form, `_fused`): returns the base update ``u`` inside the
+        period start's ``lax.cond``, for ``direction="update"``; ``updates`` then serves
+        only for its shapes.
+        """
         layout = self._validate(updates, state, params, extra)
         # Per-group vectors stay replicated, so both lax.cond branches agree on sharding.
         state = state._replace(redundant=replicate(state.redundant),
@@ -404,10 +429,16 @@ class _Hesso:
         probe = placement.probe_sites(params, layout)
         x_sample = placement.sample(params, probe)
         check = self._check(ph, state, params, probe, x_sample)
-        redundant, scores, cycles, rejected = jax.lax.cond(
-            ph.start, lambda: self._select(ph, state, params, updates, extra),
+        selected = jax.lax.cond(
+            ph.start, lambda: self._select(ph, state, params, updates, extra, recompute),
             lambda: (state.redundant, state.scores, state.cric_cycles,
                      jnp.zeros([], jnp.int32)))
+        return _Prologue(layout, ph, state, probe, x_sample, check, *selected)
+
+    def _finish(self, pro: _Prologue, params: Any, updates: Any) -> tuple[Any, HessoState]:
+        """The projection ``u' = c·(x + u) − x`` of ``updates`` and the next state."""
+        layout, ph, state, probe, x_sample, check = pro[:6]
+        redundant, scores, cycles, rejected = pro.redundant, pro.scores, pro.cycles, pro.rejected
         coef = jnp.where(redundant & ph.in_prune, gamma(ph.s, self.Tp), 0.0)
         new_updates = project(layout, updates, params, redundant | state.pruned, coef)
         u_sample = placement.sample(new_updates, probe)
@@ -484,7 +515,8 @@ class _Hesso:
             lambda: jnp.zeros([], jnp.int32))
 
     def _select(self, ph: _Phase, state: HessoState, params: Any, updates: Any,
-                extra: _Extra) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+                extra: _Extra, recompute: Callable[[], Any] | None = None
+                ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
         """Period start: ``G_R`` = the ``K̂_p`` lowest-scoring unpruned groups (or CRIC's).
 
         With a budget, ``G_R`` is `budget_select`'s knapsack greedy towards the period's
@@ -497,7 +529,8 @@ class _Hesso:
         scores = None
         if self.floor is not None or self.cric is None:
             scores = evaluate(self.score_fn, params,
-                              self._direction(params, updates, extra), self.groups)
+                              self._direction(params, updates, extra, recompute),
+                              self.groups)
         if self.floor is not None:
             candidates = self.floor.candidates(scores, candidates)
         select = None
@@ -512,7 +545,8 @@ class _Hesso:
             return select(scores, candidates), scores, zero, zero
         return bottom_k(scores, candidates, k_hat), scores, zero, zero
 
-    def _direction(self, params: Any, updates: Any, extra: _Extra) -> Any:
+    def _direction(self, params: Any, updates: Any, extra: _Extra,
+                   recompute: Callable[[], Any] | None = None) -> Any:
         """The saliency's direction ``d`` at a period start (inside its ``lax.cond``).
 
         ``u_t`` (``direction="update"``); ``−∇f(x_t)`` (``"gradient"``): ``−grad``, or
@@ -524,7 +558,7 @@ class _Hesso:
         if not needs_direction(self.score_fn):
             return None
         if self.direction == "update":
-            return updates
+            return updates if recompute is None else recompute()
         grads = extra.grad
         if grads is None:
             assert extra.value_fn is not None  # _validate
