@@ -39,7 +39,7 @@ import importlib
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import common
 import jax
@@ -59,8 +59,7 @@ REFERENCE = (200, 5, 100, 1000)  # T_w, P, T_p, total steps
 KINDS = ("ordinary", "start")
 
 
-@dataclasses.dataclass(frozen=True)
-class Model:
+class Model(NamedTuple):
     """A benchmarked model: parameters (after warm-up), a batch, its loss, groups, CRIC."""
 
     name: str
