@@ -27,34 +27,56 @@ Rows are written to ``llm_ablation.json`` after every run (a late failure loses 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import math
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import llm
+import numpy as np
 from common import command_line, environment, environment_line, publish
+from flax import nnx
 from tqdm.auto import tqdm
 
 import hesso_jax as hj
+from hesso_jax.budget import budget_min_keep, budget_select, resolve_budget
+from hesso_jax.groups import resolve_count
+from hesso_jax.models.charlm import lm_loss
+from hesso_jax.projection import FamilyFloor, bottom_k
 from hesso_jax.saliency import SCORES, weighted
 
 SECTION = "## LLM ablations: saliency scores (Table 6) and FLOP budgets"
 JSON = "llm_ablation.json"
-PARTS = ("saliency", "budget")
+PARTS = ("saliency", "budget", "oneshot")
+ONESHOT = ("norm", "additive", "fisher")
+"""Saliency labels of the one-shot proxy (`oneshot_rows`), as in `saliency_fn`."""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """`llm.parse_args`'s options plus the ablation's own."""
     argv = list(argv or [])
     own = argparse.ArgumentParser(add_help=False)
-    own.add_argument("--parts", default=",".join(PARTS))
+    own.add_argument("--parts", default="saliency,budget",
+                     help=f"comma list of {PARTS} ('oneshot': the selection proxy, "
+                          "`oneshot_rows`)")
     own.add_argument("--scores", default=",".join(SCORES))
     own.add_argument("--ratio", type=float, default=0.25,
                      help="fraction of params removed in the saliency ablation")
     own.add_argument("--count-fraction", type=float, default=0.25,
                      help="fraction of the groups count-K HESSO removes")
+    own.add_argument("--budget-runs", default="hesso:norm,hesso:additive",
+                     help="the FLOP-budget runs, method:saliency (saliency as in "
+                          "`saliency_fn`: norm, additive, fisher, or a score name)")
+    own.add_argument("--oneshot-windows", type=int, default=128,
+                     help="held-out windows the one-shot proxy scores its selections on")
+    own.add_argument("--oneshot-batches", type=int, default=8,
+                     help="training batches of the one-shot proxy's directions")
     own.add_argument("--seed", type=int, default=0)
     own.add_argument("--resume", action="store_true",
                      help="keep the rows already in llm_ablation.json, run the rest")
@@ -80,25 +102,53 @@ def one_run(args: argparse.Namespace, ctx: dict[str, Any], part: str, method: st
     dense, groups = ctx["dense"], ctx["groups"]
     ratio = args.ratio if part == "saliency" else args.count_fraction
     fn = saliency_fn(saliency)
-    model, info = llm.prune(method, dense, groups, ratio, args.seed, ctx["data"], args,
-                            budget=budget, saliency=fn)
+    with hesso_direction(direction_for(saliency)):
+        model, info = llm.prune(method, dense, groups, ratio, args.seed, ctx["data"], args,
+                                budget=budget, saliency=fn)
     row = llm.measure(method, ratio, args.seed, model, info, dense, groups, ctx["windows"],
                       args, target=target)
-    row.update(part=part, saliency=saliency)
+    row.update(part=part, saliency=saliency, direction=direction_for(saliency))
     tqdm.write(f"{part}: {method} {saliency or 'mix'} {target[0]}: ppl "
                f"{row['heldout_perplexity']:.3f}, kept {100 * row['kept_params']:.1f} % "
                f"params, {100 * row['kept_flops']:.1f} % FLOPs")
     return row
 
 
+FISHER = "fisher"
+"""Saliency label: additive Taylor-2 alone on the raw gradient (``direction="gradient"``),
+``½ Σ_{e∈g} x_e² (∂f/∂x_e)²``: Optimal Brain Damage with the empirical-Fisher diagonal."""
+
+
 def saliency_fn(name: str) -> Any:
     """HESSO's ``saliency=`` for a row label, the normalisation always explicit (under a
     `Budget` HESSO's own default is the additive mix): ``"norm"`` / ``"additive"`` the
-    equal mix of the five scores normalised by norm / to shares, a score name that score
-    alone, norm-normalised (the reference's scores, as in the paper's Table 6)."""
+    equal mix of the five scores normalised by norm / to shares, ``"fisher"`` additive
+    Taylor-2 alone (`FISHER`; its direction is set by `direction_for`), a score name that
+    score alone, norm-normalised (the reference's scores, as in the paper's Table 6)."""
     if name in ("norm", "additive"):
         return weighted(normalize=name)
+    if name == FISHER:
+        return weighted({"taylor_second_order": 1.0}, normalize="additive")
     return weighted({name: 1.0}, normalize="norm")
+
+
+def direction_for(name: str) -> str:
+    """HESSO's ``direction=`` for a saliency label: ``"gradient"`` for `FISHER` (the raw
+    gradient ``−∇f``, recomputed at period starts from the batch loss ``value_fn``),
+    else ``"update"`` (HESSO's default, the base optimizer's update)."""
+    return "gradient" if name == FISHER else "update"
+
+
+@contextlib.contextmanager
+def hesso_direction(direction: str) -> Iterator[None]:
+    """Within the block, `hesso_jax.hesso` defaults to ``direction=direction``
+    (`llm.prune` builds HESSO without a ``direction=`` argument)."""
+    original = hj.hesso
+    hj.hesso = functools.partial(original, direction=direction)
+    try:
+        yield
+    finally:
+        hj.hesso = original
 
 
 def saliency_jobs(args: argparse.Namespace) -> list[tuple]:
@@ -115,23 +165,107 @@ def run_all(args: argparse.Namespace, ctx: dict[str, Any],
     done = {run_key(r) for r in rows}
     parts = args.parts.split(",")
     jobs = saliency_jobs(args) if "saliency" in parts else []
-    if "budget" in parts:
+    if "budget" in parts or "oneshot" in parts:
         jobs.append(("budget", "hesso", args.count_fraction, ("count", args.count_fraction),
                      "norm"))
     for job in tqdm(jobs, desc="ablation runs"):
         if (job[0], job[1], job[4], job[3][0]) not in done:
             rows.append(one_run(args, ctx, *job))
             save(rows)
-    if "budget" not in parts:
+    if "budget" not in parts and "oneshot" not in parts:
         return rows
     count = next(r for r in rows if run_key(r) == ("budget", "hesso", "norm", "count"))
     f = count["kept_flops"]
-    for mix in ("norm", "additive"):
-        if ("budget", "hesso", mix, "flops") not in done:
-            rows.append(one_run(args, ctx, "budget", "hesso", hj.Budget(flops=f),
+    if "oneshot" in parts and not any(r["part"] == "oneshot" for r in rows):
+        rows.extend(oneshot_rows(args, ctx, f))
+        save(rows)
+    for run in args.budget_runs.split(",") if "budget" in parts else ():
+        method, mix = run.split(":")
+        if ("budget", method, mix, "flops") not in done:
+            rows.append(one_run(args, ctx, "budget", method, hj.Budget(flops=f),
                                 ("flops", f), mix))
             save(rows)
     return rows
+
+
+def oneshot_directions(dense: nnx.Module, data: jax.Array, args: argparse.Namespace,
+                       ) -> tuple[Any, dict[str, Any]]:
+    """``(params, {"update": ū, "gradient": −g₀})`` at the checkpoint from the gradients
+    ``g_b`` of ``--oneshot-batches`` training batches: ``ū = −mean_b g_b / rms_b g_b``
+    (Adam's ``−m/√v`` with the moments over the batches: what HESSO's direction is under
+    Adam) and ``−g₀`` (one batch's raw gradient: ``direction="gradient"``)."""
+    graphdef, params = nnx.split(dense, nnx.Param)
+
+    def loss(p: Any, w: jax.Array) -> jax.Array:
+        return lm_loss(nnx.merge(graphdef, p)(w[:, :-1]), w[:, 1:])
+
+    grad = jax.jit(jax.grad(loss))
+    key = jax.random.key(args.seed + 20_000)
+    gs = [grad(params, llm.windows_at(data, jax.random.fold_in(key, i), args.batch,
+                                      args.seq_len)) for i in range(args.oneshot_batches)]
+    mean = jax.tree.map(lambda *a: sum(a) / len(a), *gs)
+    rms = jax.tree.map(lambda *a: jnp.sqrt(sum(x * x for x in a) / len(a)), *gs)
+    update = jax.tree.map(lambda m, r: -m / (r + 1e-8), mean, rms)
+    return params, {"update": update, "gradient": jax.tree.map(lambda g: -g, gs[0])}
+
+
+def oneshot_select(groups: hj.Groups, scores: jax.Array, K: Any,
+                   min_keep: int) -> np.ndarray:
+    """``bool[G]``: what one selection removes from the dense model: `budget_select` with
+    the whole requirement of a `Budget`, else the ``K`` lowest; the family floors kept."""
+    alive = jnp.ones(groups.num_groups, bool)
+    if not isinstance(K, hj.Budget):
+        k = resolve_count(K, groups.num_groups)
+        floor = FamilyFloor.build(groups, min_keep, k)
+        cand = floor.candidates(scores, alive) if floor is not None else alive
+        return np.asarray(bottom_k(scores, cand, k))
+    rb = resolve_budget(K, groups, groups.costs, min_keep=min_keep)
+    floor = FamilyFloor.build(groups, budget_min_keep(min_keep))
+    protected = floor.protected(scores, alive) if floor is not None else ~alive
+    return np.asarray(budget_select(scores, rb.tables, alive, protected,
+                                    rb.period_target(0, 1)))
+
+
+def oneshot_rows(args: argparse.Namespace, ctx: dict[str, Any],
+                 f: float) -> list[dict[str, Any]]:
+    """The selection proxy: from the dense checkpoint, *one* selection (no training) per
+    saliency label × direction, count-K at ``--count-fraction`` and ``Budget(flops=f)``;
+    each row's ``delta_loss`` is the held-out loss increase (nats/token, first
+    ``--oneshot-windows`` windows) of zeroing the selected groups."""
+    dense, groups = ctx["dense"], ctx["groups"]
+    params, directions = oneshot_directions(dense, ctx["data"], args)
+    windows = ctx["windows"][:args.oneshot_windows]
+    base = llm.lm_eval_loss(dense, windows)
+    model, rows = nnx.clone(dense), []
+    for direction, d in directions.items():
+        for label in ONESHOT:
+            scores = saliency_fn(label)(params, d, groups)
+            for K, target in ((args.count_fraction, ("count", args.count_fraction)),
+                              (hj.Budget(flops=f), ("flops", f))):
+                drop = oneshot_select(groups, scores, K, args.min_keep)
+                nnx.update(model, groups.mask(params, jnp.asarray(~drop)))
+                kept = groups.costs.kept_fraction(drop)
+                rows.append({"part": "oneshot", "method": f"oneshot:{direction}",
+                             "saliency": label, "direction": direction, "target": target,
+                             "kept_params": float(kept[0]), "kept_flops": float(kept[1]),
+                             "per_layer": llm.per_layer(groups, drop),
+                             "delta_loss": llm.lm_eval_loss(model, windows) - base})
+    return rows
+
+
+def oneshot_table(rows: list[dict[str, Any]]) -> str:
+    """The proxy's rows: selection, direction, what it removes and the loss increase."""
+    lines = ["| selection | saliency | direction | FLOPs kept | kv-head groups removed per "
+             "layer | SwiGLU neurons removed per layer | Δ held-out loss (nats/token) |",
+             "|---|---|---|---:|---|---|---:|"]
+    for r in (r for r in rows if r["part"] == "oneshot"):
+        what = (f"K = {r['target'][1]:.0%} of the groups" if r["target"][0] == "count"
+                else f"`Budget(flops={r['target'][1]:.4f})`")
+        lay = r["per_layer"]
+        lines.append(f"| {what} | {r['saliency']} | {r['direction']} | "
+                     f"{100 * r['kept_flops']:.1f} % | {' / '.join(map(str, lay['heads']))} | "
+                     f"{' / '.join(map(str, lay['neurons']))} | {r['delta_loss']:.4f} |")
+    return "\n".join(lines)
 
 
 def _row_line(r: dict[str, Any], name: str) -> str:
@@ -163,11 +297,12 @@ def saliency_table(rows: list[dict[str, Any]]) -> str:
 def budget_table(rows: list[dict[str, Any]]) -> str:
     """Count-K HESSO and FLOP-budgeted HESSO at the FLOPs count-K reached."""
     sel = sorted((r for r in rows if r["part"] == "budget"), key=lambda r: r["target"][0])
-    names = {"count": "HESSO, K = {:.0%} of the groups",
-             "flops": "HESSO, `Budget(flops={:.4f})`"}
-    mixes = {"norm": ", norm mix", "additive": ", additive mix"}
+    names = {"count": "{}, K = {:.0%} of the groups", "flops": "{}, `Budget(flops={:.4f})`"}
+    mixes = {"norm": ", norm mix", "additive": ", additive mix",
+             FISHER: ", additive Taylor-2 on the gradient (`fisher`)"}
     return "\n".join([HEADER.format(what="selection")] + [
-        _row_line(r, names[r["target"][0]].format(r["target"][1]) + mixes[r["saliency"]])
+        _row_line(r, names[r["target"][0]].format(llm.LABELS[r["method"]], r["target"][1])
+                  + mixes.get(r["saliency"], f", {r['saliency']}"))
         for r in sel])
 
 
@@ -192,6 +327,16 @@ def body_text(result: dict[str, Any]) -> str:
                      "`Budget`: each score a loss-increase estimate, so saliency / cost is "
                      "loss per FLOP)."
                      "\n\n" + budget_table(rows))
+    if any(r["part"] == "oneshot" for r in rows):
+        parts.append("**One selection from the checkpoint (a proxy, no training)**: "
+                     "count-K and the FLOP budget of the rows above, each selected once "
+                     "from the dense checkpoint with the saliency and direction named "
+                     "(`oneshot_rows`: *update* = Adam's `−m/√v` with moments over "
+                     f"{a.get('oneshot_batches', 8)} training batches, *gradient* = one "
+                     "batch's raw `−∇f`); Δ loss = held-out loss of the dense model with the "
+                     f"selection zeroed minus the dense loss, first "
+                     f"{a.get('oneshot_windows', 128)} held-out windows.\n\n"
+                     + oneshot_table(rows))
     commands = " then ".join(f"`{c}`" for c in result.get("commands", [result["command"]]))
     return (f"Commands: {commands}. Starting point: {result['start']}; recipe, "
             f"verification and measurement as in the LLM-pruning section ({a['steps']} "

@@ -92,8 +92,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--flops", nargs="*", type=float, default=[],
                    help="FLOP-budget rows: HESSO with hj.Budget(flops=f) for each f")
     p.add_argument("--budget-normalize", nargs="+", default=["norm", "additive"],
-                   choices=list(hj.saliency.NORMALIZATIONS),
-                   help="saliency normalisations of the FLOP-budget rows (weighted(normalize=))")
+                   choices=[*hj.saliency.NORMALIZATIONS, "fisher"],
+                   help="saliency normalisations of the FLOP-budget rows (weighted(normalize=)); "
+                        "'fisher': additive Taylor-2 alone on the raw gradient "
+                        "(hesso(direction='gradient'))")
     p.add_argument("--match-flops", action="store_true",
                    help="also run count-K HESSO at the K whose removal of MLP neurons alone "
                         "meets each --flops target (the matched count-K row)")
@@ -200,9 +202,10 @@ def describe_groups(groups: hj.Groups) -> list[dict]:
 # ------------------------------------------------------------------------------ training
 def distill(dense: SentenceEncoder, groups: hj.Groups, sparsity: float | int | hj.Budget,
             cric: bool, data: dict, args: argparse.Namespace, desc: str,
-            saliency: Any = None) -> tuple[SentenceEncoder, dict]:
+            saliency: Any = None, direction: str = "update") -> tuple[SentenceEncoder, dict]:
     """Distils a copy of ``dense`` with HESSO (or HESSO-CRIC) at ``sparsity`` (a fraction,
-    a count or a `hesso_jax.Budget`) with ``saliency`` (HESSO's default mix if None)."""
+    a count or a `hesso_jax.Budget`) with ``saliency`` (HESSO's default mix if None) and
+    HESSO's ``direction``."""
     student = nnx.clone(dense)
     graphdef, params, rest = nnx.split(student, TRAINABLE, ...)
     cric_cfg = (hj.CricConfig(sample_steps=args.cric_steps, learning_rate=args.cric_lr,
@@ -210,7 +213,8 @@ def distill(dense: SentenceEncoder, groups: hj.Groups, sparsity: float | int | h
     tx = optax.chain(optax.adam(args.lr, eps=args.adam_eps),
                      hj.hesso(groups, sparsity, args.periods, args.period_len,
                               warmup_steps=args.warmup, cric=cric_cfg,
-                              total_steps=args.steps, saliency=saliency))
+                              total_steps=args.steps, saliency=saliency,
+                              direction=direction))
     opt_state = tx.init(params)
 
     def loss_fn(p: Any, r: Any, ids: jax.Array, mask: jax.Array,
@@ -261,8 +265,12 @@ def run_specs(args: argparse.Namespace, groups: hj.Groups) -> list[dict[str, Any
                                   "budget_flops": None, "normalize": "norm",
                                   "matched_flops": f}})
         for norm in args.budget_normalize:
+            fisher = norm == "fisher"  # additive Taylor-2 alone on the raw gradient
             specs.append({"K": hj.Budget(flops=f), "cric": False,
-                          "saliency": hj.saliency.weighted(normalize=norm),
+                          "saliency": (hj.saliency.weighted({"taylor_second_order": 1.0},
+                                                            normalize="additive")
+                                       if fisher else hj.saliency.weighted(normalize=norm)),
+                          "direction": "gradient" if fisher else "update",
                           "desc": f"HESSO flops={f:g} {norm}",
                           "row": {"method": "HESSO", "sparsity": None, "budget_flops": f,
                                   "normalize": norm}})
@@ -307,7 +315,8 @@ def run(args: argparse.Namespace) -> dict:
     res["dense"]["flops"] = encoder_flops(dense, test_ids[tb], test_mask[tb])
     for spec in run_specs(args, groups):
         student, info = distill(dense, groups, spec["K"], spec["cric"], data, args,
-                                spec["desc"], spec["saliency"])
+                                spec["desc"], spec["saliency"],
+                                spec.get("direction", "update"))
         masked_test = embed_all(student, test_ids, test_mask)
         small = hj.shrink_model(student, groups)
         small_test = embed_all(small, test_ids, test_mask)

@@ -60,9 +60,18 @@ METHODS = ("hesso", "hesso_cric", "magnitude", "taylor")
 DEFAULT_STEPS = 1500  # --steps; rows written before they recorded "steps" all used it
 FLOP_METHODS = ("hesso", "hesso_additive", "hesso_cric_additive", "magnitude", "taylor")
 """Methods of the FLOP-budget rows; ``_additive``: HESSO's saliency mix with
-``hj.saliency.weighted(normalize="additive")`` (loss shares, `hesso_jax.saliency`); the
-others with ``normalize="norm"`` (the reference's mix), set explicitly."""
-ALL_METHODS = (*METHODS, "hesso_additive", "hesso_cric_additive")
+``hj.saliency.weighted(normalize="additive")`` (loss shares, `hesso_jax.saliency`);
+``hesso_fisher`` (not a default: ``--flop-methods``): additive Taylor-2 alone on the raw
+gradient (`hesso_saliency`); the others with ``normalize="norm"`` (the reference's mix),
+set explicitly."""
+PEER_METHODS = ("tp_uniform", "tp_global")
+"""Torch-Pruning's FLOP-target rows (PyTorch twin, group-L2 magnitude + fine-tuning, per
+layer / global), read from `PEER_JSON` when it exists (no PyTorch needed here)."""
+ALL_METHODS = (*METHODS, "hesso_additive", "hesso_cric_additive", "hesso_fisher",
+               *PEER_METHODS)
+PEER_JSON = HERE / "peers" / "torch_pruning_digits_flops.json"
+METHOD_LABELS = {"tp_uniform": "Torch-Pruning per layer (PyTorch twin)",
+                 "tp_global": "Torch-Pruning global (PyTorch twin)"}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -87,6 +96,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--merge", action="store_true",
                    help="add these runs to the rows already in pareto_digits.json "
                         "(same arch/method/sparsity/seed replaced)")
+    p.add_argument("--render", action="store_true",
+                   help="run nothing: redraw the plot and the RESULTS section from "
+                        "pareto_digits.json (and the Torch-Pruning FLOP rows of PEER_JSON)")
+    p.add_argument("--results", type=Path, default=HERE / "RESULTS.md",
+                   help="the RESULTS.md whose section this run rewrites")
     return p.parse_args(argv)
 
 
@@ -107,6 +121,20 @@ def _taylor_grads(model: nnx.Module, data: Any, seed: int, batches: int = 4,
     return out
 
 
+def hesso_saliency(method: str) -> tuple[Any, str]:
+    """``(saliency=, direction=)`` of a HESSO method name, always explicit (hj.hesso's
+    default mix is "norm" for a count K, "additive" for a Budget): ``_fisher``: additive
+    Taylor-2 alone, ``½ Σ_e x_e² (∂f/∂x_e)²`` on the raw gradient (OBD with the
+    empirical-Fisher diagonal; ``direction="gradient"``, recomputed from the batch loss at
+    period starts); ``_additive``: the equal mix, additive; else the equal mix, "norm"; the
+    last two on the base update (HESSO's default direction)."""
+    if method.endswith("_fisher"):
+        return hj.saliency.weighted({"taylor_second_order": 1.0},
+                                    normalize="additive"), "gradient"
+    return hj.saliency.weighted(
+        normalize="additive" if method.endswith("_additive") else "norm"), "update"
+
+
 def _train_pruned(args: argparse.Namespace, model: nnx.Module, groups: hj.Groups,
                   method: str, K: float | hj.Budget, seed: int, data: Any) -> None:
     """Trains ``model`` in place with ``method`` at ``K`` (a group fraction or a Budget)."""
@@ -114,16 +142,15 @@ def _train_pruned(args: argparse.Namespace, model: nnx.Module, groups: hj.Groups
     warmup, period_len = demo_schedule(args.steps, args.periods)
     common = dict(batch_size=args.batch_size, seed=seed, eval_every=args.steps,
                   progress=False)
-    base = method.removesuffix("_additive")
+    base = method.removesuffix("_additive").removesuffix("_fisher")
     if base in ("hesso", "hesso_cric"):
         cric = (hj.CricConfig(sample_steps=5, learning_rate=args.lr * 10)
                 if base == "hesso_cric" else None)
-        # explicit: hj.hesso's default mix is "norm" for a count K, "additive" for a Budget
-        saliency = hj.saliency.weighted(
-            normalize="additive" if method.endswith("_additive") else "norm")
+        saliency, direction = hesso_saliency(method)
         tx = optax.chain(optax.adam(args.lr),
                          hj.hesso(groups, K, args.periods, period_len, warmup_steps=warmup,
-                                  cric=cric, min_keep=min_keep, saliency=saliency))
+                                  cric=cric, min_keep=min_keep, saliency=saliency,
+                                  direction=direction))
         train_classifier(model, tx, data, steps=args.steps, **common)
         return
     pre = warmup + args.periods * period_len  # when HESSO finishes pruning
@@ -186,6 +213,7 @@ def _key(r: dict[str, Any]) -> tuple:
 
 def _label(method: str, min_keep: int | float, budget: float | None = None,
            steps: int = 1500) -> str:
+    method = METHOD_LABELS.get(method, method)
     name = f"{method} (FLOP budget)" if budget is not None else method
     name = name if steps == DEFAULT_STEPS else f"{name} [{steps} steps]"
     return f"{name} (min_keep={min_keep})" if min_keep else name
@@ -337,18 +365,40 @@ def matched_table(summary: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def peer_rows(path: Path = PEER_JSON) -> tuple[list[dict[str, Any]], list[str]]:
+    """Torch-Pruning's FLOP-target rows of ``path`` as rows of this benchmark (arch
+    ``cnn``, methods `PEER_METHODS`, ``flops`` XLA's count of the same channel counts) and
+    the commands that wrote them; ``([], [])`` when the file does not exist."""
+    if not path.exists():
+        return [], []
+    data = json.loads(path.read_text())
+    rows = [{"arch": "cnn", "method": r["method"], "sparsity": None,
+             "budget_flops": r["budget_flops"], "steps": r["steps"], "seed": r["seed"],
+             "min_keep": 0, "acc": r["acc"], "params": r["params"], "flops": r["flops_xla"],
+             "flops_fraction": r["flops_fraction"], "latency_ratio": r["latency_ratio"],
+             "seconds": r["seconds"]}
+            for r in data["rows"] if r.get("budget_flops") is not None]
+    return rows, data.get("commands", [data["command"]])
+
+
 def write_outputs(args: argparse.Namespace, rows: list[dict[str, Any]],
                   summary: list[dict[str, Any]], commands: list[str]) -> None:
-    """The plot and the RESULTS.md section of ``rows`` (``summary = summarize(rows)``)."""
-    plot(summary, HERE / "pareto_digits.png")
+    """The plot and the RESULTS.md section of ``rows`` (``summary = summarize(rows)``),
+    with Torch-Pruning's FLOP-target rows (`peer_rows`) in the FLOP table and the plot."""
+    peers, peer_commands = peer_rows()
+    with_peers = summarize(rows + peers)
+    plot(with_peers, HERE / "pareto_digits.png")
     cmd = "`, then `".join(c.strip() for c in commands)
+    peer_text = ("" if not peers else " Torch-Pruning rows (FLOP table and plot): `"
+                 + "`, then `".join(peer_commands) + "` (PyTorch twin, 1 intra-op thread; "
+                 "`benchmarks/peers/torch_pruning_digits_flops.json`).")
     body = (f"Commands: `{cmd}` ({DEFAULT_STEPS} steps unless a row says [N steps], Adam "
             f"lr {args.lr}, batch {args.batch_size}, P={args.periods}; last command on "
             f"{environment_line()}; `train s` and latency are only comparable within the "
             "table). Accuracy is the shrunk model's; every count-K run has exactly K groups "
-            "at 0.0. Plot: `benchmarks/pareto_digits.png`.\n\n" + results_table(summary)
-            + flop_section(rows, summary))
-    upsert_section(HERE / "RESULTS.md", SECTION, body)
+            f"at 0.0. Plot: `benchmarks/pareto_digits.png`.{peer_text}\n\n"
+            + results_table(summary) + flop_section(rows, with_peers))
+    upsert_section(args.results, SECTION, body)
 
 
 def _plot_budget_panel(ax: Any, summary: list[dict[str, Any]], arch: str, steps: int,
@@ -357,24 +407,37 @@ def _plot_budget_panel(ax: Any, summary: list[dict[str, Any]], arch: str, steps:
     with the count-K HESSO curve of the same step count."""
     sel = [s for s in summary if s["arch"] == arch and s["steps"] == steps
            and not s.get("min_keep") and s["flops_fraction"] is not None]
-    series = {"hesso (count K)": [s for s in sel if s["method"] == "hesso"
-                                  and s.get("budget_flops") is None]}
+    series = {("hesso", "hesso (count K)"): [s for s in sel if s["method"] == "hesso"
+                                             and s.get("budget_flops") is None]}
     for method in dict.fromkeys(s["method"] for s in sel if s.get("budget_flops")):
-        series[f"{method} (FLOP budget)"] = [s for s in sel if s["method"] == method
-                                             and s.get("budget_flops") is not None]
-    for label, pts in series.items():
-        pts = sorted((100 * s["flops_fraction"], s["acc_mean"]) for s in pts)
+        kind = "FLOPs target" if method in PEER_METHODS else "FLOP budget"
+        series[method, f"{METHOD_LABELS.get(method, method)} ({kind})"] = [
+            s for s in sel if s["method"] == method and s.get("budget_flops") is not None]
+    for (method, label), pts in series.items():
+        pts = sorted((100 * s["flops_fraction"], s["acc_mean"], s["acc_std"]) for s in pts)
         if pts:
-            ax.plot(*zip(*pts, strict=True), "o-" if "count" in label else "D-.",
-                    color=colours[label.split(" ")[0]], label=label)
+            x, y, e = zip(*pts, strict=True)
+            ax.errorbar(x, y, yerr=e, capsize=2, fmt="o-" if "count" in label else "D-.",
+                        color=colours[method], label=label)
     ax.set(xlabel="FLOPs kept (% of dense, XLA)", ylabel="test accuracy (%)",
            title=f"{ARCHS[arch][0]}: FLOP budgets, {steps} steps")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
 
 
+def render(args: argparse.Namespace) -> None:
+    """``--render``: the plot and the RESULTS section from ``pareto_digits.json``."""
+    old = json.loads((HERE / "pareto_digits.json").read_text())
+    summary = summarize(old["rows"])
+    print(results_table(summary))
+    write_outputs(args, old["rows"], summary, old.get("commands", []))
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.render:
+        render(args)
+        return
     archs = args.archs.split(",")
     sparsities = [float(s) for s in args.sparsities.split(",") if s]
     flop_targets = [float(f) for f in args.flops.split(",") if f]

@@ -65,6 +65,23 @@ Taylor-1 sub-additive (``|a + b| ≤ |a| + |b|``, equal when the parts' first-or
 share a sign); all five are invariant to the positive scale of ``u`` after the
 normalisation, and the magnitudes to that of ``x``.
 
+Budgets: which estimate carries curvature. Additivity puts a head and a neuron on one
+scale, but the knapsack also needs the *level* of each group's loss to be right, and of
+the five only Taylor-2 on the **raw gradient** measures curvature. With Adam the update is
+``u_e = −η m̂_e / (√v̂_e + ε)``, so ``|u_e| ≲ η`` for every element: on ``u`` Taylor-2 is
+``½ Σ_e x_e² u_e² ≈ ½ η² Σ_e x_e² (m̂_e² / v̂_e)``, a magnitude weighted by the gradient's
+signal-to-noise ratio, and Taylor-1, cosine and the magnitudes (``½‖x_g‖²``: an isotropic
+Hessian) carry no curvature at all. On the raw gradient ``g = ∇f`` of a batch,
+``½ Σ_e x_e² g_e²`` is Optimal Brain Damage's loss increase with the *empirical-Fisher*
+diagonal ``E[g_e²] ≈ H_ee``. Measured on the pretrained Llama decoder
+(``benchmarks/llm_ablation.py --parts oneshot``: one `hesso_jax.budget.budget_select`
+from the checkpoint, no training), every score on an Adam-like direction ranks each
+kv-head group (2 query heads + their kv head) as cheaper per FLOP than any SwiGLU neuron,
+although zeroing one costs 3–100× the loss of the same FLOPs of neurons (layer 0's: +1.9
+nats/token); Taylor-2 on the gradient removes neurons only, at half the loss increase of
+count-K's selection. `budget_saliency` is that score, for
+``hj.hesso(groups, hj.Budget(...), ..., saliency=budget_saliency(), direction="gradient")``.
+
 Sharding. Every per-group vector is *replicated*: a member leaf sharded along a mesh axis
 (FSDP) is first reduced over its non-channel axes to one value per channel (``O(channels)``,
 sharded like the channel axis), that channel vector is resharded to replicated
@@ -105,9 +122,10 @@ DIRECTION_SCORES = ("cosine_similarity", "taylor_first_order", "taylor_second_or
 NORMALIZATIONS = ("norm", "additive")
 """The ``normalize=`` modes of `weighted` (module docstring, "Mixing")."""
 
-__all__ = ["DIRECTION_SCORES", "NORMALIZATIONS", "SCORES", "GroupStats", "SaliencyFn",
-           "additive_scores", "evaluate", "group_reduce", "group_stats", "needs_direction",
-           "raw_scores", "replicate", "resolve_saliency", "weighted"]
+__all__ = ["BUDGET_WEIGHTS", "DIRECTION_SCORES", "NORMALIZATIONS", "SCORES", "GroupStats",
+           "SaliencyFn", "additive_scores", "budget_saliency", "evaluate", "group_reduce",
+           "group_stats", "needs_direction", "raw_scores", "replicate", "resolve_saliency",
+           "weighted"]
 
 
 def group_reduce(groups: Groups, fn: Callable[..., jax.Array], *trees: Any) -> jax.Array:
@@ -302,6 +320,37 @@ def weighted(weights: Mapping[str, float] | None = None, *,
     saliency.normalize = mode  # type: ignore[attr-defined]
     saliency.needs_direction = directional  # type: ignore[attr-defined]
     return saliency
+
+
+BUDGET_WEIGHTS = {"taylor_second_order": 1.0}
+"""`budget_saliency`'s weights: additive Taylor-2 alone."""
+
+
+def budget_saliency() -> SaliencyFn:
+    """The score a cost budget should rank by: additive Taylor-2 on the raw gradient.
+
+    ``s_g = a_g / Σ_live a_h`` with ``a_g = ½ Σ_{e∈g} x_e² d_e²`` (`weighted` of
+    `BUDGET_WEIGHTS`, ``normalize="additive"``). With ``d = −∇f(x)`` of the current batch
+    (``hj.hesso(..., direction="gradient")``), ``a_g`` is Optimal Brain Damage's
+    loss increase of removing ``g`` with the empirical-Fisher diagonal ``H_ee ≈ g_e²``, so
+    ``s_g / c_g`` under a `hesso_jax.Budget` is a share of loss per unit of cost that
+    carries curvature; on Adam's update it is a signal-to-noise-weighted magnitude
+    (module docstring, "Budgets"). The callable carries ``direction = "gradient"``, the
+    direction it is meant for (HESSO takes its ``direction=`` argument; pass it).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import hesso_jax as hj
+      >>> groups = hj.Groups.from_families([hj.GroupFamily(2, (hj.Member(("w",), 0),))])
+      >>> x = {"w": jnp.array([2.0, 1.0])}
+      >>> g = {"w": jnp.array([0.1, 1.0])}   # the larger weight sits in a flat direction
+      >>> fn = budget_saliency()
+      >>> fn.direction, [round(float(v), 3) for v in fn(x, g, groups)]
+      ('gradient', [0.038, 0.962])
+    """
+    fn = weighted(BUDGET_WEIGHTS, normalize="additive")
+    fn.direction = "gradient"  # type: ignore[attr-defined]
+    return fn
 
 
 def needs_direction(fn: SaliencyFn) -> bool:

@@ -158,6 +158,32 @@ def test_under_a_budget_heads_go_exactly_when_they_are_the_cheaper_loss_per_cost
     assert heads_removed("norm") == 1
 
 
+def test_budget_saliency_on_the_gradient_sees_curvature_that_adams_update_hides():
+    # Heads: small weights (0.5) in steep directions (gradient 2); neurons: larger weights
+    # (1.0) in flat ones (gradient 0.1). OBD with the empirical Fisher, ½ x² g², per unit of
+    # cost: head ½·0.25·4 = 0.5, neuron ½·1·0.01 = 0.005, so the heads must stay.
+    from hesso_jax.saliency import BUDGET_WEIGHTS, budget_saliency
+
+    groups, params, table = heads_and_neurons(0.5, 1.0)
+    grad = {"h": jnp.full(64, 2.0), "n": jnp.full(64, 0.1)}
+    adam = jax.tree.map(lambda g: -g / jnp.abs(g), grad)  # −m/√v of a steady gradient
+    G = groups.num_groups
+    alive, protected = jnp.ones(G, bool), jnp.zeros(G, bool)
+
+    def heads_removed(fn, direction):
+        s = fn(params, direction, groups)
+        return int(np.asarray(budget_select(s, table, alive, protected, jnp.array([32.0])))[:2]
+                   .sum())
+
+    fn = budget_saliency()
+    assert fn.direction == "gradient" and fn.weights == BUDGET_WEIGHTS
+    assert fn.normalize == "additive" and fn.needs_direction
+    assert heads_removed(fn, jax.tree.map(jnp.negative, grad)) == 0
+    # on Adam's update |u_e| = 1 everywhere: every score is a magnitude, a head looks cheap
+    assert heads_removed(fn, adam) == 1
+    assert heads_removed(weighted(normalize="additive"), adam) == 1
+
+
 @pytest.mark.parametrize("budgeted", [True, False])
 def test_hesso_mixes_additively_under_a_budget_and_by_norm_for_a_count(budgeted):
     import optax

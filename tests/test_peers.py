@@ -152,3 +152,72 @@ def test_oto_smoke_prunes_exactly_and_constructs_the_subnet(oto_bench):
     fields = oto_bench.time_fields(times["oto hesso"], oto_bench.step_kinds(20, 2), 0.0)
     assert set(fields["kind_ms"]) == set(oto_bench.KINDS)
     assert fields["seconds"] == pytest.approx(sum(times["oto hesso"]))
+
+
+def test_xla_flops_is_the_pareto_count_of_the_same_channels(peers):
+    # The FLOP convention of pareto_digits: XLA's count of the JAX CNN (forward_flops).
+    from hesso_jax.train import forward_flops
+
+    x = np.zeros((1, 8, 8, 1), np.float32)
+    assert peers.xla_flops(1, 48, 48, 96, 10) == forward_flops(CNN(rngs=nnx.Rngs(0)), x)
+    assert peers.xla_flops(1, 48, 24, 96, 10) < peers.xla_flops(1, 48, 48, 96, 10)
+
+
+@pytest.mark.parametrize("global_pruning", [False, True])
+def test_tp_prune_to_flops_lands_at_or_below_the_target(peers, global_pruning):
+    torch = pytest.importorskip("torch")
+    tp = pytest.importorskip("torch_pruning")
+    torch.manual_seed(0)
+    model = peers.torch_cnn(torch)
+    example = torch.zeros(1, 1, 8, 8)
+    full = peers.torch_flops(model)
+    measure = lambda m: peers.torch_flops(m) / full  # noqa: E731  (fast analytic count)
+    pruned, ratio, frac = peers.tp_prune_to_flops(tp, model, example, 0.5, global_pruning,
+                                                  measure)
+    assert frac == pytest.approx(measure(pruned))
+    assert 0.4 < frac <= 0.5                       # at most the target, not far below
+    assert 0.0 < ratio < 0.99
+    assert sum(p.numel() for p in model.parameters()) == 84_826   # original untouched
+    assert tuple(pruned.eval()(torch.zeros(2, 1, 8, 8)).shape) == (2, 10)
+    with pytest.raises(RuntimeError, match="every channel ratio"):
+        peers.tp_prune_to_flops(tp, model, example, 1e-6, global_pruning, measure, iters=3)
+
+
+def test_flop_table_reads_torch_rows(peers):
+    row = {"framework": "torch", "seed": 0, "steps": 500, "method": "tp_global",
+           "sparsity": None, "budget_flops": 0.5, "acc": 0.99, "params": 40_000,
+           "flops": 3.0e6, "flops_xla": 2.8e6, "flops_fraction": 0.49, "latency_ratio": 0.5,
+           "seconds": 10.0, "ratio": 0.3}
+    dense = {**row, "method": "dense", "budget_flops": None, "flops_fraction": 1.0,
+             "ratio": 0.0, "flops_xla": 5.7e6}
+    summary = peers.flop_summary([row, dense])
+    assert [s["method"] for s in summary] == ["dense", "tp_global"]
+    text = peers.flop_table(summary)
+    assert "≤ 50%" in text and "49.0%" in text and "2.80 M" in text
+
+
+def test_pareto_reads_the_torch_pruning_flop_rows_without_torch(peers, tmp_path):
+    # pareto_digits draws Torch-Pruning's FLOP-target rows from the peer JSON alone.
+    import json
+
+    import pareto_digits
+
+    row = {"framework": "torch", "seed": 0, "steps": 500, "method": "tp_uniform",
+           "sparsity": None, "budget_flops": 0.5, "acc": 0.99, "params": 40_000,
+           "flops": 3.3e6, "flops_xla": 2.8e6, "flops_fraction": 0.49, "latency_ratio": 0.5,
+           "seconds": 10.0}
+    dense = {**row, "method": "dense", "budget_flops": None, "flops_fraction": 1.0}
+    path = tmp_path / "peer.json"
+    path.write_text(json.dumps({"command": "python x --flops 0.5", "rows": [row, dense]}))
+    rows, commands = pareto_digits.peer_rows(path)
+    assert commands == ["python x --flops 0.5"] and len(rows) == 1   # dense row left out
+    assert rows[0]["flops"] == 2.8e6 and rows[0]["arch"] == "cnn"
+    count = [{"arch": "cnn", "method": m, "sparsity": s, "budget_flops": None, "steps": 500,
+              "seed": 0, "min_keep": 0, "acc": a, "params": 1, "flops": f,
+              "flops_fraction": f / 5.6e6, "latency_ratio": 1.0, "seconds": 1.0}
+             for m, s, a, f in (("dense", 0.0, 1.0, 5.6e6), ("hesso", 0.3, 0.98, 1.8e6))]
+    text = pareto_digits.matched_table(pareto_digits.summarize(rows + count))
+    assert "Torch-Pruning per layer (PyTorch twin) [500 steps]" in text
+    # count-K interpolated at 2.8 M FLOPs: 98 + 2 · (2.8 − 1.8) / (5.6 − 1.8) = 98.53
+    assert "| 99.00 ± 0.00 | 98.53 | +0.47 |" in text
+    assert pareto_digits.peer_rows(tmp_path / "missing.json") == ([], [])

@@ -47,6 +47,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import functools
 import json
 import sys
 import time
@@ -148,7 +149,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sparsities", default="0.3,0.5,0.7",
                    help="HESSO group sparsities; Torch-Pruning matches their parameters")
-    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--seeds", default="3",
+                   help="a count N (seeds 0..N-1) or a comma list of seeds, e.g. '1,2'")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the rows of this run's JSON that it does not rerun (same "
+                        "seed, method, target and steps replaced)")
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--periods", type=int, default=5)
     p.add_argument("--lr", type=float, default=3e-3)
@@ -157,11 +162,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="torch.set_num_threads (2 stall on shared 2-core machines)")
     p.add_argument("--no-write", action="store_true",
                    help="print only: do not write the JSON or RESULTS.md")
+    p.add_argument("--flops", default="",
+                   help="FLOP-target mode, e.g. '0.7,0.5,0.3': Torch-Pruning's channel "
+                        "ratio bisected until the pruned model keeps at most that fraction "
+                        "of the dense FLOPs (XLA's count, as in pareto_digits); PyTorch rows "
+                        "only, written to torch_pruning_digits_flops.json (--tag flops)")
+    p.add_argument("--results", type=Path, default=HERE.parent / "RESULTS.md",
+                   help="the RESULTS.md whose section this run rewrites")
     p.add_argument("--tag", default="",
                    help="write torch_pruning_digits_<tag>.json and a RESULTS section of "
                         "its own (a partial grid next to the full one)")
     p.set_defaults(min_keep=0)  # pareto_digits.run_one's per-family floor: none here
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.flops and not args.tag:
+        args.tag = "flops"
+    return args
 
 
 # --------------------------------------------------------------------------- PyTorch side
@@ -267,6 +282,75 @@ def tp_prune_to_params(tp: Any, model: Any, example: Any, target: int,
     return best[1], best[2]
 
 
+def tp_prune_to_flops(tp: Any, model: Any, example: Any, target: float,
+                      global_pruning: bool, measure: Any,
+                      iters: int = 10) -> tuple[Any, float, float]:
+    """Bisects the channel ratio for the *smallest* ratio whose pruned model keeps at most
+    ``target`` of the dense FLOPs: ``measure(pruned) -> kept fraction`` is non-increasing
+    in the ratio (up to channel rounding), so after ``iters`` halvings of ``[0, 0.99]`` the
+    kept fraction lies in ``(target − step, target]``, ``step`` the FLOPs of one bisection
+    interval. Returns ``(pruned copy, ratio, kept fraction)``: the feasible model with the
+    largest kept fraction seen. Raises RuntimeError if no ratio tried is feasible."""
+    lo, hi = 0.0, 0.99
+    best, best_ratio, best_frac = None, hi, -1.0
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        pruned = tp_prune(tp, model, example, mid, global_pruning)
+        frac = measure(pruned)
+        if frac <= target:
+            hi = mid
+            if frac > best_frac or (frac == best_frac and mid < best_ratio):
+                best, best_ratio, best_frac = pruned, mid, frac
+        else:
+            lo = mid
+    if best is None:
+        raise RuntimeError(f"Torch-Pruning keeps more than {target:.0%} of the FLOPs at "
+                           f"every channel ratio up to {hi:.3f}")
+    return best, best_ratio, best_frac
+
+
+def torch_channels(model: Any) -> tuple[int, int, int, int, int]:
+    """``(c_in, c1, ca, c2, classes)`` of a (pruned) `torch_cnn`."""
+    return (model.stem[0].in_channels, model.stem[0].out_channels,
+            model.block_a[0].out_channels, model.down[0].out_channels,
+            model.head.out_features)
+
+
+@functools.cache
+def xla_flops(c_in: int, c1: int, ca: int, c2: int, classes: int) -> float:
+    """FLOPs of the JAX `hesso_jax.models.CNN` with these channel counts (``block_a``
+    ``c1→ca``, ``block_b`` ``ca→c1``) on one 8×8 example, from XLA's cost analysis of the
+    compiled evaluation forward (`hesso_jax.train.forward_flops`' count): the convention of
+    ``pareto_digits``' FLOP columns (padded taps skipped; the stride-2 conv with SAME's 0/1
+    padding where PyTorch pads 1/1). The model is abstract (`nnx.eval_shape`): only shapes
+    are lowered, nothing is initialised."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from hesso_jax.models import CNN
+    from hesso_jax.models.cnn import ConvBN
+    from hesso_jax.train import make_eval
+
+    def build() -> CNN:
+        rngs = nnx.Rngs(0)
+        model = CNN(c1, c2, classes, in_channels=c_in, rngs=rngs)
+        model.block_a = ConvBN(c1, ca, rngs=rngs)
+        model.block_b = ConvBN(ca, c1, rngs=rngs)
+        return model
+
+    model = nnx.eval_shape(build)
+    x = jax.ShapeDtypeStruct((1, 8, 8, c_in), jnp.float32)
+    cost = make_eval(model).lower(nnx.state(model), x).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    return float(cost["flops"])
+
+
+def torch_xla_flops(model: Any) -> float:
+    """`xla_flops` of a (pruned) `torch_cnn`'s channel counts."""
+    return xla_flops(*torch_channels(model))
+
+
 def cnn_flops(c_in: int, c1: int, ca: int, c2: int, classes: int, side: int = 8) -> float:
     """FLOPs of one forward pass of the digits CNN from its channel counts, counted the
     same way for both frameworks: ``2 × MACs`` of the convs (padded taps included, as
@@ -338,48 +422,110 @@ def jax_rows(args: argparse.Namespace, seed: int, sparsities: list[float],
     return rows, targets
 
 
-def torch_rows(args: argparse.Namespace, seed: int, sparsities: list[float], data: Any,
-               targets: dict[float, int], torch: Any, tp: Any) -> list[dict[str, Any]]:
-    """PyTorch's rows of one seed: dense, then Torch-Pruning per layer and global at each
-    sparsity, pruned from one checkpoint at the step HESSO's last period ends."""
+def torch_start(args: argparse.Namespace, seed: int, data: Any,
+                torch: Any) -> tuple[dict[str, Any], Any, StepLog, float]:
+    """PyTorch's dense row of one seed and the checkpoint Torch-Pruning prunes: the dense
+    model trained ``--steps`` steps, and ``(pre model, its StepLog, its seconds)`` trained
+    for the steps HESSO spends before its last period ends."""
     from hesso_jax.train import demo_schedule
 
     x_tr, y_tr, x_te, y_te = torch_data(torch, data)
-    example = x_tr[:1]
     warmup, period_len = demo_schedule(args.steps, args.periods)
-    pre = warmup + args.periods * period_len
     fit = dict(lr=args.lr, batch_size=args.batch_size, seed=seed)
-    base = {"framework": "torch", "seed": seed}
-
     torch.manual_seed(seed)
     t_dense, log = torch_cnn(torch), StepLog()
     t0 = time.perf_counter()
     torch_train(torch, t_dense, x_tr, y_tr, steps=args.steps, log=log, **fit)
-    rows = [{**base, "method": "dense", "sparsity": 0.0,
-             "acc": torch_accuracy(torch, t_dense, x_te, y_te),
+    dense = {"framework": "torch", "seed": seed, "steps": args.steps, "method": "dense",
+             "sparsity": 0.0, "acc": torch_accuracy(torch, t_dense, x_te, y_te),
              "params": sum(p.numel() for p in t_dense.parameters()),
-             "flops": torch_flops(t_dense), "latency_ratio": 1.0,
-             **log.fields(time.perf_counter() - t0)}]
-
+             "flops": torch_flops(t_dense), "flops_xla": torch_xla_flops(t_dense),
+             "latency_ratio": 1.0, "model": t_dense,
+             **log.fields(time.perf_counter() - t0)}
     torch.manual_seed(seed)
     pre_model, pre_log = torch_cnn(torch), StepLog()
     t0 = time.perf_counter()
-    torch_train(torch, pre_model, x_tr, y_tr, steps=pre, log=pre_log, **fit)
-    t_pre = time.perf_counter() - t0
+    torch_train(torch, pre_model, x_tr, y_tr, steps=warmup + args.periods * period_len,
+                log=pre_log, **fit)
+    return dense, pre_model, pre_log, time.perf_counter() - t0
+
+
+def torch_finish(args: argparse.Namespace, seed: int, data: Any, torch: Any, pruned: Any,
+                 dense: dict[str, Any], log: StepLog, seconds: float) -> dict[str, Any]:
+    """Fine-tunes ``pruned`` (a fresh Adam, the steps after HESSO's last period) and
+    returns its row fields; ``seconds`` is the wall time spent before fine-tuning."""
+    from hesso_jax.train import demo_schedule
+
+    x_tr, y_tr, x_te, y_te = torch_data(torch, data)
+    warmup, period_len = demo_schedule(args.steps, args.periods)
+    t0 = time.perf_counter()
+    torch_train(torch, pruned, x_tr, y_tr, steps=args.steps - warmup - args.periods
+                * period_len, log=log, lr=args.lr, batch_size=args.batch_size, seed=seed)
+    return {"framework": "torch", "seed": seed, "steps": args.steps,
+            "acc": torch_accuracy(torch, pruned, x_te, y_te),
+            "params": sum(p.numel() for p in pruned.parameters()),
+            "flops": torch_flops(pruned), "flops_xla": torch_xla_flops(pruned),
+            "latency_ratio": torch_latency_ratio(torch, pruned, dense["model"], x_te),
+            **log.fields(seconds + time.perf_counter() - t0)}
+
+
+def torch_rows(args: argparse.Namespace, seed: int, sparsities: list[float], data: Any,
+               targets: dict[float, int], torch: Any, tp: Any) -> list[dict[str, Any]]:
+    """PyTorch's rows of one seed: dense, then Torch-Pruning per layer and global at each
+    sparsity (channel ratio bisected to HESSO's parameter count ``targets[s]``), pruned
+    from one checkpoint at the step HESSO's last period ends."""
+    dense, pre_model, pre_log, t_pre = torch_start(args, seed, data, torch)
+    example = torch_data(torch, data)[0][:1]
+    rows = [{k: v for k, v in dense.items() if k != "model"}]
     for s in sparsities:
         for global_pruning in (False, True):
             log = StepLog(segments=list(pre_log.segments))
             t0 = time.perf_counter()
             pruned, ratio = tp_prune_to_params(tp, pre_model, example, targets[s],
                                                global_pruning)
-            torch_train(torch, pruned, x_tr, y_tr, steps=args.steps - pre, log=log, **fit)
-            rows.append({**base, "method": "tp_global" if global_pruning else "tp_uniform",
-                         "sparsity": s, "acc": torch_accuracy(torch, pruned, x_te, y_te),
-                         "params": sum(p.numel() for p in pruned.parameters()),
-                         "flops": torch_flops(pruned),
-                         "latency_ratio": torch_latency_ratio(torch, pruned, t_dense, x_te),
-                         "ratio": ratio, **log.fields(t_pre + time.perf_counter() - t0)})
+            row = torch_finish(args, seed, data, torch, pruned, dense, log,
+                               t_pre + time.perf_counter() - t0)
+            rows.append({**row, "method": "tp_global" if global_pruning else "tp_uniform",
+                         "sparsity": s, "ratio": ratio})
     return rows
+
+
+def torch_flop_rows(args: argparse.Namespace, seed: int, fractions: list[float],
+                    torch: Any, tp: Any) -> list[dict[str, Any]]:
+    """FLOP-target mode, one seed: PyTorch dense, then Torch-Pruning per layer and global
+    at each kept-FLOP fraction ``f`` (`tp_prune_to_flops`: the smallest channel ratio with
+    ``xla_flops(pruned) / xla_flops(dense) ≤ f``), from the same checkpoint and with the
+    same fine-tuning as `torch_rows`."""
+    from hesso_jax.data import load_digits_split
+
+    data = load_digits_split(seed)
+    dense, pre_model, pre_log, t_pre = torch_start(args, seed, data, torch)
+    example = torch_data(torch, data)[0][:1]
+    full = dense["flops_xla"]
+    measure = lambda m: torch_xla_flops(m) / full  # noqa: E731
+    rows = [{**{k: v for k, v in dense.items() if k != "model"}, "budget_flops": None,
+             "flops_fraction": 1.0}]
+    for f in fractions:
+        for global_pruning in (False, True):
+            log = StepLog(segments=list(pre_log.segments))
+            t0 = time.perf_counter()
+            pruned, ratio, frac = tp_prune_to_flops(tp, pre_model, example, f,
+                                                    global_pruning, measure)
+            row = torch_finish(args, seed, data, torch, pruned, dense, log,
+                               t_pre + time.perf_counter() - t0)
+            rows.append({**row, "method": "tp_global" if global_pruning else "tp_uniform",
+                         "sparsity": None, "budget_flops": f, "flops_fraction": frac,
+                         "ratio": ratio, "channels": list(torch_channels(pruned))})
+            tqdm_write(f"seed {seed} FLOPs ≤ {f}: {rows[-1]['method']} kept "
+                       f"{100 * frac:.1f} %, acc {100 * row['acc']:.2f} %")
+    return rows
+
+
+def tqdm_write(text: str) -> None:
+    """Prints ``text`` without breaking a tqdm progress bar."""
+    from tqdm.auto import tqdm
+
+    tqdm.write(text)
 
 
 def run_seed(args: argparse.Namespace, seed: int, sparsities: list[float],
@@ -444,6 +590,52 @@ def table(summary: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+FLOP_LABELS = {"dense": "PyTorch dense",
+               "tp_uniform": "Torch-Pruning magnitude + FT (per layer)",
+               "tp_global": "Torch-Pruning magnitude + FT (global)"}
+
+
+def flop_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """FLOP-target mode: one line per (steps, target, method), seed statistics as in the
+    Pareto table, ``flops`` XLA's count (``flops_analytic``: `cnn_flops`, padded taps)."""
+    from pareto_digits import aggregate
+
+    key = lambda r: (r.get("steps", 0), r.get("budget_flops"), r["method"])  # noqa: E731
+    keys = sorted({key(r) for r in rows},
+                  key=lambda k: (-k[0], k[1] is not None, -(k[1] or 0),
+                                 list(FLOP_LABELS).index(k[2])))
+    out = []
+    for k in keys:
+        sel = [r for r in rows if key(r) == k]
+        xla = [{**r, "flops": r["flops_xla"]} for r in sel]
+        out.append({"steps": k[0], "budget_flops": k[1], "framework": "torch",
+                    "method": k[2], **aggregate(xla),
+                    "flops_analytic": float(np.mean([r["flops"] for r in sel])),
+                    "ratio": float(np.mean([r.get("ratio", 0.0) for r in sel])),
+                    **time_stats(sel)})
+    return out
+
+
+def flop_table(summary: list[dict[str, Any]]) -> str:
+    """The markdown table of `flop_summary`'s lines."""
+    from pareto_digits import flops_text
+
+    lines = ["| steps | FLOP target | method | seeds | test acc % (mean ± std) | params | "
+             "FLOPs kept (XLA) | FLOPs/example (XLA) | FLOPs/example (padded, analytic) | "
+             "channel ratio | latency pruned/dense | wall s, measured | wall s, "
+             "step-median est. |",
+             "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for s in summary:
+        target = "dense" if s["budget_flops"] is None else f"≤ {100 * s['budget_flops']:.0f}%"
+        lines.append(f"| {s['steps']} | {target} | {FLOP_LABELS[s['method']]} | {s['n']} | "
+                     f"{s['acc_mean']:.2f} ± {s['acc_std']:.2f} | {s['params']:,.0f} | "
+                     f"{100 * s['flops_fraction']:.1f}% | {flops_text(s['flops'])} | "
+                     f"{flops_text(s['flops_analytic'])} | {s['ratio']:.3f} | "
+                     f"{s['latency_ratio']:.2f} | {s['seconds']:.1f} | "
+                     f"{s['est_seconds']:.1f} |")
+    return "\n".join(lines)
+
+
 def load_text() -> str:
     """The 1/5/15-minute load averages now, ``'1.9/2.0/2.3'`` ("n/a" where unknown)."""
     import os
@@ -467,26 +659,55 @@ def write_results(args: argparse.Namespace, argv: list[str] | None, torch: Any,
     versions = (f"torch {torch.__version__}, torch-pruning "
                 f"{getattr(torch_pruning, '__version__', '?')}, jax {jax.__version__}")
     suffix = f"_{args.tag}" if args.tag else ""
-    (HERE / f"torch_pruning_digits{suffix}.json").write_text(json.dumps(
-        {"command": command, "versions": versions, "threads": args.threads,
+    path = HERE / f"torch_pruning_digits{suffix}.json"
+    old = json.loads(path.read_text()) if args.merge and path.exists() else {}
+    path.write_text(json.dumps(
+        {"command": command, "commands": [*old.get("commands", [old["command"]] if old
+                                                   else []), command],
+         "versions": versions, "threads": args.threads,
          "load_average": {"start": loads[0], "end": loads[1]}, "rows": rows,
          "summary": summary}, indent=1))
+    matched = ("Torch-Pruning's channel ratio is bisected (`tp_prune_to_flops`) to the "
+               "smallest ratio whose pruned model keeps at most the target fraction of the "
+               "dense FLOPs, counted by XLA on the JAX CNN with the same channel counts "
+               "(`xla_flops`, the convention of the Pareto benchmark's FLOP columns); the "
+               "HESSO / one-shot rows at the same targets are the Pareto benchmark's."
+               if args.flops else
+               "Torch-Pruning's channel ratio is bisected to HESSO's shrunk parameter count "
+               "of the same seed; HESSO's rows are those of the Pareto benchmark, run again "
+               "here.")
     body = (f"Command: `{command}` ({args.steps} steps, Adam lr {args.lr}, batch "
             f"{args.batch_size}, P={args.periods}; PyTorch eager on {args.threads} intra-op "
             f"thread(s), JAX jitted (XLA's own thread pool); {versions}; "
             f"{environment_line()}; load average (1/5/15 min) {loads[0]} at the start, "
-            f"{loads[1]} at the end; 2 CPU cores shared with other jobs). Torch-Pruning's "
-            "channel ratio is bisected to HESSO's shrunk parameter count of the same seed; "
-            "HESSO's rows are those of the Pareto benchmark, run again here.\n\n"
+            f"{loads[1]} at the end; 2 CPU cores shared with other jobs). {matched}\n\n"
             "Wall times, two ways: *measured* is the recipe's wall clock (train + prune + "
             "fine-tune, every step timed: JAX steps blocked on), mean over seeds; "
             "*step-median est.* is the same with every training step after the first of "
             "each training call at that call's median step (stalls removed; JAX's "
             "compilation in the first step, pruning and bisection kept as measured). "
             "*Median step* is pooled over the recipe's training calls (pruned models "
-            "fine-tune with smaller steps).\n\n" + table(summary))
+            "fine-tune with smaller steps).\n\n"
+            + (flop_table(summary) if args.flops else table(summary)))
     section = f"{SECTION} ({args.tag.replace('_', ' ')})" if args.tag else SECTION
-    upsert_section(HERE.parent / "RESULTS.md", section, body)
+    upsert_section(args.results, section, body)
+
+
+def seed_list(spec: str) -> list[int]:
+    """``'3'`` → ``[0, 1, 2]``; ``'1,2'`` → ``[1, 2]``."""
+    return [int(x) for x in spec.split(",") if x] if "," in spec else list(range(int(spec)))
+
+
+def merge_rows(args: argparse.Namespace, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """With ``--merge``: the rows of this run's JSON that ``rows`` does not rerun, then
+    ``rows``; else ``rows``."""
+    path = HERE / f"torch_pruning_digits{'_' + args.tag if args.tag else ''}.json"
+    if not (args.merge and path.exists()):
+        return rows
+    key = lambda r: (r["seed"], r["framework"], r["method"], r.get("sparsity"),  # noqa: E731
+                     r.get("budget_flops"), r.get("steps", args.steps))
+    new = {key(r) for r in rows}
+    return [r for r in json.loads(path.read_text())["rows"] if key(r) not in new] + rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -500,12 +721,15 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     sparsities = [float(s) for s in args.sparsities.split(",")]
+    fractions = [float(f) for f in args.flops.split(",") if f]
     rows: list[dict[str, Any]] = []
     start = load_text()
-    for seed in tqdm(range(args.seeds), desc="seeds"):
-        rows.extend(run_seed(args, seed, sparsities, torch, tp))
-    summary = summarize(rows)
-    print(table(summary))
+    for seed in tqdm(seed_list(args.seeds), desc="seeds"):
+        rows.extend(torch_flop_rows(args, seed, fractions, torch, tp) if fractions
+                    else run_seed(args, seed, sparsities, torch, tp))
+    rows = merge_rows(args, rows)
+    summary = flop_summary(rows) if fractions else summarize(rows)
+    print(flop_table(summary) if fractions else table(summary))
     if not args.no_write:
         write_results(args, argv, torch, rows, summary, (start, load_text()))
     return 0
