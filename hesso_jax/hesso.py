@@ -25,13 +25,32 @@ pruned); ``optax.apply_updates`` then computes ``x + u'``, which is exactly ``0`
 The period logic is a state machine on the step counter inside the jitted update: the
 period start (saliency + selection, ``O(params + G log G)``) runs under ``lax.cond``; an
 ordinary step costs one gather of a length-``G`` mask per grouped leaf and one ``where``,
-fused into ``apply_updates``. Every operand of a ``lax.cond`` is a buffer on *every* step
-(XLA:CPU also fuses no reduction into the elementwise ``apply_updates``), so the period
-start reads only what is already in memory when it can: the parameters, and for
-``direction="gradient"`` the raw gradient (``update(..., grad=grads)``) or the loss; the
-default direction, the base update ``u``, is otherwise never written to memory, and reading
-it at period starts keeps it in a parameter-sized buffer at every step
-(``benchmarks/step_cost.py``).
+fused into ``apply_updates``.
+
+Cost of an ordinary step (issue 14; ``benchmarks/step_cost.py``, ``benchmarks/overhead.py``,
+``tests/test_step_structure.py``). A base step such as Adam's is memory-bound: one fused
+pass reads ``g, m, v, x`` and writes ``m, v, x`` (``≈ 7N`` words), and its update ``u`` is
+never written to memory. Every operand of a ``lax.cond`` is a buffer on *every* step, and
+XLA:CPU fuses no reduction into the elementwise pass, so a period start that reads ``u``
+makes every step write it (``+4N`` bytes of scratch, 1.1–1.3× Adam's step on a 10 M
+parameter MLP); computing the statistics outside the ``lax.cond`` is worse (two more
+passes). Hence the period start reads only what is in memory anyway:
+
+* ``hesso(..., base=optax.adam(lr))`` (the *fused form*, recommended): HESSO is given the
+  base optimizer and recomputes ``u = base.update(g, s_t, x_t)`` inside the period start's
+  ``lax.cond`` from the gradient, the base state and the parameters, so the default
+  direction ``u`` (the reference's: Only-Train-Once scores with the base optimizer's
+  "gradient variant", Adam's ``m̂/(√v̂ + ε) ∝ −u``) costs no buffer; ``direction="gradient"``
+  reads the gradient it is given. Same state structure and updates as
+  ``optax.chain(base, hesso(...))``.
+* In ``optax.chain(base, hesso(...))`` HESSO sees only ``u``: ``direction="gradient"`` with
+  ``update(..., grad=grads)``, or a saliency of magnitudes only, read no ``u``; the default
+  ``direction="update"`` reads ``u`` and pays the ``+4N`` above on every step.
+
+With donated buffers the parameters and moments are overwritten in place, and XLA copies
+a donated buffer that a ``lax.cond`` reads unless the overwrite provably comes after it;
+the update is therefore made data-dependent on both ``lax.cond`` results (`_after`, a
+bit-exact ``u − (+0)``), so no parameter or moment is copied.
 
 Placement check (`hesso_jax.placement`). HESSO projects *parameters*, so it must see the
 final update and its update must be applied unchanged. Every update compares a few sampled
@@ -378,10 +397,12 @@ class _Hesso:
     def G(self) -> int:
         return self.groups.num_groups
 
-    def init(self, params: Any) -> HessoState:
+    def init(self, params: Any, *, fused: Callable[..., Any] | None = None) -> HessoState:
+        """The initial `HessoState`; ``fused``: the init of `_fused`'s transformation."""
         if not _is_params_placeholder(params):
             self.groups.validate(params, dependents="present")
-            self.context["no_base"] = placement.check_context(self.init)
+            no_base = placement.check_context(fused or self.init)
+            self.context["no_base"] = no_base and fused is None
             sig = _signature(params)
             if sig not in self.seen:
                 self.seen.append(sig)
@@ -439,6 +460,7 @@ class _Hesso:
         """The projection ``u' = c·(x + u) − x`` of ``updates`` and the next state."""
         layout, ph, state, probe, x_sample, check = pro[:6]
         redundant, scores, cycles, rejected = pro.redundant, pro.scores, pro.cycles, pro.rejected
+        updates = _after(updates, _tie(check, rejected))  # in-place writes after both conds
         coef = jnp.where(redundant & ph.in_prune, gamma(ph.s, self.Tp), 0.0)
         new_updates = project(layout, updates, params, redundant | state.pruned, coef)
         u_sample = placement.sample(new_updates, probe)
@@ -591,6 +613,7 @@ def hesso(
     check_updates: bool = True,
     costs: GroupCosts | None = None,
     direction: str = "update",
+    base: optax.GradientTransformation | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """HESSO (Algorithm 1): progressive projection of the least salient groups to zero.
 
@@ -666,11 +689,24 @@ def hesso(
         ``apply_updates`` (``+4·N`` bytes; 1.2–1.3× Adam's step on a memory-bound
         10 M-parameter MLP on CPU); the gradient is a buffer anyway (the backward pass's
         output), so with ``"gradient"``, or a saliency of magnitudes only, an ordinary
-        step costs what the base step costs (``benchmarks/step_cost.py``).
+        step costs what the base step costs (``benchmarks/step_cost.py``). With ``base``
+        the default ``"update"`` costs no buffer either, and ``"gradient"`` reads the
+        gradient HESSO is given (no ``grad`` needed).
+      base: optional base optimizer, e.g. ``optax.adam(1e-3)``. Given, ``hesso`` returns
+        the whole optimizer, ``base`` then HESSO, with the state ``(base_state,
+        HessoState)`` of ``optax.chain(base, hesso(...))`` and the same updates; its
+        period start recomputes ``u = base.update(g, s_t, x_t)`` inside its ``lax.cond``
+        (one more base update there, on period starts only), so an ordinary step never
+        writes ``u`` to memory and costs what the base step costs (module docstring).
+        ``base`` must be a pure function of its inputs (every optax optimizer is).
+        Scratch memory: the base's plus ``O(G)`` without donation; with donated buffers
+        the period start's branch holds its recomputed ``u`` in one scratch buffer (no
+        time on ordinary steps; ``direction="gradient"`` needs none).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``. ``update`` requires ``params``;
-      unknown extra keyword arguments are ignored. Place it last in ``optax.chain``.
+      unknown extra keyword arguments are ignored (with ``base`` they are passed on to
+      it). Place it last in ``optax.chain``.
 
     Raises:
       TypeError / ValueError: on bad arguments, before any tracing (a `Budget` without
@@ -701,6 +737,17 @@ def hesso(
       array([ True,  True, False, False])
       >>> params["w"].tolist()
       [[0.0, 0.0, 3.0, 4.0], [0.0, 0.0, 7.0, 8.0], [0.0, 0.0, 11.0, 12.0]]
+
+      The fused form: the same run with ``base`` (an ordinary step never writes ``u``):
+
+      >>> tx = hj.hesso(groups, 2, 1, 2, base=optax.sgd(0.1))
+      >>> params = {"w": jnp.arange(1.0, 13.0).reshape(3, 4), "b": jnp.ones(4)}
+      >>> state = tx.init(params)
+      >>> for _ in range(2):
+      ...     updates, state = tx.update(grads, state, params)
+      ...     params = optax.apply_updates(params, updates)
+      >>> hj.hesso_status(state).pruned
+      array([ True,  True, False, False])
     """
     if not isinstance(groups, Groups):
         raise TypeError(f"groups must be a hesso_jax.Groups, got {type(groups).__name__}")
@@ -747,7 +794,76 @@ def hesso(
         raise ValueError(f'direction must be "update" or "gradient", got {direction!r}')
     impl = _Hesso(groups, Tw, P, Tp, per_period, score_fn, floor, cric, cric_score, cric_cap,
                   schedule, check_updates, budget=rb, direction=direction)
+    if base is not None:
+        if not (callable(getattr(base, "init", None)) and callable(getattr(base, "update", None))):
+            raise TypeError(f"base must be an optax.GradientTransformation, got {base!r}")
+        return _fused(impl, base)
     return optax.GradientTransformationExtraArgs(impl.init, impl.update)
+
+
+def _tie(*scalars: jax.Array) -> jax.Array:
+    """``+0.0`` (float32) computed from ``scalars`` (finite): a data dependence on them.
+
+    ``|v|·0 = +0`` for every finite ``v``; XLA folds ``v·0`` only for integers, so the
+    value stays a consumer of ``scalars`` (the two ``lax.cond`` results).
+    """
+    return sum((jnp.abs(v.astype(jnp.float32)) for v in scalars),
+               jnp.zeros([], jnp.float32)) * 0.0
+
+
+def _after(tree: Any, tie: jax.Array) -> Any:
+    """``tree`` with ``tie`` (``+0.0``) subtracted from its float leaves.
+
+    ``a − (+0) = a`` bit for bit in IEEE arithmetic (also ``−0 − (+0) = −0``), so the
+    values are unchanged, but every consumer (fused into the base optimizer's or
+    ``apply_updates``' elementwise pass, no extra buffer) now runs after the ``lax.cond``
+    s that ``tie`` depends on. Why: with donated buffers the parameters and optimizer
+    moments are overwritten in place, and XLA copies any donated buffer that a
+    ``lax.cond`` reads unless the overwrite provably follows it (a parameter-sized copy
+    on every step).
+    """
+    return jax.tree.map(lambda a: a - tie.astype(a.dtype)
+                        if jnp.issubdtype(jnp.result_type(a), jnp.inexact) else a, tree)
+
+
+def _fused(impl: _Hesso, base: optax.GradientTransformation
+           ) -> optax.GradientTransformationExtraArgs:
+    """``base`` then HESSO as one transformation (``hesso(..., base=base)``).
+
+    The state is ``(base_state, HessoState)``, the structure of ``optax.chain(base,
+    hesso(...))``'s, and the update is the chain's: ``u = base.update(g, s, x)`` then
+    HESSO's projection of ``u``. The difference is where the period start gets ``u``: it
+    recomputes ``u = base.update(g, s_t, x_t)`` *inside* its ``lax.cond`` from the
+    gradient, the base state and the parameters (buffers on every step anyway), so ``u``
+    itself has one reader, the fused elementwise pass that writes ``x + u'``. The base
+    update and the in-place writes of the moments run after both ``lax.cond`` s
+    (`_after`), so donated moments are not copied either.
+    """
+    base = optax.with_extra_args_support(base)
+
+    def init(params: Any) -> tuple[Any, HessoState]:
+        return base.init(params), impl.init(params, fused=init)
+
+    def update(grads: Any, state: tuple[Any, HessoState], params: Any = None, *,
+               value_fn: Callable[[Any], jax.Array] | None = None, grad: Any = None,
+               **extra_args: Any) -> tuple[Any, tuple[Any, HessoState]]:
+        base_state, h_state = state
+        kw = {**extra_args, **({} if value_fn is None else {"value_fn": value_fn}),
+              **({} if grad is None else {"grad": grad})}
+
+        def recompute() -> Any:  # traced inside the period start's lax.cond
+            return base.update(grads, base_state, params, **kw)[0]
+
+        extra = _Extra(value_fn, grads if grad is None else grad)
+        pro = impl._prologue(grads, h_state, params, extra, recompute)
+        tie = _tie(pro.check, pro.rejected)
+        updates, base_state = base.update(_after(grads, tie), _after(base_state, tie),
+                                          params, **kw)
+        _check_updates(updates, params)
+        new_updates, h_state = impl._finish(pro, params, updates)
+        return new_updates, (base_state, h_state)
+
+    return optax.GradientTransformationExtraArgs(init, update)
 
 
 def _resolve_hesso_budget(budget: Budget, groups: Groups, costs: GroupCosts | None,

@@ -1,0 +1,142 @@
+"""The compiled ordinary HESSO step has the base step's structure (issue 14 item 1).
+
+Asserted on the compiled step, not on timings: ``memory_analysis()`` (scratch bytes) and
+the entry computation's ``copy`` instructions of the optimised HLO. The base step (Adam)
+is memory-bound and writes no update ``u``; a HESSO step may add ``O(G)`` bytes (masks,
+scores, per-channel sums), never a parameter-sized buffer, donated or not.
+"""
+
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import hesso_jax as hj
+
+WIDE, IN = 1024, 512  # l1 kernel 512 x 1024 float32 = 2 MiB; G = 1024
+KERNEL = IN * WIDE * 4
+O_G = 256 * WIDE  # 64 float32 per group (masks, scores, sort, per-channel sums): 1/8 kernel
+X = jax.random.normal(jax.random.key(1), (32, IN))
+Y = jax.random.normal(jax.random.key(2), (32, 10))
+
+
+def make_params():
+    k1, k2 = jax.random.split(jax.random.key(0))
+    return {"l1": {"kernel": jax.random.normal(k1, (IN, WIDE)) / 16, "bias": jnp.zeros((WIDE,))},
+            "l2": {"kernel": jax.random.normal(k2, (WIDE, 10)) / 8, "bias": jnp.zeros((10,))}}
+
+
+GROUPS = hj.Groups.from_families([hj.GroupFamily(
+    WIDE, (hj.Member(("l1", "kernel"), 1), hj.Member(("l1", "bias"), 0)),
+    (hj.Member(("l2", "kernel"), 0),))])
+
+
+def loss(p):
+    h = jax.nn.relu(X @ p["l1"]["kernel"] + p["l1"]["bias"])
+    return jnp.mean((h @ p["l2"]["kernel"] + p["l2"]["bias"] - Y) ** 2)
+
+
+def step_fn(tx, pass_grad):
+    def step(p, s):
+        grads = jax.grad(loss)(p)
+        extra = {"grad": grads} if pass_grad else {}
+        updates, s = tx.update(grads, s, p, value_fn=loss, **extra)
+        return optax.apply_updates(p, updates), s
+    return step
+
+
+@functools.cache
+def compiled(tx, donate, pass_grad=False):
+    params = make_params()
+    step = jax.jit(step_fn(tx, pass_grad), donate_argnums=(0, 1) if donate else ())
+    return step.lower(params, tx.init(params)).compile()
+
+
+def temp(c):
+    return c.memory_analysis().temp_size_in_bytes
+
+
+def copied_bytes(c):
+    """Bytes of the float32 arrays the entry computation copies (copy instructions)."""
+    entry = c.as_text().split("ENTRY")[1]
+    total = 0
+    for dims in re.findall(r"= f32\[([\d,]*)\]\{[^}]*\} copy\(", entry):
+        total += 4 * int(np.prod([int(d) for d in dims.split(",") if d]))
+    return total
+
+
+def hesso(**kw):
+    return hj.hesso(GROUPS, 0.5, 2, 4, warmup_steps=4, **kw)
+
+
+ADAM = optax.adam(1e-3)
+VARIANTS = {  # (transformation, pass grad=): configurations whose period start reads no u
+    "fused": (hesso(base=ADAM), False),
+    "chain-gradient": (optax.chain(ADAM, hesso(direction="gradient")), True),
+}
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_ordinary_step_scratch_is_the_base_steps_plus_o_g(name):
+    """Without donation: scratch bytes ≤ Adam's + O(G), far below one member kernel."""
+    tx, pass_grad = VARIANTS[name]
+    base = temp(compiled(ADAM, False))
+    assert temp(compiled(tx, False, pass_grad)) - base <= O_G
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_donated_step_copies_no_parameter_or_moment(name):
+    """Donated: no parameter or moment is copied beyond what Adam's own step copies (the
+    old design copied every parameter a ``lax.cond`` reads: the member kernel, 512 KiB,
+    and with the fused form both moments), and the scratch is Adam's + O(G) except the
+    fused default's period-start branch, which holds its recomputed ``u``."""
+    tx, pass_grad = VARIANTS[name]
+    base = compiled(ADAM, True)
+    c = compiled(tx, True, pass_grad)
+    assert copied_bytes(c) - copied_bytes(base) <= O_G
+    branch_u = KERNEL + 4 * WIDE if name == "fused" else 0  # l1 kernel + bias of u
+    assert temp(c) - temp(base) <= O_G + branch_u
+
+
+def test_chain_default_direction_keeps_u_in_a_buffer():
+    """The contrast: ``optax.chain(adam, hesso(...))`` with the default direction reads
+    ``u`` at period starts, and ``u`` then is a buffer on every step (documented cost)."""
+    base = temp(compiled(ADAM, False))
+    assert temp(compiled(optax.chain(ADAM, hesso()), False)) - base >= KERNEL
+
+
+def run(tx, steps=14):
+    params = make_params()
+    state = tx.init(params)
+    step = jax.jit(step_fn(tx, False))
+    masks = []
+    for _ in range(steps):
+        params, state = step(params, state)
+        masks.append(np.asarray(hj.hesso_status(state).redundant))
+    return params, state, masks
+
+
+def test_fused_form_equals_the_chain():
+    """``hesso(..., base=adam)`` selects what ``optax.chain(adam, hesso(...))`` selects,
+    period after period, with the same scores and parameters, and the same state
+    structure (checkpoints interchange)."""
+    p_c, s_c, m_c = run(optax.chain(optax.adam(1e-2), hesso()))
+    p_f, s_f, m_f = run(hesso(base=optax.adam(1e-2)))
+    assert jax.tree.structure(s_c) == jax.tree.structure(s_f)
+    for a, b in zip(m_c, m_f, strict=True):
+        np.testing.assert_array_equal(a, b)
+    st_c, st_f = hj.hesso_status(s_c), hj.hesso_status(s_f)
+    assert st_c.num_pruned == st_f.num_pruned == WIDE // 2
+    np.testing.assert_array_equal(st_c.pruned, st_f.pruned)
+    np.testing.assert_allclose(st_c.scores, st_f.scores, rtol=1e-5, atol=1e-7)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), p_c, p_f)
+    np.testing.assert_array_equal(GROUPS.zero_groups(p_c), GROUPS.zero_groups(p_f))
+
+
+def test_fused_form_rejects_a_non_transformation():
+    with pytest.raises(TypeError, match="base must be an optax.GradientTransformation"):
+        hesso(base="adam")
