@@ -27,6 +27,17 @@ Usage::
 
     python benchmarks/overhead.py            # full run (~4-6 minutes on 2 CPU cores)
     python benchmarks/overhead.py --quick    # smoke test (~1 minute on an idle machine)
+    python benchmarks/overhead.py --targets  # issue 14's targets, every model, donated or not
+
+*Targets* (``--targets``, written to ``overhead_targets.md`` / ``.json``): for every model
+of ``benchmarks/step_cost.py`` (digits CNN, TinyTransformer, BERT-like 4×256, MLP
+64→10000→1000→10 with 10.7 M params and G = 11 000, and ``64→G→10`` MLPs with G = 10² …
+10⁵), compiled with and without buffer donation, ``optax.adam(1e-3)`` against
+``optax.chain(adam, hesso(...))`` (the chain form, default direction ``u``) and
+``hesso(..., base=adam)`` (the fused form), interleaved, ratios of medians
+(`step_cost.run_model`): ordinary step ≤ 1.03×, period start ≤ 1.5×, amortised over the
+reference schedule ≤ 1.05×, scratch ≤ the base's + O(G) (here: 256 bytes per group, the
+allowance of ``tests/test_step_structure.py``).
 
 Writes ``overhead.md``, ``overhead.json`` and (unless ``--no-results-md``) the section
 ``## HESSO per-step overhead`` of ``RESULTS.md`` in ``--out`` (default: the directory of
@@ -565,6 +576,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed of the batch order (default 0)")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent,
                    help="output directory (default: this script's directory)")
+    p.add_argument("--targets", action="store_true",
+                   help="issue 14's targets on every model, donated and not (see docstring)")
+    p.add_argument("--target-models", default="cnn,transformer,bert,mlp10m,wide1e2,wide1e3,"
+                   "wide1e4,wide1e5", help="step_cost.py model names for --targets")
+    p.add_argument("--target-rounds", type=int, default=5,
+                   help="interleaved rounds per (model, donation) for --targets (default 5)")
     p.add_argument("--no-results-md", action="store_true",
                    help="write overhead.md/json only, not the section of RESULTS.md")
     args = p.parse_args(argv)
@@ -576,8 +593,71 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+TARGETS = {"ordinary": 1.03, "start": 1.5, "amortised": 1.05}
+TARGET_VARIANTS = ("hesso", "hesso base=")
+O_G_BYTES = 256  # scratch allowance per group
+
+
+def target_verdicts(row: dict[str, Any]) -> dict[str, bool]:
+    """Which of issue 14's targets a `step_cost.run_model` row meets."""
+    return {"ordinary": row["ordinary"] <= TARGETS["ordinary"],
+            "start": max(row["start0"], row["start1"]) <= TARGETS["start"],
+            "amortised": row["amortised"] <= TARGETS["amortised"],
+            "temp": row["temp_extra_bytes"] <= O_G_BYTES * row["G"]}
+
+
+def targets_report(rows: list[dict[str, Any]], command: str, info: dict[str, str]) -> str:
+    head = ("| model | N | G | donated | form | base ms | ordinary | ordinary (CPU time) | "
+            "start p=0 | start p≥1 | amortised (est.) | scratch − base | targets met |\n"
+            + "|---" * 13 + "|")
+    lines = [f"Command: `{command}`", "",
+             f"Machine: {info['cpu']}, {info['cores']} cores, jax {info['jax']}; load average "
+             f"{info['load_start']} at the start, {info['load_end']} at the end.", "",
+             "Ratios over the base (Adam) ordinary step: medians of wall time, base and HESSO "
+             "interleaved in rotating rounds (3 calls per kind per round); the CPU-time "
+             "column is the same ratio of process CPU time (less sensitive to other "
+             "processes' load). Scratch: `memory_analysis().temp_size_in_bytes` minus the "
+             "base step's (deterministic). Verdicts use the wall-time medians.", "", head]
+    for r in rows:
+        ok = target_verdicts(r)
+        form = {"hesso": "chain(adam, hesso)", "hesso base=": "hesso(base=adam)"}[r["variant"]]
+        met = ", ".join(k if v else f"**not {k}**" for k, v in ok.items())
+        lines.append(
+            f"| {r['model']} | {r['params'] / 1e6:.2f} M | {r['G']} | "
+            f"{'yes' if r['donate'] else 'no'} | {form} | {r['base_ms']:.2f} | "
+            f"{r['ordinary']:.3f}× | {r.get('ordinary_cpu', float('nan')):.3f}× | "
+            f"{r['start0']:.2f}× | {r['start1']:.2f}× | "
+            f"{r['amortised']:.3f}× | {r['temp_extra_bytes'] / 1e6:+.3f} MB "
+            f"(4N = {r['four_n'] / 1e6:.1f} MB) | {met} |")
+    return "\n".join(lines) + "\n"
+
+
+def run_targets(args: argparse.Namespace, command: str) -> None:
+    """``--targets``: `step_cost.run_model` on every model, chain and fused form."""
+    import step_cost  # same directory
+
+    info = machine_info()
+    ns = argparse.Namespace(variants=["adam", *TARGET_VARIANTS], rounds=args.target_rounds,
+                            per_block=3)
+    rows: list[dict[str, Any]] = []
+    for name in args.target_models.split(","):
+        rows += step_cost.run_model(name, ns)
+    info["load_end"] = load_average()
+    body = targets_report(rows, command, info)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "overhead_targets.md").write_text(f"# HESSO step-cost targets (CPU)\n\n{body}")
+    (args.out / "overhead_targets.json").write_text(json.dumps(
+        {"command": command, "machine": info, "targets": TARGETS, "o_g_bytes": O_G_BYTES,
+         "rows": [{**r, "met": target_verdicts(r)} for r in rows]}, indent=1) + "\n")
+    print(body)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.targets:
+        run_targets(args, shlex.join(["python", *(sys.argv if argv is None
+                                                  else ["overhead.py", *argv])]))
+        return
     t_start = time.perf_counter()
     command = shlex.join(["python", *(sys.argv if argv is None else ["overhead.py", *argv])])
     date = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")

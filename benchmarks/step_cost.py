@@ -12,9 +12,12 @@ donation. Reported per (model, donation):
 * *amortised (est.)*: the reference schedule (``T_w = 200``, ``P = 5``, ``T_p = 100``,
   1000 steps) priced with the medians: warm-up and ordinary steps at *ordinary*.
 
-Variants: ``adam`` alone (the base), ``adam + hesso`` (default saliency, direction = the
-base update ``u``), ``hesso(direction="gradient")`` with ``update(..., grad=grads)``
-(``d = −∇f``, the gradient the step has already computed), the same with only
+Variants: ``adam`` alone (the base), ``adam + hesso`` (``optax.chain``, default saliency,
+direction = the base update ``u``), ``hesso base=`` (the fused form ``hj.hesso(...,
+base=optax.adam(1e-3))``: same selection, ``u`` recomputed inside the period start),
+``hesso base= gradient`` (fused, ``d = −∇f``), ``hesso(direction="gradient")`` with
+``update(..., grad=grads)`` (``d = −∇f``, the gradient the step has already computed),
+the same with only
 ``value_fn`` (``∇f`` recomputed at period starts), ``hesso(saliency="magnitude")`` (no
 direction).
 
@@ -59,6 +62,8 @@ KINDS = ("ordinary", "start0", "start1")
 VARIANTS: dict[str, tuple[dict[str, Any] | None, bool]] = {  # (hesso kwargs, pass grad=)
     "adam": (None, False),
     "hesso": ({}, False),
+    "hesso base=": ({"base": True}, False),
+    "hesso base= gradient": ({"base": True, "direction": "gradient"}, False),
     "hesso gradient": ({"direction": "gradient"}, True),
     "hesso gradient (value_fn)": ({"direction": "gradient"}, False),
     "hesso magnitude": ({"saliency": "magnitude"}, False),
@@ -178,8 +183,13 @@ class Case:
     def __init__(self, model: Model, variant: str, donate: bool):
         kw, pass_grad = VARIANTS[variant]
         base = optax.adam(1e-3)
-        self.tx = base if kw is None else optax.chain(
-            base, hj.hesso(model.groups, 0.5, P, TP, warmup_steps=TW, **kw))
+        if kw is None:
+            self.tx = base
+        elif kw.get("base"):  # the fused form: hesso(..., base=adam)
+            self.tx = hj.hesso(model.groups, 0.5, P, TP, warmup_steps=TW,
+                               **{**kw, "base": base})
+        else:
+            self.tx = optax.chain(base, hj.hesso(model.groups, 0.5, P, TP, warmup_steps=TW, **kw))
         self.model, self.donate, self.hesso = model, donate, kw is not None
         self.step = make_step(model, self.tx, donate, pass_grad)
         self.init = self.tx.init(model.params)
@@ -196,22 +206,25 @@ class Case:
         params = jax.tree.map(lambda a: jnp.array(a, copy=True), self.params)
         return params, state
 
-    def call(self, kind: str) -> float:
-        """Seconds of one step of ``kind`` (inputs prepared outside the timed region)."""
+    def call(self, kind: str) -> tuple[float, float]:
+        """``(wall, process CPU)`` seconds of one step of ``kind`` (inputs prepared outside
+        the timed region). CPU time leaves out waiting for a core: less sensitive to
+        other processes' load than wall time."""
         params, state = self.inputs(kind)
         jax.block_until_ready((params, state))
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         out = jax.block_until_ready(self.step(params, state, self.model.batch))
-        dt = time.perf_counter() - t0
+        dt, dc = time.perf_counter() - t0, time.process_time() - c0
         if self.donate:
             self.params = out[0]
-        return dt
+        return dt, dc
 
 
 def time_cases(cases: dict[str, Case], rounds: int, per_block: int) -> dict[str, float]:
-    """Median seconds per ``"variant/kind"``, interleaved in rotating rounds."""
+    """Median wall seconds per ``"variant/kind"`` (and CPU seconds per ``"variant/kind/cpu"``),
+    interleaved in rotating rounds."""
     calls = [("adam", "ordinary")] + [(v, k) for v in cases if v != "adam" for k in KINDS]
-    times: dict[tuple[str, str], list[float]] = {c: [] for c in calls}
+    times: dict[tuple[str, str], list[tuple[float, float]]] = {c: [] for c in calls}
     for c in calls:  # compile and warm
         cases[c[0]].call(c[1])
     gc.collect()
@@ -224,7 +237,10 @@ def time_cases(cases: dict[str, Case], rounds: int, per_block: int) -> dict[str,
                 times[c].extend(cases[c[0]].call(c[1]) for _ in range(per_block))
     finally:
         gc.enable()
-    return {f"{v}/{k}": float(np.median(t)) for (v, k), t in times.items()}
+    med = {f"{v}/{k}": float(np.median(np.asarray(t)[:, 0])) for (v, k), t in times.items()}
+    med.update({f"{v}/{k}/cpu": float(np.median(np.asarray(t)[:, 1]))
+                for (v, k), t in times.items()})
+    return med
 
 
 def amortised(med: dict[str, float], variant: str) -> float:
@@ -266,6 +282,8 @@ def run_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
                    "big_buffers_extra": u_buffers(cases[v], model) - base_big,
                    "amortised": amortised(med, v)}
             row.update({k: med[f"{v}/{k}"] / med["adam/ordinary"] for k in KINDS})
+            row.update({f"{k}_cpu": med[f"{v}/{k}/cpu"] / med["adam/ordinary/cpu"]
+                        for k in KINDS})
             rows.append(row)
             print(format_row(row), flush=True)
         del cases
