@@ -325,7 +325,11 @@ def body_text(result: dict[str, Any]) -> str:
                      "mix, HESSO's default for a count K) and normalised additively "
                      "(`weighted(normalize=\"additive\")`, HESSO's default under a "
                      "`Budget`: each score a loss-increase estimate, so saliency / cost is "
-                     "loss per FLOP)."
+                     "loss per FLOP); `fisher`: `hj.saliency.budget_saliency()` (additive "
+                     "Taylor-2 alone, `½ Σ x² g²`) with `hj.hesso(..., "
+                     "direction=\"gradient\")` (the raw batch gradient, recomputed from "
+                     "`value_fn` at period starts); HESSO-CRIC rows with the CRIC settings "
+                     "below."
                      "\n\n" + budget_table(rows))
     if any(r["part"] == "oneshot" for r in rows):
         parts.append("**One selection from the checkpoint (a proxy, no training)**: "

@@ -192,6 +192,7 @@ def test_flop_table_reads_torch_rows(peers):
              "ratio": 0.0, "flops_xla": 5.7e6}
     summary = peers.flop_summary([row, dense])
     assert [s["method"] for s in summary] == ["dense", "tp_global"]
+    assert [s["steps"] for s in summary] == [500, 500]   # the recipe's, not steps timed
     text = peers.flop_table(summary)
     assert "≤ 50%" in text and "49.0%" in text and "2.80 M" in text
 

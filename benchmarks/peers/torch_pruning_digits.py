@@ -608,11 +608,12 @@ def flop_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for k in keys:
         sel = [r for r in rows if key(r) == k]
         xla = [{**r, "flops": r["flops_xla"]} for r in sel]
-        out.append({"steps": k[0], "budget_flops": k[1], "framework": "torch",
-                    "method": k[2], **aggregate(xla),
+        timing = time_stats(sel)
+        timing["timed_steps"] = timing.pop("steps")  # training steps timed, all seeds
+        out.append({**aggregate(xla), **timing, "steps": k[0], "budget_flops": k[1],
+                    "framework": "torch", "method": k[2],
                     "flops_analytic": float(np.mean([r["flops"] for r in sel])),
-                    "ratio": float(np.mean([r.get("ratio", 0.0) for r in sel])),
-                    **time_stats(sel)})
+                    "ratio": float(np.mean([r.get("ratio", 0.0) for r in sel]))})
     return out
 
 
