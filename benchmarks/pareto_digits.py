@@ -327,10 +327,14 @@ def flop_section(rows: list[dict[str, Any]], summary: list[dict[str, Any]]) -> s
             f"shrunk model minus f: {min(xla):+.3f} to {max(xla):+.3f}. `_additive`: HESSO's "
             "mix with `hj.saliency.weighted(normalize=\"additive\")` (hj.hesso's default "
             "under a Budget), the others the reference's `normalize=\"norm\"` mix; "
-            "magnitude / taylor are `one_shot_prune(..., hj.Budget(flops=f))`. The count-K "
-            "column interpolates the "
-            "count-K HESSO curve (and the dense point) of the table above with the same step "
-            "count linearly in FLOPs at the row's achieved FLOPs.\n\n" + matched_table(summary))
+            "`hesso_fisher`: `hj.saliency.budget_saliency()` (additive Taylor-2 alone) with "
+            "`hj.hesso(..., direction=\"gradient\")`; magnitude / taylor are "
+            "`one_shot_prune(..., hj.Budget(flops=f))`; Torch-Pruning: the PyTorch twin "
+            "pruned to the FLOP target (section \"Torch-Pruning on digits (flops)\"). The "
+            "count-K column interpolates the count-K HESSO curve (and the dense point) of the "
+            "table above with the same step count linearly in FLOPs at the row's achieved "
+            "FLOPs (seed means: compare rows with the same seeds).\n\n"
+            + matched_table(summary))
 
 
 def interpolate(points: list[tuple[float, float]], x: float) -> float | None:
