@@ -76,34 +76,7 @@ HESSO_BYTES_PER_GROUP = 1 + 1 + 4  # redundant: bool[G], pruned: bool[G], scores
 HESSO_CONST_BYTES = 4 * 4 + 16 + 8 * PROBE_SIZE
 
 
-def tp_specs(tree: Any, groups: hj.Groups, *, tp: str = "tp", fsdp: str = "fsdp") -> Any:
-    """PartitionSpecs: every grouped axis over ``tp``, the largest other axis over ``fsdp``.
-
-    A leaf holding a member or dependent of a family (members first) is sharded over
-    ``tp`` on that axis, a matrix in no family (the embedding) on its largest axis (the
-    vocabulary); every leaf of two or more dimensions over ``fsdp`` on its largest
-    remaining axis; vectors (RMSNorm scales) are replicated. (The rule of
-    ``tests/helpers.tp_specs``.)
-    """
-    tp_axis: dict[tuple, int] = {}
-    for fam in groups.families:
-        for m in (*fam.members, *fam.dependents):
-            tp_axis.setdefault(m.path, m.axis)
-
-    def spec(path: tuple, x: Any) -> PartitionSpec:
-        entries: list[str | None] = [None] * x.ndim
-        if path in tp_axis:
-            entries[tp_axis[path] % x.ndim] = tp
-        elif x.ndim >= 2:  # not prunable (the embedding): its largest axis over tp
-            entries[int(np.argmax(x.shape))] = tp
-        free = [a for a in range(x.ndim) if entries[a] is None]
-        if x.ndim >= 2 and free:
-            entries[max(free, key=lambda a: x.shape[a])] = fsdp
-        return PartitionSpec(*entries)
-
-    leaves, treedef = jax.tree_util.tree_flatten(tree)
-    return jax.tree_util.tree_unflatten(
-        treedef, [spec(p, x) for p, x in zip(hj.tree_paths(tree), leaves, strict=True)])
+tp_specs = hj.tensor_parallel_specs  # the layout rule (hesso_jax/sharding.py)
 
 
 def abstract_model(config: LlamaConfig, dtype: Any) -> tuple[Any, Any, hj.Groups]:

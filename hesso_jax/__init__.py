@@ -47,6 +47,7 @@ from hesso_jax.frameworks import check_shrinkable
 from hesso_jax.groups import GroupFamily, Groups, Member, tree_paths
 from hesso_jax.hesso import HessoState, HessoStatus, hesso, hesso_status
 from hesso_jax.saliency import SCORES
+from hesso_jax.sharding import tensor_parallel_specs
 from hesso_jax.snows import GroupMask, SnowsReport, snows
 from hesso_jax.surgery import (
     KeepPlan,
@@ -88,5 +89,6 @@ __all__ = [
     "shrink_model",
     "shrink_opt_state",
     "snows",
+    "tensor_parallel_specs",
     "tree_paths",
 ]

@@ -337,37 +337,7 @@ def tp_mesh(axis_type, shape=TP_MESH_SHAPE):
     return jax.make_mesh(shape, ("fsdp", "tp"), axis_types=(axis_type, axis_type))
 
 
-def tp_specs(tree, groups, *, tp="tp", fsdp="fsdp"):
-    """PartitionSpecs sharding every grouped axis over ``tp`` and the largest other one
-    over ``fsdp``.
-
-    A leaf holding a member or dependent of a family (the first one found, members first)
-    gets ``tp`` on that axis: ``query``/``key``/``value`` on their head axis, ``out`` on
-    its head axis, ``gate``/``up`` on their neuron (output) axis, ``down`` on its neuron
-    (input) axis. A leaf of two or more dimensions in no family (the embedding) gets
-    ``tp`` on its largest axis (the vocabulary, Megatron's vocabulary-parallel embedding).
-    Every leaf of two or more dimensions gets ``fsdp`` on its largest remaining axis (the
-    model width); vectors outside the groups (RMSNorm scales) are replicated.
-    """
-    tp_axis = {}
-    for fam in groups.families:
-        for m in (*fam.members, *fam.dependents):
-            tp_axis.setdefault(m.path, m.axis)
-
-    def spec(path, x):
-        entries = [None] * x.ndim
-        if path in tp_axis:
-            entries[tp_axis[path] % x.ndim] = tp
-        elif x.ndim >= 2:  # not prunable (the embedding): its largest axis over tp
-            entries[int(np.argmax(x.shape))] = tp
-        free = [a for a in range(x.ndim) if entries[a] is None]
-        if x.ndim >= 2 and free:
-            entries[max(free, key=lambda a: x.shape[a])] = fsdp
-        return PartitionSpec(*entries)
-
-    leaves, treedef = jax.tree_util.tree_flatten(tree)
-    return jax.tree_util.tree_unflatten(
-        treedef, [spec(p, x) for p, x in zip(hj.tree_paths(tree), leaves, strict=True)])
+tp_specs = hj.tensor_parallel_specs  # the library's rule (hesso_jax/sharding.py)
 
 
 def put_host(mesh, tree, specs):

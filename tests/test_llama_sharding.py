@@ -261,7 +261,7 @@ def test_memory_benchmark_measures_what_the_formula_says():
     """benchmarks/llm_memory.py: measured per-device bytes == its arithmetic, balanced."""
     bench = load_benchmark("llm_memory")
     _, params, groups, _ = problem()
-    assert bench.tp_specs(params, groups) == tp_specs(params, groups)  # one rule
+    assert bench.tp_specs is hj.tensor_parallel_specs  # one rule, the library's
 
     config = bench.LlamaConfig(vocab_size=V, d_model=D, num_layers=LAYERS, num_heads=HEADS,
                                num_kv_heads=KV_HEADS, mlp_dim=MLP, max_len=SEQ)
