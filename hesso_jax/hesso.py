@@ -699,9 +699,12 @@ def hesso(
         (one more base update there, on period starts only), so an ordinary step never
         writes ``u`` to memory and costs what the base step costs (module docstring).
         ``base`` must be a pure function of its inputs (every optax optimizer is).
-        Scratch memory: the base's plus ``O(G)`` without donation; with donated buffers
-        the period start's branch holds its recomputed ``u`` in one scratch buffer (no
-        time on ordinary steps; ``direction="gradient"`` needs none).
+        Scratch memory: the period start's branch computes ``u`` into scratch (XLA:CPU
+        materialises it for the saliency's several reductions), which XLA shares with
+        the base step's buffers where it can (no extra scratch without donation on the
+        10 M-parameter MLP, BERT-like, CNN, TinyTransformer); otherwise, e.g. with
+        donated buffers, it adds up to one copy of ``u`` that ordinary steps never touch
+        (``benchmarks/overhead_targets.md``); ``direction="gradient"`` needs none.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``. ``update`` requires ``params``;
