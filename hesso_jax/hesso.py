@@ -760,17 +760,7 @@ def hesso(
     P = check_int("P (number of pruning periods)", P, 1)
     Tp = check_int("Tp (steps per pruning period)", Tp, 1)
     Tw = check_int("warmup_steps", warmup_steps, 0)
-    if total_steps is not None:
-        total = check_int("total_steps", total_steps, 1)
-        if Tw >= total:
-            raise ValueError(
-                f"warmup_steps={Tw} is not shorter than total_steps={total}: the run would "
-                "end before the first pruning period starts")
-        if Tw + P * Tp > total:
-            raise ValueError(
-                f"the pruning schedule ends at step warmup_steps + P * Tp = {Tw} + {P} * {Tp} "
-                f"= {Tw + P * Tp}, after total_steps={total}: the last period's groups would "
-                "never reach exactly zero; shorten warmup_steps, P or Tp")
+    _check_fits(Tw, P, Tp, total_steps)
     if cric is not None and not isinstance(cric, CricConfig):
         raise TypeError(f"cric must be None or a hesso_jax.CricConfig, got {cric!r}")
     # under a Budget a name / mapping / None mix is additive (loss shares, fair per unit cost)
@@ -802,6 +792,22 @@ def hesso(
             raise TypeError(f"base must be an optax.GradientTransformation, got {base!r}")
         return _fused(impl, base)
     return optax.GradientTransformationExtraArgs(impl.init, impl.update)
+
+
+def _check_fits(Tw: int, P: int, Tp: int, total_steps: int | None) -> None:
+    """ValueError unless the schedule ``Tw + P·Tp`` fits in ``total_steps`` (if given)."""
+    if total_steps is None:
+        return
+    total = check_int("total_steps", total_steps, 1)
+    if Tw >= total:
+        raise ValueError(
+            f"warmup_steps={Tw} is not shorter than total_steps={total}: the run would "
+            "end before the first pruning period starts")
+    if Tw + P * Tp > total:
+        raise ValueError(
+            f"the pruning schedule ends at step warmup_steps + P * Tp = {Tw} + {P} * {Tp} "
+            f"= {Tw + P * Tp}, after total_steps={total}: the last period's groups would "
+            "never reach exactly zero; shorten warmup_steps, P or Tp")
 
 
 def _tie(*scalars: jax.Array) -> jax.Array:
