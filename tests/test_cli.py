@@ -129,16 +129,17 @@ def test_budget_flags_are_exclusive_fractions(args, fragment, capsys):
     assert fragment in capsys.readouterr().err
 
 
-def test_demo_flops_budget_reports_kept_fractions(tmp_path):
+def test_demo_flops_budget_reports_kept_fractions(tmp_path, capsys):
+    """In-process (``test_demo_small_run_writes_outputs`` covers the entry point)."""
     out = tmp_path / "out"
-    proc = run_cli("demo", "--steps", "30", "--periods", "2", "--flops", "0.5",
-                   "--no-progress", "--out", str(out))
-    assert proc.returncode == 0, proc.stderr
+    assert main(["demo", "--steps", "30", "--periods", "2", "--flops", "0.5",
+                 "--no-progress", "--out", str(out)]) == 0
+    stdout = capsys.readouterr().out
     results = json.loads((out / "results.json").read_text())
     assert results["budget"] == {"flops": 0.5} and results["sparsity"] is None
     kept = results["kept_fraction"]
     assert 0.45 <= kept["flops"] <= 0.52, kept
     assert kept["flops"] == results["flops_per_example"]["shrunk"] / results[
         "flops_per_example"]["dense"]
-    assert "budget: 50% of the dense flops" in proc.stdout
-    assert "kept fraction: params / FLOPs" in proc.stdout
+    assert "budget: 50% of the dense flops" in stdout
+    assert "kept fraction: params / FLOPs" in stdout

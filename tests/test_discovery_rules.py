@@ -47,8 +47,9 @@ def discover(fn, params, *args):
 
 def _close(got, want, rtol=1e-5):
     # the inputs are O(1): an output that is exactly 0 (e.g. a stacked x - x) is compared
-    # at that scale, not at 0, where float32 rounding of the shrunk sums (~1e-7) would fail
-    scale = max(float(jnp.max(jnp.abs(want))), 1e-2)
+    # at that scale, not at 0, where float32 rounding of the shrunk sums (a few ulps of
+    # the O(1) terms, ~1e-7 each: 1.9e-7 measured under LLVM -O0) would fail
+    scale = max(float(jnp.max(jnp.abs(want))), 1e-1)
     err = float(jnp.max(jnp.abs(got - want)))
     assert err <= rtol * scale, f"max error {err:.3g} vs scale {scale:.3g}"
 
