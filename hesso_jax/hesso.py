@@ -612,7 +612,7 @@ def hesso(
     min_keep: int | float = 0,
     check_updates: bool = True,
     costs: GroupCosts | None = None,
-    direction: str = "update",
+    direction: str | None = None,
     base: optax.GradientTransformation | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """HESSO (Algorithm 1): progressive projection of the least salient groups to zero.
@@ -677,8 +677,10 @@ def hesso(
       costs: the groups' `hesso_jax.GroupCosts` for a `Budget` ``K`` (default
         ``groups.costs``); e.g. ``hj.group_costs(model, groups, x)`` for hand-made groups.
         `hesso_status` then reports ``target = -1`` and the budget in ``budget``.
-      direction: the saliency's direction ``d`` at a period start. ``"update"``
-        (default): the base optimizer's update ``u_t``, HESSO's input. ``"gradient"``:
+      direction: the saliency's direction ``d`` at a period start. ``None`` (default):
+        the saliency's own ``direction`` attribute if it has one
+        (`hesso_jax.saliency.budget_saliency` carries ``"gradient"``), else ``"update"``.
+        ``"update"``: the base optimizer's update ``u_t``, HESSO's input. ``"gradient"``:
         ``−∇f(x_t)``, the quantity Algorithm 1 scores with: the keyword-only extra
         argument ``grad`` of ``update`` (the raw gradient, e.g.
         ``tx.update(grads, state, params, grad=grads)``), or, without it, recomputed from
@@ -783,6 +785,8 @@ def hesso(
     schedule = HessoSchedule(warmup_steps=Tw, periods=P, period_len=Tp, k=k_code)
     if not isinstance(check_updates, bool):
         raise TypeError(f"check_updates must be a bool, got {check_updates!r}")
+    if direction is None:  # the saliency says which direction it is meant for
+        direction = getattr(score_fn, "direction", "update")
     if direction not in ("update", "gradient"):
         raise ValueError(f'direction must be "update" or "gradient", got {direction!r}')
     impl = _Hesso(groups, Tw, P, Tp, per_period, score_fn, floor, cric, cric_score, cric_cap,

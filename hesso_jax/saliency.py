@@ -339,7 +339,8 @@ def budget_saliency() -> SaliencyFn:
     ``s_g / c_g`` under a `hesso_jax.Budget` is a share of loss per unit of cost that
     carries curvature; on Adam's update it is a signal-to-noise-weighted magnitude
     (module docstring, "Budgets"). The callable carries ``direction = "gradient"``, the
-    direction it is meant for (HESSO takes its ``direction=`` argument; pass it).
+    direction it is meant for, which `hesso_jax.hesso` uses unless its ``direction=`` is
+    given (the update then needs ``grad=`` or ``value_fn``; with ``base=`` it has ``g``).
 
     Example:
       >>> import jax.numpy as jnp
