@@ -287,6 +287,21 @@ def _floor_keep(groups: Groups, floors: np.ndarray, cost: np.ndarray) -> np.ndar
     return (rank - start) < floors[family]
 
 
+def saliency_normalize(K: Any) -> str:
+    """How a named / mapped / default saliency mix is normalised for the target ``K``.
+
+    ``"additive"`` for a `Budget` (each score an additive loss-increase estimate, so
+    saliency per unit of cost compares heads with neurons), ``"norm"`` (the reference's
+    mix) for a count or fraction of groups; `hesso_jax.hesso` and `hesso_jax.cric` share
+    this rule.
+
+    Example:
+      >>> saliency_normalize(Budget(flops=0.5)), saliency_normalize(0.3)
+      ('additive', 'norm')
+    """
+    return "additive" if isinstance(K, Budget) else "norm"
+
+
 def resolve_budget(budget: Budget, groups: Groups, costs: GroupCosts, *,
                    min_keep: int | float = 0, who: str = "budget") -> ResolvedBudget:
     """Checks that ``budget`` is reachable and builds the selection tables.

@@ -74,7 +74,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hesso_jax.budget import Budget, budget_min_keep, budget_select, resolve_budget
+from hesso_jax.budget import (
+    Budget,
+    budget_min_keep,
+    budget_select,
+    resolve_budget,
+    saliency_normalize,
+)
 from hesso_jax.costs import GroupCosts
 from hesso_jax.groups import Groups, check_int, resolve_count
 from hesso_jax.jaxpr.conv_layout import canonical_convs
@@ -328,7 +334,7 @@ def cric(loss_fn: Callable[[Any], jax.Array], params: Any, groups: Groups,
     else:
         k = resolve_count(K, G)
     groups.validate(params, dependents="present")
-    mix = "additive" if isinstance(K, Budget) else "norm"
+    mix = saliency_normalize(K)
     return cric_select(loss_fn, params, groups, k, jnp.ones([G], bool), config,
                        resolve_saliency(saliency, normalize=mix), config.cycle_cap(G, k),
                        select=select)

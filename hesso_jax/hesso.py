@@ -101,6 +101,7 @@ from hesso_jax.budget import (
     budget_min_keep,
     budget_select,
     resolve_budget,
+    saliency_normalize,
 )
 from hesso_jax.costs import GroupCosts
 from hesso_jax.cric import CricConfig, cric_select
@@ -765,8 +766,7 @@ def hesso(
     _check_fits(Tw, P, Tp, total_steps)
     if cric is not None and not isinstance(cric, CricConfig):
         raise TypeError(f"cric must be None or a hesso_jax.CricConfig, got {cric!r}")
-    # under a Budget a name / mapping / None mix is additive (loss shares, fair per unit cost)
-    mix = "additive" if isinstance(K, Budget) else "norm"
+    mix = saliency_normalize(K)
     score_fn = resolve_saliency(saliency, normalize=mix)
     rb, k_code = None, 0
     if isinstance(K, Budget):

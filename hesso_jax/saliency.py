@@ -83,7 +83,8 @@ less than count-K's +0.146. Trained (HESSO, same recipes), it reaches held-out p
 4.393 under ``Budget(flops=0.844)`` (count-K at the same FLOPs 4.439, the additive mix
 4.992) and on MiniLM cosine 0.875 under ``Budget(flops=0.5)`` (count-K 0.840, additive
 0.847). `budget_saliency` is that score, for
-``hj.hesso(groups, hj.Budget(...), ..., saliency=budget_saliency(), direction="gradient")``.
+``hj.hesso(groups, hj.Budget(...), ..., saliency=budget_saliency())`` (it brings
+``direction="gradient"``).
 
 Sharding. Every per-group vector is *replicated*: a member leaf sharded along a mesh axis
 (FSDP) is first reduced over its non-channel axes to one value per channel (``O(channels)``,
