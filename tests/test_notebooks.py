@@ -68,8 +68,11 @@ def execute(name: str) -> tuple[dict, list, float]:
     t0 = time.perf_counter()
     client.execute()          # raises CellExecutionError naming the failing cell
     seconds = time.perf_counter() - t0
-    texts = [out.get("text", "") for cell in nb.cells if cell.cell_type == "code"
-             for out in cell.get("outputs", []) if out.get("output_type") == "stream"]
+    # a cell's stdout, whole: the kernel sends it in chunks, and a chunk boundary (or a
+    # stderr message between two chunks) can fall inside the result line
+    texts = ["".join(out.get("text", "") for out in cell.get("outputs", [])
+                     if out.get("output_type") == "stream" and out.get("name") == "stdout")
+             for cell in nb.cells if cell.cell_type == "code"]
     lines = [ln for t in texts for ln in t.splitlines() if ln.startswith(MARKER)]
     assert len(lines) == 1, f"{name}: expected one {MARKER.strip()} line, got {len(lines)}"
     return json.loads(lines[0][len(MARKER):]), nb.cells, seconds
