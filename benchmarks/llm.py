@@ -58,6 +58,7 @@ from tqdm.auto import tqdm
 import hesso_jax as hj
 from hesso_jax import text
 from hesso_jax.baselines import keep_pruned, one_shot_prune
+from hesso_jax.budget import saliency_normalize
 from hesso_jax.models.charlm import lm_loss
 from hesso_jax.models.llama import (
     LlamaConfig,
@@ -198,7 +199,10 @@ def prune(method: str, dense: nnx.Module, groups: hj.Groups, ratio: float, seed:
 
     ``budget`` defaults to ``hj.Budget(params=1 - ratio)`` (a count or fraction of groups
     is accepted too, as by `hj.hesso`); ``saliency`` is HESSO's ``saliency=`` (a score
-    name; ``None``: the default mix) and must be ``None`` for the one-shot baselines."""
+    name; ``None``: the equal mix of the five, normalised additively under a `Budget`,
+    ``weighted(normalize="additive")``: the rows of ``llm.json`` were run with it, when it
+    was `hj.hesso`'s default there; today's default, ``budget_saliency``, is a row of
+    ``llm_ablation.py``) and must be ``None`` for the one-shot baselines."""
     model = nnx.clone(dense)
     budget = hj.Budget(params=1.0 - ratio) if budget is None else budget
     if saliency is not None and method not in ("hesso", "hesso_cric"):
@@ -209,6 +213,8 @@ def prune(method: str, dense: nnx.Module, groups: hj.Groups, ratio: float, seed:
         warmup, period_len = demo_schedule(args.steps, args.periods)
         cric = (hj.CricConfig(sample_steps=args.cric_steps, learning_rate=args.cric_lr,
                               max_cycles=args.cric_cycles) if method == "hesso_cric" else None)
+        if saliency is None:
+            saliency = hj.saliency.weighted(normalize=saliency_normalize(budget))
         tx = optax.chain(base, hj.hesso(groups, budget, args.periods, period_len,
                                         warmup_steps=warmup, cric=cric,
                                         min_keep=args.min_keep, saliency=saliency))
@@ -451,8 +457,11 @@ def body_text(result: dict[str, Any]) -> str:
              f"ratio{'s' * (len(ratios) > 1)} ("
              + ", ".join(f"{100 * r:.0f} %" for r in ratios) + " of the params removed)**")
     sched = next((r["schedule"] for r in result["rows"] if r.get("schedule")), None)
-    hesso_text = (f"HESSO with its default saliency (under a `Budget` the additive mix, "
-                  f"`weighted(normalize=\"additive\")`), warm-up {sched['warmup']}, "
+    hesso_text = (f"HESSO with the equal mix of the five scores normalised additively "
+                  f"(`weighted(normalize=\"additive\")`, hj.hesso's default under a "
+                  f"`Budget` when these rows were run; the default is now "
+                  f"`budget_saliency()`, compared in the ablation section), "
+                  f"warm-up {sched['warmup']}, "
                   f"P = {sched['periods']} periods of "
                   f"{sched['period_len']}, fine-tune "
                   f"{a['steps'] - sched['warmup'] - sched['periods'] * sched['period_len']}"

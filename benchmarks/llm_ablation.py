@@ -6,7 +6,7 @@ budget, data order, schedule and verification; see its docstring):
 * **Saliency ablation** (HESSO paper Table 6 in miniature): HESSO and HESSO-CRIC with each
   of the five scores of `hesso_jax.saliency` alone (``saliency=<name>``; CRIC scores its
   trial points with the same score) at one ratio ``r`` of parameters removed,
-  ``hj.Budget(params=1 - r)``. The equal mix of the five (HESSO's default) is the
+  ``hj.Budget(params=1 - r)``. The equal mix of the five (HESSO's default for a count) is the
   ``llm.py`` row of the same seed and ratio.
 * **Budget in FLOPs vs a count of groups** (issue 16): HESSO with ``K`` = a fraction
   ``--count-fraction`` of the groups (count-K: the ``K`` least salient groups, whatever
@@ -121,10 +121,11 @@ FISHER = "fisher"
 
 def saliency_fn(name: str) -> Any:
     """HESSO's ``saliency=`` for a row label, the normalisation always explicit (under a
-    `Budget` HESSO's own default is the additive mix): ``"norm"`` / ``"additive"`` the
-    equal mix of the five scores normalised by norm / to shares, ``"fisher"`` additive
-    Taylor-2 alone (`FISHER`; its direction is set by `direction_for`), a score name that
-    score alone, norm-normalised (the reference's scores, as in the paper's Table 6)."""
+    `Budget` HESSO's own default is ``"fisher"``, `hj.saliency.budget_saliency`):
+    ``"norm"`` / ``"additive"`` the equal mix of the five scores normalised by norm / to
+    shares, ``"fisher"`` additive Taylor-2 alone (`FISHER`; its direction is set by
+    `direction_for`), a score name that score alone, norm-normalised (the reference's
+    scores, as in the paper's Table 6)."""
     if name in ("norm", "additive"):
         return weighted(normalize=name)
     if name == FISHER:
@@ -315,7 +316,8 @@ def body_text(result: dict[str, Any]) -> str:
                      f"params removed (`hj.Budget(params={1 - a['ratio']:g})`), seed "
                      f"{a['seed']}; each score alone, normalised by its norm as in the "
                      f"reference (`weighted({{name: 1.0}}, normalize=\"norm\")`). The equal "
-                     f"mix of the five (HESSO's default: under a `Budget` the additive mix) "
+                     f"mix of the five (normalised additively, `hj.hesso`'s default under a "
+                     f"`Budget` when these rows were run) "
                      f"is the LLM-pruning section's HESSO / HESSO-CRIC row of the same seed, "
                      f"ratio and recipe.\n\n" + saliency_table(rows))
     if any(r["part"] == "budget" for r in rows):
@@ -324,9 +326,10 @@ def body_text(result: dict[str, Any]) -> str:
                      "the equal mix of the five scores normalised by norm (the reference's "
                      "mix, HESSO's default for a count K) and normalised additively "
                      "(`weighted(normalize=\"additive\")`, HESSO's default under a "
-                     "`Budget`: each score a loss-increase estimate, so saliency / cost is "
-                     "loss per FLOP); `fisher`: `hj.saliency.budget_saliency()` (additive "
-                     "Taylor-2 alone, `½ Σ x² g²`) with `hj.hesso(..., "
+                     "`Budget` when these rows were run: each score a loss-increase "
+                     "estimate, so saliency / cost is loss per FLOP); `fisher`: "
+                     "`hj.saliency.budget_saliency()` (additive Taylor-2 alone, `½ Σ x² g²`; "
+                     "`hj.hesso`'s default under a `Budget` since) with `hj.hesso(..., "
                      "direction=\"gradient\")` (the raw batch gradient, recomputed from "
                      "`value_fn` at period starts); HESSO-CRIC rows with the CRIC settings "
                      "below."

@@ -61,7 +61,7 @@ import numpy as np
 
 from hesso_jax.costs import CostTerms, GroupCosts
 from hesso_jax.groups import Groups, resolve_min_keep
-from hesso_jax.saliency import replicate
+from hesso_jax.saliency import SaliencyFn, budget_saliency, replicate, resolve_saliency
 
 __all__ = ["Budget", "CostTable", "ResolvedBudget", "budget_min_keep", "budget_select",
            "marginal_cost", "removed_cost", "resolve_budget"]
@@ -300,6 +300,29 @@ def saliency_normalize(K: Any) -> str:
       ('additive', 'norm')
     """
     return "additive" if isinstance(K, Budget) else "norm"
+
+
+def target_saliency(saliency: Any, K: Any) -> SaliencyFn:
+    """The saliency `hesso_jax.hesso` and `hesso_jax.cric` rank by for the target ``K``.
+
+    ``saliency=None`` with a `Budget`: `hesso_jax.saliency.budget_saliency` (additive
+    Taylor-2, ``½ Σ_{e∈g} x_e² d_e²``, meant for ``d = −∇f(x)``; it carries
+    ``direction = "gradient"``), because under a budget the scores are compared *per unit
+    of cost* across group kinds, and every score of the mix read on Adam's update is in
+    effect a magnitude there (``|u_e| ≲ η``), which ranks whole heads as cheap loss per
+    FLOP. Otherwise `hesso_jax.saliency.resolve_saliency` with `saliency_normalize`'s
+    mix (``None``: the equal mix of the five scores).
+
+    Example:
+      >>> target_saliency(None, Budget(flops=0.5)).direction
+      'gradient'
+      >>> fn = target_saliency("magnitude", Budget(params=0.5))
+      >>> target_saliency(None, 0.5).normalize, fn.normalize
+      ('norm', 'additive')
+    """
+    if saliency is None and isinstance(K, Budget):
+        return budget_saliency()
+    return resolve_saliency(saliency, normalize=saliency_normalize(K))
 
 
 def resolve_budget(budget: Budget, groups: Groups, costs: GroupCosts, *,

@@ -79,7 +79,7 @@ from hesso_jax.budget import (
     budget_min_keep,
     budget_select,
     resolve_budget,
-    saliency_normalize,
+    target_saliency,
 )
 from hesso_jax.costs import GroupCosts
 from hesso_jax.groups import Groups, check_int, resolve_count
@@ -296,8 +296,10 @@ def cric(loss_fn: Callable[[Any], jax.Array], params: Any, groups: Groups,
       learning_rate: trial gradient-step size.
       tolerance: stop when at most this many new violating groups appear.
       max_cycles: cap on corrective cycles (default: the Corollary 3.4 bound).
-      saliency: see `hesso` (default: equal mix of the five scores); as there, a name,
-        mapping or ``None`` is mixed with ``normalize="norm"`` for a count ``K`` and with
+      saliency: see `hesso` (default: equal mix of the five scores; under a
+        `hesso_jax.Budget`, `hesso_jax.saliency.budget_saliency` on the trial's gradient
+        direction, `hesso_jax.budget.target_saliency`); as there, a name or mapping is
+        mixed with ``normalize="norm"`` for a count ``K`` and with
         ``normalize="additive"`` for a `hesso_jax.Budget`.
       costs: the groups' `hesso_jax.GroupCosts` for a `Budget` (default
         ``groups.costs``, recorded by `hesso_jax.discover_groups`).
@@ -334,10 +336,8 @@ def cric(loss_fn: Callable[[Any], jax.Array], params: Any, groups: Groups,
     else:
         k = resolve_count(K, G)
     groups.validate(params, dependents="present")
-    mix = saliency_normalize(K)
     return cric_select(loss_fn, params, groups, k, jnp.ones([G], bool), config,
-                       resolve_saliency(saliency, normalize=mix), config.cycle_cap(G, k),
-                       select=select)
+                       target_saliency(saliency, K), config.cycle_cap(G, k), select=select)
 
 
 def _budget_rule(budget: Budget, groups: Groups, costs: GroupCosts | None) -> Select:

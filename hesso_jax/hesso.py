@@ -85,6 +85,7 @@ count as steps (and still shrink the redundant groups).
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -102,6 +103,7 @@ from hesso_jax.budget import (
     budget_select,
     resolve_budget,
     saliency_normalize,
+    target_saliency,
 )
 from hesso_jax.costs import GroupCosts
 from hesso_jax.cric import CricConfig, cric_select
@@ -391,6 +393,7 @@ class _Hesso:
     check_updates: bool = True
     budget: ResolvedBudget | None = None  # K = hj.Budget(...): budget_select per period
     direction: str = "update"  # the saliency's d: "update" (u_t) or "gradient" (−∇f(x_t))
+    fallback: SaliencyFn | None = None  # the default budget score without a gradient
     seen: list[Signature] = dataclasses.field(default_factory=list)  # trees given to init
     context: dict[str, bool] = dataclasses.field(default_factory=dict)  # from init's callers
 
@@ -432,7 +435,26 @@ class _Hesso:
         """
         del extra_args  # optax passes the chain's extra arguments to every member
         extra = _Extra(value_fn, grad)
-        return self._finish(self._prologue(updates, state, params, extra), params, updates)
+        impl = self._given(extra)
+        return impl._finish(impl._prologue(updates, state, params, extra), params, updates)
+
+    def _given(self, extra: _Extra) -> _Hesso:
+        """Returns self, or self with its ``fallback`` when the update brings no gradient.
+
+        Under a `Budget` the default score, `hesso_jax.saliency.budget_saliency`, reads
+        ``−∇f(x_t)``; a chain's update without ``grad`` or ``value_fn`` has only ``u_t``,
+        so it scores with the additive mix on ``u_t`` instead, and says so (at trace time).
+        """
+        if self.fallback is None or extra.grad is not None or callable(extra.value_fn):
+            return self
+        warnings.warn(
+            "hesso with a hj.Budget ranks groups by budget_saliency() on the raw gradient, "
+            "which this update does not get, so it scores with the additive mix on the "
+            "update u instead. Pass the gradient, free: tx.update(grads, state, params, "
+            "grad=grads); or use hj.hesso(..., base=optimizer), which has it; or choose "
+            "saliency= explicitly.", UserWarning, stacklevel=4)
+        return dataclasses.replace(self, score_fn=self.fallback, direction="update",
+                                   fallback=None)
 
     def _prologue(self, updates: Any, state: HessoState, params: Any, extra: _Extra,
                   recompute: Callable[[], Any] | None = None) -> _Prologue:
@@ -648,10 +670,16 @@ def hesso(
       saliency: ``None`` (equal mix of the five scores), a score name, a
         ``{name: weight}`` mapping, or a callable ``fn(params, direction, groups) -> [G]``
         (see `hesso_jax.saliency`). Lowest score = most redundant. With a count ``K`` a
-        name, mapping or ``None`` is mixed with ``normalize="norm"`` (the reference's mix);
-        with a `hesso_jax.Budget` with ``normalize="additive"`` (each score an additive
-        loss-increase estimate, so saliency per unit of cost compares heads with neurons;
-        pass ``hesso_jax.saliency.weighted(w, normalize="norm")`` for the other).
+        name, mapping or ``None`` is mixed with ``normalize="norm"`` (the reference's mix).
+        With a `hesso_jax.Budget` a name or mapping is mixed with ``normalize="additive"``
+        (each score an additive loss-increase estimate, so saliency per unit of cost
+        compares heads with neurons; pass ``hesso_jax.saliency.weighted(w,
+        normalize="norm")`` for the other), and ``None`` is
+        `hesso_jax.saliency.budget_saliency` (additive Taylor-2 on the raw gradient,
+        `hesso_jax.budget.target_saliency`): with ``base`` it reads the gradient HESSO is
+        given; in ``optax.chain`` pass ``grad=grads`` (free) or ``value_fn`` to
+        ``update``; an update with neither scores with the additive mix on ``u_t``
+        instead and warns (and ``direction="update"`` asks for that mix).
       cric: ``None`` (greedy bottom-K̂ at period starts) or a `CricConfig`: HESSO-CRIC,
         where each period start selects its K̂ groups with the corrective cycle
         (`hesso_jax.cric`) among the groups not yet pruned. The update then needs the
@@ -766,8 +794,7 @@ def hesso(
     _check_fits(Tw, P, Tp, total_steps)
     if cric is not None and not isinstance(cric, CricConfig):
         raise TypeError(f"cric must be None or a hesso_jax.CricConfig, got {cric!r}")
-    mix = saliency_normalize(K)
-    score_fn = resolve_saliency(saliency, normalize=mix)
+    score_fn, fallback = _default_saliency(saliency, K, direction)
     rb, k_code = None, 0
     if isinstance(K, Budget):
         rb = _resolve_hesso_budget(K, groups, costs, min_keep)
@@ -780,7 +807,7 @@ def hesso(
         per_period = np.asarray(schedule_counts(k_code, P), np.int32)
     cric_score, cric_cap = None, 0
     if cric is not None:
-        cric_score = resolve_saliency(cric.saliency, normalize=mix) if cric.saliency else score_fn
+        cric_score = target_saliency(cric.saliency, K) if cric.saliency else score_fn
         cric_cap = cric.cycle_cap(G, int(per_period.max()))
     schedule = HessoSchedule(warmup_steps=Tw, periods=P, period_len=Tp, k=k_code)
     if not isinstance(check_updates, bool):
@@ -790,12 +817,30 @@ def hesso(
     if direction not in ("update", "gradient"):
         raise ValueError(f'direction must be "update" or "gradient", got {direction!r}')
     impl = _Hesso(groups, Tw, P, Tp, per_period, score_fn, floor, cric, cric_score, cric_cap,
-                  schedule, check_updates, budget=rb, direction=direction)
+                  schedule, check_updates, budget=rb, direction=direction,
+                  fallback=fallback)
     if base is not None:
         if not (callable(getattr(base, "init", None)) and callable(getattr(base, "update", None))):
             raise TypeError(f"base must be an optax.GradientTransformation, got {base!r}")
         return _fused(impl, base)
     return optax.GradientTransformationExtraArgs(impl.init, impl.update)
+
+
+def _default_saliency(saliency: Any, K: Any, direction: str | None
+                      ) -> tuple[SaliencyFn, SaliencyFn | None]:
+    """``(score_fn, fallback)``: `hesso_jax.budget.target_saliency` of ``saliency``.
+
+    ``saliency=None`` under a `Budget` is `hesso_jax.saliency.budget_saliency` (meant for
+    the gradient) with the additive mix as the ``fallback`` for an update that brings no
+    gradient (`_Hesso._given`); with an explicit ``direction="update"``, the mix itself.
+    """
+    score_fn = target_saliency(saliency, K)
+    if saliency is not None or not isinstance(K, Budget):
+        return score_fn, None
+    mix = resolve_saliency(None, normalize=saliency_normalize(K))
+    if direction == "update":
+        return mix, None
+    return score_fn, mix if direction is None else None
 
 
 def _check_fits(Tw: int, P: int, Tp: int, total_steps: int | None) -> None:

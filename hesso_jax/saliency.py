@@ -82,9 +82,9 @@ about 2.0 nats/token; Taylor-2 on the raw gradient removes SwiGLU neurons only, 
 less than count-K's +0.146. Trained (HESSO, same recipes), it reaches held-out perplexity
 4.393 under ``Budget(flops=0.844)`` (count-K at the same FLOPs 4.439, the additive mix
 4.992) and on MiniLM cosine 0.875 under ``Budget(flops=0.5)`` (count-K 0.840, additive
-0.847). `budget_saliency` is that score, for
-``hj.hesso(groups, hj.Budget(...), ..., saliency=budget_saliency())`` (it brings
-``direction="gradient"``).
+0.847). `budget_saliency` is that score (it brings ``direction="gradient"``), and
+`hesso_jax.hesso` / `hesso_jax.cric` rank by it under a ``hj.Budget`` unless given
+``saliency=`` (`hesso_jax.budget.target_saliency`).
 
 Sharding. Every per-group vector is *replicated*: a member leaf sharded along a mesh axis
 (FSDP) is first reduced over its non-channel axes to one value per channel (``O(channels)``,

@@ -48,7 +48,9 @@ def make_train_step(loss_fn: Callable[..., Any], tx: optax.GradientTransformatio
     The loss on the current batch is passed to ``tx`` as the optax extra argument
     ``value_fn(params) -> loss``, which HESSO-CRIC's trial steps differentiate
     (``hj.hesso(..., cric=hj.CricConfig(...))``); transformations without extra arguments
-    ignore it (``tx`` is wrapped with ``optax.with_extra_args_support``). With ``has_aux``,
+    ignore it (``tx`` is wrapped with ``optax.with_extra_args_support``). The raw gradient
+    goes along as ``grad``, the direction ``hj.hesso(..., direction="gradient")`` and the
+    default score under a `hesso_jax.Budget` read (free: it is in memory). With ``has_aux``,
     ``loss_fn`` returns ``(loss, aux)`` and ``value_fn`` keeps the loss.
 
     Example::
@@ -65,7 +67,8 @@ def make_train_step(loss_fn: Callable[..., Any], tx: optax.GradientTransformatio
             return out[0] if has_aux else out
 
         out, grads = jax.value_and_grad(loss_fn, has_aux=has_aux)(params, *batch)
-        updates, opt_state = tx.update(grads, opt_state, params, value_fn=value_fn)
+        updates, opt_state = tx.update(grads, opt_state, params, value_fn=value_fn,
+                                       grad=grads)
         params = optax.apply_updates(params, updates)
         return (params, opt_state, *out) if has_aux else (params, opt_state, out)
 

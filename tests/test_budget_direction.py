@@ -8,6 +8,8 @@ fused ``base=`` form, which is given ``g``).
 
 from __future__ import annotations
 
+import warnings
+
 import jax
 import numpy as np
 import optax
@@ -74,3 +76,73 @@ def test_explicit_direction_wins_over_the_saliencys():
                                                 costs=costs, direction="update"))
     _, state = _run(tx, params, x, y, 4)  # no gradient needed: scores on u
     assert hj.hesso_status(state).pruned.any()
+
+
+# ---- saliency=None under a Budget: budget_saliency where the gradient is there ----
+
+def _scores(state):
+    return np.asarray(hj.hesso_status(state).scores)
+
+
+def test_budget_default_is_budget_saliency_on_the_gradient():
+    params, (x, y) = mlp_params(), mlp_data(16)
+    groups, costs = _costed_groups(params, x)
+    kw = dict(warmup_steps=1, costs=costs)
+    explicit = hj.hesso(groups, BUDGET, 1, 2, base=optax.adam(0.05),
+                        saliency=hj.saliency.budget_saliency(), **kw)
+    default = hj.hesso(groups, BUDGET, 1, 2, base=optax.adam(0.05), **kw)
+    chain = optax.chain(optax.adam(0.05), hj.hesso(groups, BUDGET, 1, 2, **kw))
+    p_exp, s_exp = _run(explicit, params, x, y, 4)
+    p_def, s_def = _run(default, params, x, y, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the gradient is given: no fallback, no warning
+        p_chain, s_chain = _run(chain, params, x, y, 4, grad="grads")
+    np.testing.assert_array_equal(_scores(s_def), _scores(s_exp))
+    np.testing.assert_array_equal(_scores(s_chain), _scores(s_exp))
+    jax.tree.map(np.testing.assert_array_equal, p_def, p_exp)
+    jax.tree.map(np.testing.assert_array_equal, p_chain, p_exp)
+    # and it is not the additive mix on Adam's update, the fallback below
+    mix = hj.hesso(groups, BUDGET, 1, 2, base=optax.adam(0.05), direction="update", **kw)
+    _, s_mix = _run(mix, params, x, y, 4)
+    assert not np.allclose(_scores(s_mix), _scores(s_exp), rtol=1e-3)
+
+
+def test_budget_default_without_a_gradient_warns_and_scores_the_mix_on_u():
+    params, (x, y) = mlp_params(), mlp_data(16)
+    groups, costs = _costed_groups(params, x)
+    kw = dict(warmup_steps=1, costs=costs)
+    default = optax.chain(optax.adam(0.05), hj.hesso(groups, BUDGET, 1, 2, **kw))
+    with pytest.warns(UserWarning, match=r"grad=grads"):
+        p_def, s_def = _run(default, params, x, y, 4)
+    mix = optax.chain(optax.adam(0.05), hj.hesso(
+        groups, BUDGET, 1, 2, saliency=hj.saliency.weighted(normalize="additive"), **kw))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an explicit saliency: nothing to warn about
+        p_mix, s_mix = _run(mix, params, x, y, 4)
+    assert hj.hesso_status(s_def).pruned.any()
+    np.testing.assert_array_equal(_scores(s_def), _scores(s_mix))
+    jax.tree.map(np.testing.assert_array_equal, p_def, p_mix)
+    # direction="update" asks for that mix on purpose: the same run, no warning
+    upd = optax.chain(optax.adam(0.05), hj.hesso(groups, BUDGET, 1, 2, direction="update",
+                                                 **kw))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, s_upd = _run(upd, params, x, y, 4)
+    np.testing.assert_array_equal(_scores(s_upd), _scores(s_mix))
+
+
+def test_cric_budget_default_is_budget_saliency():
+    params, (x, y) = mlp_params(), mlp_data(16)
+    groups, costs = _costed_groups(params, x)
+
+    def loss(p):
+        return mlp_loss(p, x, y)
+
+    kw = dict(sample_steps=2, learning_rate=0.05, costs=costs)
+    res = hj.cric(loss, params, groups, BUDGET, **kw)
+    exp = hj.cric(loss, params, groups, BUDGET, saliency=hj.saliency.budget_saliency(), **kw)
+    mix = hj.cric(loss, params, groups, BUDGET,
+                  saliency=hj.saliency.weighted(normalize="additive"), **kw)
+    np.testing.assert_array_equal(np.asarray(res.scores), np.asarray(exp.scores))
+    np.testing.assert_array_equal(np.asarray(res.redundant), np.asarray(exp.redundant))
+    assert not np.allclose(np.asarray(res.scores), np.asarray(mix.scores), rtol=1e-3)
