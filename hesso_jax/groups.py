@@ -116,6 +116,15 @@ def _shape(x: Any) -> tuple[int, ...]:
     return tuple(shape) if shape is not None else tuple(np.shape(x))
 
 
+def _channel_sums(m: AxisMap, terms: Sequence[jax.Array]) -> jax.Array:
+    """``float32[k, C]``: the ``k`` leaf-shaped ``terms`` summed over all axes but ``m.axis``.
+
+    Row ``j``, channel ``c``: ``Σ_{e : e[axis] = c} terms[j]_e`` (float32), ``C`` the
+    length of member leaf ``m``'s channel axis.
+    """
+    return jnp.stack([m.channel_sum(t) for t in terms])
+
+
 def replicate(x: jax.Array) -> jax.Array:
     """``x`` resharded to fully replicated when its type carries explicit mesh axes.
 
@@ -688,21 +697,31 @@ class Groups:
         """``float32[G]``: per group, the sum of ``fn(*leaves)`` over its member elements.
 
         ``fn`` is elementwise (e.g. ``lambda x: x * x``); the trees share one structure.
-        Computed as one reduction and one ``segment_sum`` per member leaf. Every
-        per-channel partial sum is made replicated (`replicate`) before the segment sum,
-        so the result is replicated and leaves sharded on an ``AxisType.Explicit`` mesh
-        work too.
+        `reduce_many` with one statistic.
+        """
+        return self.reduce_many(lambda *leaves: (fn(*leaves),), *trees)[0]
+
+    def reduce_many(self, fn: Callable[..., Sequence[jax.Array]], *trees: Any) -> jax.Array:
+        """``float32[k, G]``: row ``j`` is, per group ``g``, ``Σ_{e ∈ g} fn(*trees)[j]_e``.
+
+        ``fn`` is elementwise and returns ``k`` arrays (e.g. ``lambda x, d: (x * x, x * d)``);
+        the trees share one structure. Per member leaf, the ``k`` terms are summed over the
+        non-channel axes to ``float32[k, C]`` (`_channel_sums`); the per-channel partial
+        sums are made replicated (`replicate`) and added into their groups by one
+        ``segment_sum`` over the concatenated channel maps. The result is replicated, so
+        leaves sharded on an ``AxisType.Explicit`` mesh work too.
         """
         layout = self.layout(trees[0], dependents="present")
         leaves = [jax.tree.leaves(t) for t in trees]
+        k = len(jax.eval_shape(fn, *(jax.ShapeDtypeStruct((), jnp.float32) for _ in trees)))
         if not layout.members:
-            return jnp.zeros((self._num_groups,), jnp.float32)
-        parts = [replicate(m.channel_sum(fn(*(lv[m.leaf] for lv in leaves))))
+            return jnp.zeros((k, self._num_groups), jnp.float32)
+        parts = [replicate(_channel_sums(m, fn(*(lv[m.leaf] for lv in leaves))))
                  for m in layout.members]
         index = np.concatenate([m.index for m in layout.members])
-        sums = jax.ops.segment_sum(jnp.concatenate(parts), index,
+        sums = jax.ops.segment_sum(jnp.concatenate(parts, axis=1).T, index,
                                    num_segments=self._num_groups + 1)
-        return sums[: self._num_groups]
+        return sums[: self._num_groups].T
 
     def sq_norms(self, tree: Any) -> jax.Array:
         """``float32[G]``: ``‖x_g‖²`` over each group's member elements."""

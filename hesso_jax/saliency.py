@@ -135,8 +135,8 @@ __all__ = ["BUDGET_WEIGHTS", "DIRECTION_SCORES", "NORMALIZATIONS", "SCORES", "Gr
 def group_reduce(groups: Groups, fn: Callable[..., jax.Array], *trees: Any) -> jax.Array:
     """``float32[G]`` (replicated): per group ``g``, ``Σ_{e ∈ g} fn(*trees)_e``.
 
-    `Groups.reduce`: one reduction over the non-channel axes and one ``segment_sum`` per
-    member leaf, with the per-channel partial sums replicated first (`replicate`).
+    `Groups.reduce`: per member leaf a reduction over the non-channel axes, the
+    per-channel partial sums replicated (`replicate`), then one ``segment_sum``.
     """
     return groups.reduce(fn, *trees)
 
@@ -168,21 +168,25 @@ def group_stats(groups: Groups, params: Any, direction: Any = None, *,
                 diagonal: bool = False) -> GroupStats:
     """Per-group sufficient statistics of ``params`` ``x`` and ``direction`` ``d``.
 
-    ``‖x_g‖²``, ``‖d_g‖²``, ``⟨x_g, d_g⟩`` (float32 accumulation, replicated, via
-    `group_reduce`) and the static element count ``|g|``. Without a direction
-    (``None``) ``‖d_g‖² = ⟨x_g, d_g⟩ = 0``: only the magnitude scores are meaningful.
-    With ``diagonal=True`` also ``Σ_{e∈g} x_e² d_e²`` (`additive_scores`' Taylor-2; one
-    more reduction over the parameters), else ``xxdd`` is None.
+    ``‖x_g‖² = Σ_{e∈g} x_e²``, ``‖d_g‖² = Σ_{e∈g} d_e²``, ``⟨x_g, d_g⟩ = Σ_{e∈g} x_e d_e``
+    (float32 accumulation, replicated) and the static element count ``|g|``, all sums
+    from one `Groups.reduce_many` over the parameters and the direction. Without a
+    direction (``None``) ``‖d_g‖² = ⟨x_g, d_g⟩ = 0``: only the magnitude scores are
+    meaningful. With ``diagonal=True`` also ``Σ_{e∈g} x_e² d_e²`` (`additive_scores`'
+    Taylor-2), else ``xxdd`` is None.
     """
     count = jnp.asarray(groups.counts(params), jnp.float32)
-    xx = group_reduce(groups, _sq, params)
     if direction is None:
+        xx = group_reduce(groups, _sq, params)
         zero = jnp.zeros_like(xx)
         return GroupStats(xx, zero, zero, count, zero if diagonal else None)
-    xxdd = (group_reduce(groups, lambda x, d: jnp.square(_mul(x, d)), params, direction)
-            if diagonal else None)
-    return GroupStats(xx, group_reduce(groups, _sq, direction),
-                      group_reduce(groups, _mul, params, direction), count, xxdd)
+
+    def terms(x: jax.Array, d: jax.Array) -> tuple[jax.Array, ...]:
+        xd = _mul(x, d)
+        return (_sq(x), _sq(d), xd, jnp.square(xd)) if diagonal else (_sq(x), _sq(d), xd)
+
+    sums = groups.reduce_many(terms, params, direction)
+    return GroupStats(sums[0], sums[1], sums[2], count, sums[3] if diagonal else None)
 
 
 def _safe_div(num: jax.Array, den: jax.Array) -> jax.Array:
