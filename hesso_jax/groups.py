@@ -116,13 +116,76 @@ def _shape(x: Any) -> tuple[int, ...]:
     return tuple(shape) if shape is not None else tuple(np.shape(x))
 
 
+ROW_BLOCK = 64
+"""Rows (the product of the axes before the channel axis) one multi-output reduction sums
+at a time in `_channel_sums`; taller leaves are summed in blocks of this many rows."""
+
+WIDE_CHANNELS = 8192
+"""Channel axes at least this long take `_channel_sums`' one-pass reduction even when the
+leaf is taller than `ROW_BLOCK` rows (see there)."""
+
+
 def _channel_sums(m: AxisMap, terms: Sequence[jax.Array]) -> jax.Array:
     """``float32[k, C]``: the ``k`` leaf-shaped ``terms`` summed over all axes but ``m.axis``.
 
     Row ``j``, channel ``c``: ``Σ_{e : e[axis] = c} terms[j]_e`` (float32), ``C`` the
-    length of member leaf ``m``'s channel axis.
+    length of member leaf ``m``'s channel axis. With the leaf viewed as ``(A, C, B)``
+    (``A`` rows before the channel axis, ``B`` elements after it), a leaf of at most
+    `ROW_BLOCK` rows or at least `WIDE_CHANNELS` channels is summed by `_sum_rows`: one
+    multi-output reduction reads each element once for all ``k`` terms. Otherwise (tall
+    and narrow) each term is one ``jnp.sum`` over its other axes.
+
+    Why two forms (XLA:CPU, jax 0.10, ``benchmarks/period_start.py``): a one-output sum
+    over the major axis of an ``(A, C)`` array goes to a library kernel (YNNPACK) that
+    slows from ~1 to ~10 ns per element beyond ``C ≈ 10⁴`` (``(64, 10⁵)``: 85 ms a term;
+    the multi-output form, which XLA emits itself, 17 ms for three), while XLA's own
+    emitter slows on tall leaves unless they are cut into blocks of rows (and is still
+    slower than the library's on tall narrow ones: ``(10⁴, 10³)``, 22 vs 16 ms for three).
     """
-    return jnp.stack([m.channel_sum(t) for t in terms])
+    shape, axis = m.shape, m.axis
+    A, C = int(np.prod(shape[:axis])), shape[axis]
+    B = int(np.prod(shape[axis + 1:]))
+    if A * B == 1:
+        return jnp.stack([t.astype(jnp.float32).reshape(C) for t in terms])
+    if A > ROW_BLOCK and C < WIDE_CHANNELS:
+        return jnp.stack([m.channel_sum(t) for t in terms])
+    return jnp.stack(_sum_rows([t.astype(jnp.float32).reshape(A, C, B) for t in terms]))
+
+
+def _sum_rows(terms: list[jax.Array]) -> list[jax.Array]:
+    """``Σ_{a, b} t[a, :, b]`` (each ``float32[C]``) of each ``(A, C, B)`` term ``t``.
+
+    One multi-output ``lax.reduce`` over ``(a, b)`` for all terms when ``A ≤ ROW_BLOCK``.
+    Taller: the first ``A₁ = ⌊A/R⌋·R`` rows (``R = ROW_BLOCK``) are reduced block by block
+    to ``(A₁/R, C)`` partial sums, which are summed the same way (recursively), plus the
+    ``A − A₁`` remaining rows: ``Σ_a = Σ_{blocks} Σ_{a ∈ block} + Σ_{a ≥ A₁}``. A single
+    term gets a second output (``Σ t`` twice) and an optimisation barrier, so XLA does not
+    turn it back into a one-output sum (`_channel_sums`: the slow library kernel).
+    """
+    A, C, B = terms[0].shape
+    single = len(terms) == 1
+    if single:
+        terms = [terms[0], terms[0]]
+    zero = jnp.zeros((), jnp.float32)
+
+    def add(a: tuple, b: tuple) -> tuple:
+        return tuple(x + y for x, y in zip(a, b, strict=True))
+
+    def reduce(ts: list[jax.Array], dims: tuple[int, ...]) -> list[jax.Array]:
+        out = jax.lax.reduce(tuple(ts), (zero,) * len(ts), add, dims)
+        return list(jax.lax.optimization_barrier(out))
+
+    if A <= ROW_BLOCK:
+        sums = reduce(terms, (0, 2))
+    else:
+        main = A // ROW_BLOCK * ROW_BLOCK
+        blocks = reduce([t[:main].reshape(main // ROW_BLOCK, ROW_BLOCK, C, B)
+                         for t in terms], (1, 3))
+        sums = _sum_rows([b.reshape(main // ROW_BLOCK, C, 1) for b in blocks])
+        if main < A:
+            sums = [s + r for s, r in zip(sums, reduce([t[main:] for t in terms], (0, 2)),
+                                          strict=True)]
+    return sums[:1] if single else sums
 
 
 def replicate(x: jax.Array) -> jax.Array:
