@@ -1,9 +1,10 @@
 """The two primitives HESSO and CRIC share: bottom-k selection and progressive projection.
 
 *Selection*: the ``k`` candidate groups with the lowest scores, ties broken by the lower
-global index (a stable sort), ``O(G log G)``. An optional per-family floor (`FamilyFloor`)
-first withdraws from the candidates the ``m_f`` highest-scoring ones of every family ``f``,
-so no family can lose more than ``n_f − m_f`` groups (one more sort of length ``G``).
+global index (the first ``k`` of a stable sort, found without sorting: ``O(32·G)``). An
+optional per-family floor (`FamilyFloor`) first withdraws from the candidates the ``m_f``
+highest-scoring ones of every family ``f``, so no family can lose more than ``n_f − m_f``
+groups (one sort of length ``G``).
 
 *Projection* (HESSO Algorithm 1, the update of the redundant set): a group ``g`` with
 coefficient ``c_g`` moves to ``c_g · (x_g + u_g)`` instead of ``x_g + u_g``. With
@@ -94,16 +95,52 @@ def _shard_like(v: jax.Array, leaf: jax.Array, axis: int) -> jax.Array:
 def bottom_k(scores: jax.Array, candidates: jax.Array, k: jax.Array | int) -> jax.Array:
     """``bool[G]``: the ``k`` candidates with the lowest scores; ties → lower index first.
 
-    Exactly ``min(k, #candidates)`` groups are returned whatever the scores hold: the sort
-    key is (not a candidate, score) with NaN read as +inf, so a NaN or infinite score (a
-    diverged CRIC trial, say) ranks last among the candidates, never behind a
-    non-candidate. Both vectors are made replicated first (`replicate`), so the sort runs
-    on the whole vector on every device of a mesh.
+    Exactly ``min(k, #candidates)`` groups are returned whatever the scores hold: the
+    order is by (not a candidate, score) with NaN read as +inf, so a NaN or infinite
+    score (a diverged CRIC trial, say) ranks last among the candidates, never behind a
+    non-candidate; ``−0`` and subnormal scores compare as ``0`` (as XLA:CPU's sort
+    compares them). Both vectors are made replicated first (`replicate`), so the
+    selection runs on the whole vector on every device of a mesh.
+
+    No sort (``O(G log G)`` comparator calls, 55 ms at ``G = 10⁵`` on XLA:CPU): with
+    ``u_g`` the order-preserving ``uint32`` key of (not a candidate, score)
+    (`_sort_keys`), the ``k``-th smallest key ``v`` is found bit by bit from the top,
+    keeping ``#{g : u_g < v} < k`` (32 counting passes over ``G``), and the selection is
+    ``{u_g < v}`` plus the first ``k − #{u_g < v}`` groups (by index) with ``u_g = v``,
+    the same set as the first ``k`` of a stable sort (6 ms at ``G = 10⁵``). float64
+    scores take the stable sort.
     """
     scores, candidates = replicate(scores), replicate(candidates)
-    clean = jnp.where(jnp.isnan(scores), jnp.inf, scores)
-    rank = _positions(jnp.lexsort((clean, ~candidates)))
-    return candidates & (rank < k)
+    if jnp.dtype(scores.dtype).itemsize > 4:
+        clean = jnp.where(jnp.isnan(scores), jnp.inf, scores)
+        rank = _positions(jnp.lexsort((clean, ~candidates)))
+        return candidates & (rank < k)
+    u = _sort_keys(scores, candidates)
+    k = jnp.asarray(k, jnp.int32)
+    v = jnp.zeros([], jnp.uint32)
+    for bit in range(31, -1, -1):  # 32 bits of the key, not a loop over groups
+        trial = v | jnp.uint32(1 << bit)
+        v = jnp.where(jnp.sum(u < trial, dtype=jnp.int32) < k, trial, v)
+    below = jnp.sum(u < v, dtype=jnp.int32)
+    tie = u == v
+    tie_rank = jnp.cumsum(tie, dtype=jnp.int32) - 1
+    return candidates & ((u < v) | (tie & (tie_rank < k - below)))
+
+
+def _sort_keys(scores: jax.Array, candidates: jax.Array) -> jax.Array:
+    """``uint32[G]`` keys whose unsigned order is that of (not a candidate, score).
+
+    Scores (float32; NaN → +inf; ``−0`` and subnormals → ``+0``) are bit-cast to int32
+    and negative ones get their 31 magnitude bits flipped, so integer order is float
+    order; a non-candidate gets ``2³¹ − 1``, above every candidate (+inf is
+    ``0x7F800000``); flipping the sign bit makes the order unsigned.
+    """
+    clean = jnp.where(jnp.isnan(scores), jnp.inf, scores.astype(jnp.float32))
+    clean = jnp.where(jnp.abs(clean) < jnp.finfo(jnp.float32).tiny, 0.0, clean)
+    bits = jax.lax.bitcast_convert_type(clean, jnp.int32)
+    ordered = jnp.where(bits < 0, bits ^ jnp.int32(0x7FFFFFFF), bits)
+    ordered = jnp.where(candidates, ordered, jnp.int32(0x7FFFFFFF))
+    return jax.lax.bitcast_convert_type(ordered ^ jnp.int32(-(2**31)), jnp.uint32)
 
 
 def _positions(order: jax.Array) -> jax.Array:
