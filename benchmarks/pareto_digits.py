@@ -334,7 +334,23 @@ def flop_section(rows: list[dict[str, Any]], summary: list[dict[str, Any]]) -> s
             "count-K column interpolates the count-K HESSO curve (and the dense point) of the "
             "table above with the same step count linearly in FLOPs at the row's achieved "
             "FLOPs (seed means: compare rows with the same seeds).\n\n"
-            + matched_table(summary))
+            + matched_table(summary) + _paired_text(rows))
+
+
+def _paired_text(rows: list[dict[str, Any]]) -> str:
+    """The per-seed paired comparisons (`paired_table`) of the HESSO FLOP-budget methods
+    that have at least two paired seeds, with the rule they follow."""
+    tables = [t for m in ("hesso_fisher", "hesso_additive")
+              if sum(len(r["seeds"]) > 1 for r in paired_matched(rows, m))
+              and (t := paired_table(rows, m))]
+    if not tables:
+        return ""
+    return ("\n\nPaired per seed (`paired_matched`): each budget run against count-K "
+            "HESSO of the same seed and step count (that seed's dense run as the 100 % "
+            "point), interpolated linearly in XLA FLOPs between the two count-K runs that "
+            "bracket its achieved FLOPs; Δ = budget − count K; the interval is the 95 % "
+            "Student-t interval of the mean Δ over seeds (n − 1 degrees of freedom); one "
+            "test image is 0.28 pp.\n\n" + "\n\n".join(tables))
 
 
 def interpolate(points: list[tuple[float, float]], x: float) -> float | None:
@@ -366,6 +382,100 @@ def matched_table(summary: list[dict[str, Any]]) -> str:
                      f"{_label(s['method'], s['min_keep'], None, s['steps'])} | {s['n']} | "
                      f"{100 * (s['flops_fraction'] or float('nan')):.1f}% | "
                      f"{s['acc_mean']:.2f} ± {s['acc_std']:.2f} | {ref_text} | {delta} |")
+    return "\n".join(lines)
+
+
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
+       9: 2.262}
+"""Two-sided 95 % Student-t critical values by degrees of freedom (`paired_matched`)."""
+
+
+def _seed_curve(rows: list[dict[str, Any]], arch: str, steps: int,
+                seed: int) -> list[tuple[float, float, float]]:
+    """``(XLA FLOPs, accuracy %, group sparsity)`` of one seed's count-K HESSO rows (no
+    floor) and its dense row at ``steps`` steps, sorted by FLOPs (NaN FLOPs left out)."""
+    return sorted((r["flops"], 100 * r["acc"], r["sparsity"]) for r in rows
+                  if r["arch"] == arch and r["seed"] == seed
+                  and r.get("steps", DEFAULT_STEPS) == steps
+                  and r["method"] in ("hesso", "dense") and r.get("budget_flops") is None
+                  and not r.get("min_keep") and r["flops"] == r["flops"])
+
+
+def paired_matched(rows: list[dict[str, Any]], method: str = "hesso_fisher"
+                   ) -> list[dict[str, Any]]:
+    """``method``'s FLOP-budget rows against count-K HESSO at the same achieved FLOPs,
+    paired per seed.
+
+    For every seed of a FLOP-budget configuration, the count-K HESSO accuracy of the same
+    arch, step count and seed (its dense row as the 100 % point) is interpolated linearly
+    in XLA FLOPs between the two count-K points that bracket the budget run's FLOPs; the
+    differences are then averaged over the seeds that have a bracket.
+
+    Args:
+      rows: rows of ``pareto_digits.json`` (every seed, not the summary).
+      method: the FLOP-budget method compared, e.g. ``"hesso_fisher"``.
+
+    Returns:
+      One dict per (arch, steps, FLOP target) with per-seed lists ``seeds``, ``acc``,
+      ``flops_fraction``, ``ref`` (interpolated count-K accuracy, %), ``bracket`` (the two
+      count-K group sparsities, 0 = dense) and ``diff`` (acc − ref, pp), plus
+      ``diff_mean``, ``diff_std`` (sample std) and ``ci95`` (half-width of the 95 %
+      Student-t interval of the mean difference; None below 2 seeds).
+    """
+    out = []
+    budget = [r for r in rows if r["method"] == method and r.get("budget_flops") is not None
+              and not r.get("min_keep")]
+    keys = sorted({(r["arch"], r.get("steps", DEFAULT_STEPS), r["budget_flops"])
+                   for r in budget}, key=lambda k: (k[0], -k[1], -k[2]))
+    for arch, steps, f in keys:
+        res: dict[str, Any] = {"arch": arch, "steps": steps, "budget_flops": f, "seeds": [],
+                               "acc": [], "flops_fraction": [], "ref": [], "bracket": [],
+                               "diff": []}
+        for r in sorted((r for r in budget if (r["arch"], r.get("steps", DEFAULT_STEPS),
+                                               r["budget_flops"]) == (arch, steps, f)),
+                        key=lambda r: r["seed"]):
+            curve = _seed_curve(rows, arch, steps, r["seed"])
+            pair = [(a, b) for a, b in zip(curve, curve[1:], strict=False)
+                    if a[0] <= r["flops"] <= b[0]]
+            if not pair:
+                continue
+            ref = interpolate([(c[0], c[1]) for c in pair[0]], r["flops"])
+            res["seeds"].append(r["seed"])
+            res["acc"].append(100 * r["acc"])
+            res["flops_fraction"].append(r["flops_fraction"])
+            res["ref"].append(ref)
+            res["bracket"].append((pair[0][0][2], pair[0][1][2]))
+            res["diff"].append(100 * r["acc"] - ref)
+        n = len(res["diff"])
+        res["diff_mean"] = statistics.mean(res["diff"]) if n else None
+        res["diff_std"] = statistics.stdev(res["diff"]) if n > 1 else None
+        res["ci95"] = (T95.get(n - 1, 1.96) * res["diff_std"] / n ** 0.5) if n > 1 else None
+        out.append(res)
+    return out
+
+
+def paired_table(rows: list[dict[str, Any]], method: str = "hesso_fisher") -> str:
+    """Markdown of `paired_matched`: one line per FLOP target (empty without rows)."""
+    res = [r for r in paired_matched(rows, method) if r["seeds"]]
+    if not res:
+        return ""
+    lines = [f"| arch | steps | FLOP target | seeds | {method} acc % | FLOPs kept (XLA) | "
+             "count-K brackets | count-K at same FLOPs % | Δ per seed (pp) | "
+             "Δ mean ± 95% CI (pp) |", "|---|---:|---:|---|---:|---:|---|---:|---:|---:|"]
+    for r in res:
+        n = len(r["seeds"])
+        sd = lambda xs: statistics.stdev(xs) if len(xs) > 1 else 0.0  # noqa: E731
+        brackets = sorted({f"{100 * min(a, b):.0f}–{100 * max(a, b):.0f}%"
+                           for a, b in r["bracket"]})
+        ci = "–" if r["ci95"] is None else f"{r['ci95']:.2f}"
+        lines.append(
+            f"| {ARCHS[r['arch']][0]} | {r['steps']} | {100 * r['budget_flops']:.0f}% | "
+            f"{','.join(map(str, r['seeds']))} | "
+            f"{statistics.mean(r['acc']):.2f} ± {sd(r['acc']):.2f} | "
+            f"{100 * statistics.mean(r['flops_fraction']):.1f}% | {', '.join(brackets)} | "
+            f"{statistics.mean(r['ref']):.2f} ± {sd(r['ref']):.2f} | "
+            f"{' / '.join(f'{d:+.2f}' for d in r['diff'])} | "
+            f"{r['diff_mean']:+.2f} ± {ci} (n={n}) |")
     return "\n".join(lines)
 
 
@@ -434,6 +544,7 @@ def render(args: argparse.Namespace) -> None:
     old = json.loads((HERE / "pareto_digits.json").read_text())
     summary = summarize(old["rows"])
     print(results_table(summary))
+    print(paired_table(old["rows"]))
     write_outputs(args, old["rows"], summary, old.get("commands", []))
 
 
@@ -505,7 +616,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = merged()
     summary = summarize(rows)
     table = results_table(summary)
-    print(table)
+    print(table, paired_table(rows), sep="\n")
     save()
     if not args.no_write:
         write_outputs(args, rows, summary, commands)
