@@ -40,10 +40,41 @@ VERSIONS = ("jax", "jaxlib", "flax", "optax", "numpy")
 
 __all__ = ["HERE", "RESULTS_MD", "command_line", "environment", "environment_line",
            "interleaved", "median_time", "medians", "min_time", "parser",
-           "publish", "ratio", "time_call", "upsert_section"]
+           "publish", "ratio", "seed_list", "seeds_arg", "time_call", "upsert_section"]
 
 
 # ------------------------------------------------------------------------- arguments
+def seed_list(spec: str) -> list[int]:
+    """The seeds of a ``--seeds`` value: a count ``N`` (seeds ``0..N-1``) or a comma list.
+
+    ``'3'`` → ``[0, 1, 2]``; ``'1,2'`` → ``[1, 2]``; ``'2,'`` → ``[2]``. A spec naming no
+    seed (``'0'``, ``','``) is an `argparse.ArgumentTypeError`: a run of no seed would
+    write a results file with no rows over the one it replaces.
+
+    Example:
+      >>> seed_list("3"), seed_list("2,")
+      ([0, 1, 2], [2])
+    """
+    try:
+        seeds = ([int(x) for x in spec.split(",") if x.strip()] if "," in spec
+                 else list(range(int(spec))))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--seeds {spec!r}: expected a count N or a comma list of ints") from None
+    if not seeds:
+        raise argparse.ArgumentTypeError(
+            f"--seeds {spec!r} names no seed (a count N >= 1 means seeds 0..N-1; for seed "
+            "0 alone write '0,')")
+    return seeds
+
+
+def seeds_arg(spec: str) -> str:
+    """``type=`` of a ``--seeds`` option: ``spec`` unchanged once `seed_list` accepts it,
+    so a spec naming no seed is a usage error before anything runs or is written."""
+    seed_list(spec)
+    return spec
+
+
 def parser(doc: str | None, *, out: Path | None = HERE, no_write: bool = True,
            no_write_help: str = "print only") -> argparse.ArgumentParser:
     """An `argparse.ArgumentParser` described by the first line of ``doc``.

@@ -51,7 +51,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from common import command_line, environment, environment_line, interleaved, parser, publish
+from common import (
+    command_line,
+    environment,
+    environment_line,
+    interleaved,
+    parser,
+    publish,
+    seed_list,
+    seeds_arg,
+)
 from flax import nnx
 from tqdm.auto import tqdm
 
@@ -102,7 +111,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--from-json", type=Path, default=None,
                    help="re-render RESULTS.md and the plot from this llm.json (no runs)")
     p.add_argument("--ratios", default="0.2,0.25,0.3", help="fractions of params removed")
-    p.add_argument("--seeds", default="3", help="a count N (seeds 0..N-1) or a comma list")
+    p.add_argument("--seeds", default="3", type=seeds_arg,
+                   help="a count N (seeds 0..N-1) or a comma list")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--steps", type=int, default=200, help="recovery budget (every method)")
     p.add_argument("--batch", type=int, default=32)
@@ -134,11 +144,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.steps % args.chunk:
         p.error(f"--steps {args.steps} is not a multiple of --chunk {args.chunk}")
     return args
-
-
-def seed_list(spec: str) -> list[int]:
-    """``'3'`` → ``[0, 1, 2]``; ``'1,2'`` → ``[1, 2]``."""
-    return [int(s) for s in spec.split(",") if s] if "," in spec else list(range(int(spec)))
 
 
 # ------------------------------------------------------------------------- the runs

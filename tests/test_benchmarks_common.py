@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 from pathlib import Path
 
@@ -65,3 +66,16 @@ def test_publish_writes_json_and_section(common, tmp_path, capsys):
     assert "body" in capsys.readouterr().out
     common.publish(tmp_path / "none", "## S", "body", write=False)
     assert not (tmp_path / "none").exists()
+
+
+def test_seed_list_and_a_spec_naming_no_seed(common):
+    assert common.seed_list("3") == [0, 1, 2]
+    assert common.seed_list("0,") == [0] and common.seed_list("1,2") == [1, 2]
+    for bad in ("0", ",", "x"):  # '0' is a count: no seed, and the run would write no rows
+        with pytest.raises(argparse.ArgumentTypeError, match="--seeds"):
+            common.seed_list(bad)
+    p = argparse.ArgumentParser()
+    p.add_argument("--seeds", default="3", type=common.seeds_arg)
+    assert p.parse_args(["--seeds", "2,"]).seeds == "2,"
+    with pytest.raises(SystemExit):
+        p.parse_args(["--seeds", "0"])

@@ -146,10 +146,12 @@ def timed_jax_steps(log: StepLog) -> Iterator[StepLog]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    from common import seeds_arg
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sparsities", default="0.3,0.5,0.7",
                    help="HESSO group sparsities; Torch-Pruning matches their parameters")
-    p.add_argument("--seeds", default="3",
+    p.add_argument("--seeds", default="3", type=seeds_arg,
                    help="a count N (seeds 0..N-1) or a comma list of seeds, e.g. '1,2'")
     p.add_argument("--merge", action="store_true",
                    help="keep the rows of this run's JSON that it does not rerun (same "
@@ -694,11 +696,6 @@ def write_results(args: argparse.Namespace, argv: list[str] | None, torch: Any,
     upsert_section(args.results, section, body)
 
 
-def seed_list(spec: str) -> list[int]:
-    """``'3'`` → ``[0, 1, 2]``; ``'1,2'`` → ``[1, 2]``."""
-    return [int(x) for x in spec.split(",") if x] if "," in spec else list(range(int(spec)))
-
-
 def merge_rows(args: argparse.Namespace, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """With ``--merge``: the rows of this run's JSON that ``rows`` does not rerun, then
     ``rows``; else ``rows``."""
@@ -725,6 +722,8 @@ def main(argv: list[str] | None = None) -> int:
     fractions = [float(f) for f in args.flops.split(",") if f]
     rows: list[dict[str, Any]] = []
     start = load_text()
+    from common import seed_list
+
     for seed in tqdm(seed_list(args.seeds), desc="seeds"):
         rows.extend(torch_flop_rows(args, seed, fractions, torch, tp) if fractions
                     else run_seed(args, seed, sparsities, torch, tp))
