@@ -61,9 +61,9 @@ DEFAULT_STEPS = 1500  # --steps; rows written before they recorded "steps" all u
 FLOP_METHODS = ("hesso", "hesso_additive", "hesso_cric_additive", "magnitude", "taylor")
 """Methods of the FLOP-budget rows; ``_additive``: HESSO's saliency mix with
 ``hj.saliency.weighted(normalize="additive")`` (loss shares, `hesso_jax.saliency`);
-``hesso_fisher`` (not a default: ``--flop-methods``): additive Taylor-2 alone on the raw
-gradient (`hesso_saliency`); the others with ``normalize="norm"`` (the reference's mix),
-set explicitly."""
+``hesso_fisher`` (not in the default ``--flop-methods``; `hj.hesso`'s own default saliency
+under a Budget): additive Taylor-2 alone on the raw gradient (`hesso_saliency`); the others
+with ``normalize="norm"`` (the reference's mix), set explicitly."""
 PEER_METHODS = ("tp_uniform", "tp_global")
 """Torch-Pruning's FLOP-target rows (PyTorch twin, group-L2 magnitude + fine-tuning, per
 layer / global), read from `PEER_JSON` when it exists (no PyTorch needed here)."""
@@ -123,9 +123,9 @@ def _taylor_grads(model: nnx.Module, data: Any, seed: int, batches: int = 4,
 
 def hesso_saliency(method: str) -> tuple[Any, str]:
     """``(saliency=, direction=)`` of a HESSO method name, always explicit (hj.hesso's
-    default mix is "norm" for a count K, "additive" for a Budget): ``_fisher``: additive
-    Taylor-2 alone, ``½ Σ_e x_e² (∂f/∂x_e)²`` on the raw gradient (OBD with the
-    empirical-Fisher diagonal; ``direction="gradient"``, recomputed from the batch loss at
+    default is the "norm" mix for a count K, `budget_saliency` (``_fisher``) for a Budget):
+    ``_fisher``: additive Taylor-2 alone, ``½ Σ_e x_e² (∂f/∂x_e)²`` on the raw gradient (OBD with
+    the empirical-Fisher diagonal; ``direction="gradient"``, recomputed from the batch loss at
     period starts); ``_additive``: the equal mix, additive; else the equal mix, "norm"; the
     last two on the base update (HESSO's default direction)."""
     if method.endswith("_fisher"):
@@ -326,8 +326,9 @@ def flop_section(rows: list[dict[str, Any]], summary: list[dict[str, Any]]) -> s
             f"(`groups.costs`) in [f − 0.03, f]: {'yes' if ok else 'NO'}; XLA's count of the "
             f"shrunk model minus f: {min(xla):+.3f} to {max(xla):+.3f}. `_additive`: HESSO's "
             "mix with `hj.saliency.weighted(normalize=\"additive\")` (hj.hesso's default "
-            "under a Budget), the others the reference's `normalize=\"norm\"` mix; "
-            "`hesso_fisher`: `hj.saliency.budget_saliency()` (additive Taylor-2 alone) with "
+            "under a Budget when those rows were run), the others the reference's "
+            "`normalize=\"norm\"` mix; `hesso_fisher`: `hj.saliency.budget_saliency()` "
+            "(additive Taylor-2 alone, hj.hesso's default under a Budget since) with "
             "`hj.hesso(..., direction=\"gradient\")`; magnitude / taylor are "
             "`one_shot_prune(..., hj.Budget(flops=f))`; Torch-Pruning: the PyTorch twin "
             "pruned to the FLOP target (section \"Torch-Pruning on digits (flops)\"). The "
