@@ -222,3 +222,28 @@ def test_pareto_reads_the_torch_pruning_flop_rows_without_torch(peers, tmp_path)
     # count-K interpolated at 2.8 M FLOPs: 98 + 2 · (2.8 − 1.8) / (5.6 − 1.8) = 98.53
     assert "| 99.00 ± 0.00 | 98.53 | +0.47 |" in text
     assert pareto_digits.peer_rows(tmp_path / "missing.json") == ([], [])
+
+
+def test_pareto_pairs_a_budget_run_with_count_k_of_its_own_seed(peers):
+    # paired_matched interpolates each seed's own count-K curve at the budget run's FLOPs.
+    import pareto_digits
+
+    def row(method, seed, sparsity, acc, flops, budget=None):
+        return {"arch": "cnn", "method": method, "sparsity": sparsity, "budget_flops": budget,
+                "steps": 500, "seed": seed, "min_keep": 0, "acc": acc, "flops": flops,
+                "flops_fraction": flops / 10.0}
+
+    rows = []
+    for seed, shift in ((0, 0.0), (1, 0.01)):   # seed 1's count-K curve is 1 pp higher
+        rows += [row("dense", seed, 0.0, 0.99 + shift, 10.0),
+                 row("hesso", seed, 0.3, 0.97 + shift, 6.0),
+                 row("hesso", seed, 0.5, 0.95 + shift, 4.0)]
+        rows.append(row("hesso_fisher", seed, None, 0.97, 5.0, budget=0.5))
+    rows.append(row("hesso_fisher", 2, None, 0.97, 5.0, budget=0.5))  # no count-K: left out
+    (res,) = pareto_digits.paired_matched(rows)
+    assert res["seeds"] == [0, 1] and res["bracket"] == [(0.5, 0.3), (0.5, 0.3)]
+    np.testing.assert_allclose(res["ref"], [96.0, 97.0])     # halfway between 4 and 6 FLOPs
+    np.testing.assert_allclose(res["diff"], [1.0, 0.0])
+    assert res["diff_mean"] == pytest.approx(0.5)
+    # 95 % Student-t half-width, 1 degree of freedom: 12.706 · s / √2 with s = √0.5
+    assert res["ci95"] == pytest.approx(12.706 * 0.5 ** 0.5 / 2 ** 0.5, rel=1e-3)
