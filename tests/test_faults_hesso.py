@@ -96,6 +96,29 @@ def test_nan_outside_the_probe_is_found_at_the_period_end():
     assert "LAST" not in str(info.value)
 
 
+def test_period_end_check_calls_the_host_only_on_a_fault(monkeypatch):
+    """The check after each period end decides on the device; the host round trip (the
+    callback that raises) runs only when something is wrong."""
+    from hesso_jax import placement
+
+    calls = []
+    real = placement.diagnose
+
+    def counting(*args, **kw):
+        calls.append(1)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(placement, "diagnose", counting)
+    tx = optax.chain(optax.sgd(1e-2), hesso(check_updates=False))
+    params, state = train(tx, TW + PERIODS * TP + 2)   # past both period-end checks
+    assert hj.hesso_status(state).num_pruned == K and calls == []
+    params, state = train(tx, TW + TP)                  # the next update checks period 0
+    moved = jax.tree.map(lambda x: x + 1.0, params)     # its pruned groups are not zero
+    with pytest.raises(Exception, match="are not exactly zero"):
+        train(tx, 1, params=moved, state=state)
+    assert calls
+
+
 def diverging_loss(params):
     return 1e3 * jnp.mean((X @ params["l1"]["kernel"] + params["l1"]["bias"]) ** 2)
 
