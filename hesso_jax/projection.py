@@ -107,7 +107,7 @@ def bottom_k(scores: jax.Array, candidates: jax.Array, k: jax.Array | int) -> ja
     (`_sort_keys`), the ``k``-th smallest key ``v`` is found bit by bit from the top,
     keeping ``#{g : u_g < v} < k`` (32 counting passes over ``G``), and the selection is
     ``{u_g < v}`` plus the first ``k − #{u_g < v}`` groups (by index) with ``u_g = v``,
-    the same set as the first ``k`` of a stable sort (6 ms at ``G = 10⁵``). float64
+    the same set as the first ``k`` of a stable sort (3–6 ms at ``G = 10⁵``). float64
     scores take the stable sort.
     """
     scores, candidates = replicate(scores), replicate(candidates)
@@ -117,10 +117,13 @@ def bottom_k(scores: jax.Array, candidates: jax.Array, k: jax.Array | int) -> ja
         return candidates & (rank < k)
     u = _sort_keys(scores, candidates)
     k = jnp.asarray(k, jnp.int32)
-    v = jnp.zeros([], jnp.uint32)
-    for bit in range(31, -1, -1):  # 32 bits of the key, not a loop over groups
-        trial = v | jnp.uint32(1 << bit)
-        v = jnp.where(jnp.sum(u < trial, dtype=jnp.int32) < k, trial, v)
+
+    def next_bit(i: jax.Array, v: jax.Array) -> jax.Array:  # bit 31 − i of the key
+        trial = v | jnp.left_shift(jnp.uint32(1), (31 - i).astype(jnp.uint32))
+        return jnp.where(jnp.sum(u < trial, dtype=jnp.int32) < k, trial, v)
+
+    # a rolled loop over the 32 bits (not over groups): one counting pass in the program
+    v = jax.lax.fori_loop(0, 32, next_bit, jnp.zeros([], jnp.uint32))
     below = jnp.sum(u < v, dtype=jnp.int32)
     tie = u == v
     tie_rank = jnp.cumsum(tie, dtype=jnp.int32) - 1
