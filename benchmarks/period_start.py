@@ -198,7 +198,7 @@ def steps(name: str, variants: list[str], rounds: int, per_block: int) -> list[d
                                       for i in ("before", "after"))
                 assert np.array_equal(m0, m1), f"{name} {v} {kind}: selections differ"
                 np.testing.assert_allclose(s0, s1, rtol=2e-5, atol=1e-7)
-        med = _time(cases, rounds, per_block)
+        med = sc.time_cases(cases, rounds, per_block)
         for key in cases:
             if key == "adam":
                 continue
@@ -217,26 +217,6 @@ def steps(name: str, variants: list[str], rounds: int, per_block: int) -> list[d
         del cases
         gc.collect()
     return rows
-
-
-def _time(cases: dict[str, _Timed], rounds: int, per_block: int) -> dict[str, float]:
-    """`step_cost.time_cases` over (case, kind) pairs: medians, rotating rounds."""
-    calls = [("adam", "ordinary")] + [(c, k) for c in cases if c != "adam" for k in sc.KINDS]
-    times: dict[tuple[str, str], list[tuple[float, float]]] = {c: [] for c in calls}
-    gc.collect()
-    gc.disable()
-    try:
-        for r in range(rounds):
-            k = r % len(calls)
-            for c in calls[k:] + calls[:k]:
-                cases[c[0]].call(c[1])
-                times[c].extend(cases[c[0]].call(c[1]) for _ in range(per_block))
-    finally:
-        gc.enable()
-    med = {f"{c}/{k}": float(np.median(np.asarray(t)[:, 0])) for (c, k), t in times.items()}
-    med.update({f"{c}/{k}/cpu": float(np.median(np.asarray(t)[:, 1]))
-                for (c, k), t in times.items()})
-    return med
 
 
 def main(argv: list[str] | None = None) -> None:
