@@ -102,7 +102,6 @@ from hesso_jax.budget import (
     budget_min_keep,
     budget_select,
     resolve_budget,
-    saliency_normalize,
     target_saliency,
 )
 from hesso_jax.costs import GroupCosts
@@ -555,8 +554,9 @@ class _Hesso:
         # pure_callback carries no side effect, so the step keeps JAX's fast dispatch
         # path (a debug.callback anywhere in the program costs every step ~0.1 ms);
         # its result (always 0) feeds the counter so it cannot be optimised away.
-        return jax.lax.cond(alarm, lambda: _host_if_fault(diagnose_operands(), params, hints),
-                            lambda: jnp.zeros([], jnp.int32))
+        return jax.lax.cond(
+            alarm, lambda: placement.placement_check(diagnose_operands(), params, hints),
+            lambda: jnp.zeros([], jnp.int32))
 
     def _select(self, ph: _Phase, state: HessoState, params: Any, updates: Any,
                 extra: _Extra, recompute: Callable[[], Any] | None = None
@@ -836,26 +836,10 @@ def _default_saliency(saliency: Any, K: Any, direction: str | None
     score_fn = target_saliency(saliency, K)
     if saliency is not None or not isinstance(K, Budget):
         return score_fn, None
-    mix = resolve_saliency(None, normalize=saliency_normalize(K))
+    mix = resolve_saliency(None, normalize="additive")  # what None means under a Budget
     if direction == "update":
         return mix, None
     return score_fn, mix if direction is None else None
-
-
-def _host_if_fault(operands: tuple[jax.Array, ...], params: Any,
-                   hints: placement.Hints) -> jax.Array:
-    """`hesso_jax.placement.placement_check` of ``operands`` only when it would raise.
-
-    ``operands = (bad, info, expected, found, missed)``: `hesso_jax.placement.diagnose`
-    raises exactly when a pruned group is not zero (``bad``) or ``info`` flags a probe
-    mismatch or a non-finite parameter, so that test runs on the device first and the
-    host round trip (the period-end check's main cost on small steps) happens on a fault
-    only. Returns ``int32[] 0``.
-    """
-    bad, info = operands[0], operands[1]
-    fault = jnp.any(bad) | jnp.any(info[1:] != 0)
-    return jax.lax.cond(fault, lambda: placement.placement_check(operands, params, hints),
-                        lambda: jnp.zeros([], jnp.int32))
 
 
 def _check_fits(Tw: int, P: int, Tp: int, total_steps: int | None) -> None:

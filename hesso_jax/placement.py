@@ -57,8 +57,8 @@ from jax.sharding import PartitionSpec
 
 from hesso_jax.groups import Layout, format_path, replicate, tree_paths
 
-__all__ = ["PROBE_SIZE", "Hints", "ProbeSites", "check_context", "diagnose", "mismatch",
-           "placement_check", "probe_sites", "tolerance"]
+__all__ = ["PROBE_SIZE", "Hints", "ProbeSites", "check_context", "diagnose", "faulty",
+           "mismatch", "placement_check", "probe_sites", "tolerance"]
 
 PROBE_SIZE = 8
 """Sampled parameter elements compared at every update."""
@@ -364,9 +364,22 @@ def _mesh_of(params: Any) -> Any:
     return mesh
 
 
+def faulty(operands: tuple[jax.Array, ...]) -> jax.Array:
+    """``bool[]``: whether `diagnose` would raise on ``operands`` (decided on the device).
+
+    ``operands = (bad, info, expected, found, missed)``: `diagnose` raises exactly when a
+    pruned group is not zero (``bad``) or ``info`` flags a probe mismatch or a non-finite
+    parameter (its entries after the step counter).
+    """
+    bad, info = operands[0], operands[1]
+    return jnp.any(bad) | jnp.any(info[1:] != 0)
+
+
 def placement_check(operands: tuple[jax.Array, ...], params: Any, hints: Hints) -> jax.Array:
     """Runs `diagnose` on the host from inside a jitted update; returns ``int32[] 0``.
 
+    The host round trip (most of the period-end check's cost on a small step) is taken
+    only when `faulty` says `diagnose` would raise; otherwise the result is ``0`` at once.
     Without a mesh a ``pure_callback`` runs once (on device 0). On a multi-device mesh
     (set with ``jax.set_mesh``, or carried by Explicit-sharded parameters) it runs inside a
     ``jax.shard_map`` over every mesh axis with replicated operands, i.e. once *per
@@ -379,12 +392,15 @@ def placement_check(operands: tuple[jax.Array, ...], params: Any, hints: Hints) 
     def call(*ops: jax.Array) -> jax.Array:
         return jax.pure_callback(host, jax.ShapeDtypeStruct((), jnp.int32), *ops)
 
-    mesh = _mesh_of(params)
-    if mesh.empty or mesh.size == 1:
-        return call(*operands)
-    specs = (PartitionSpec(),) * len(operands)
-    return jax.shard_map(call, mesh=mesh, in_specs=specs, out_specs=PartitionSpec(),
-                         check_vma=False)(*(replicate(op) for op in operands))
+    def on_host() -> jax.Array:
+        mesh = _mesh_of(params)
+        if mesh.empty or mesh.size == 1:
+            return call(*operands)
+        specs = (PartitionSpec(),) * len(operands)
+        return jax.shard_map(call, mesh=mesh, in_specs=specs, out_specs=PartitionSpec(),
+                             check_vma=False)(*(replicate(op) for op in operands))
+
+    return jax.lax.cond(faulty(operands), on_host, lambda: jnp.zeros([], jnp.int32))
 
 
 # ---------------------------------------------------------------- chain context at init
