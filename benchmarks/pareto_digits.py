@@ -31,7 +31,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from common import HERE, command_line, environment_line, parser, upsert_section
+from common import (
+    HERE,
+    command_line,
+    environment_line,
+    parser,
+    seed_list,
+    seeds_arg,
+    upsert_section,
+)
 from flax import nnx
 from tqdm.auto import tqdm
 
@@ -80,7 +88,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--archs", default="cnn,resnet")
     p.add_argument("--sparsities", default="0.3,0.5,0.7,0.9")
     p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--seeds", default="3",
+    p.add_argument("--seeds", default="3", type=seeds_arg,
                    help="a count N (seeds 0..N-1) or a comma list of seeds, e.g. '1,2' or '2,'")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     p.add_argument("--periods", type=int, default=5)
@@ -578,8 +586,7 @@ def main(argv: list[str] | None = None) -> None:
         out_json.write_text(json.dumps({"commands": commands, "rows": merged(),
                                         "summary": summarize(merged())}, indent=1))
 
-    seeds = ([int(s) for s in args.seeds.split(",") if s] if "," in args.seeds
-             else list(range(int(args.seeds))))
+    seeds = seed_list(args.seeds)
     jobs = [(a, s) for a in archs for s in seeds]
     bar = tqdm(total=len(jobs) * (1 + len(methods) * len(sparsities)
                                   + len(flop_methods) * len(flop_targets)), desc="runs")
