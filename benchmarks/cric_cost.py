@@ -89,6 +89,8 @@ class Model(NamedTuple):
     loss: Callable[[Pytree, Pytree], jax.Array]
     groups: hj.Groups
     cric: hj.CricConfig
+    batches: Callable[[int], Pytree] | None = None  # step i's batch (``batch`` = i=T_w)
+    held_out: Pytree | None = None  # a batch never trained on (quality after a run)
 
 
 def _split(model: nnx.Module) -> tuple[Any, Pytree, Pytree]:
@@ -135,7 +137,8 @@ def cnn_model(warmup: int) -> Model:
 
     params = _warm_up(loss, params, batches, warmup)
     return Model("digits CNN(48, 96)", params, batches(warmup), loss, groups,
-                 hj.CricConfig(sample_steps=5, learning_rate=0.03))
+                 hj.CricConfig(sample_steps=5, learning_rate=0.03), batches,
+                 (jnp.asarray(data.x_test), jnp.asarray(data.y_test)))
 
 
 def bert_model(warmup: int) -> Model:
@@ -165,7 +168,8 @@ def bert_model(warmup: int) -> Model:
 
     params = _warm_up(loss, params, batches, warmup)
     return Model("BERT-like 4×256", params, batches(warmup), loss, groups,
-                 hj.CricConfig(sample_steps=5, learning_rate=0.1))
+                 hj.CricConfig(sample_steps=5, learning_rate=0.1), batches,
+                 batches(10_000))
 
 
 BUILDERS = {"cnn": cnn_model, "bert": bert_model}
