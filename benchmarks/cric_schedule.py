@@ -32,6 +32,7 @@ Usage::
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Callable
@@ -92,7 +93,8 @@ def run_schedule(model: cric_cost.Model, schedule: tuple[int, int, int], total: 
 
     Returns ``{"walls": {run: [seconds per step]}, "starts": [step of period start p],
     "cycles": [CRIC's corrective cycles at start p], "params": {run: final params},
-    "pruned": {run: bool[G] groups at exact zero}}``.
+    "pruned": {run: bool[G] groups at exact zero}, "replay": {"start p" / "ordinary":
+    the CRIC run's step at that point as a zero-argument call, for `replayed`}}``.
     """
     tw, periods, tp = schedule
     starts = [tw + p * tp for p in range(periods)]
@@ -103,8 +105,13 @@ def run_schedule(model: cric_cost.Model, schedule: tuple[int, int, int], total: 
         steps[name] = compiled_step(model, tx, states[name])
     walls: dict[str, list[float]] = {name: [] for name in RUNS}
     cycles: list[int] = []
+    replay: dict[str, Callable[[], Any]] = {}  # the CRIC run's starts (and one ordinary)
     for i in tqdm(range(total), desc=model.name, leave=False):
         batch = model.batches(i)
+        if i in starts or i == starts[0] + 1:  # T_p > 1: step T_w + 1 is ordinary
+            kind = f"start {starts.index(i)}" if i in starts else "ordinary"
+            replay[kind] = functools.partial(steps["cric"], params["cric"],
+                                             states["cric"], batch)
         for name in RUNS[i % len(RUNS):] + RUNS[:i % len(RUNS)]:
             (params[name], states[name], _), wall = timed(
                 lambda n=name, b=batch: steps[n](params[n], states[n], b))
@@ -113,16 +120,25 @@ def run_schedule(model: cric_cost.Model, schedule: tuple[int, int, int], total: 
             cycles.append(hj.hesso_status(states["cric"]).cric_cycles)
     pruned = {n: hj.hesso_status(states[n]).pruned for n in ("hesso", "cric")}
     return {"walls": walls, "starts": starts, "cycles": cycles, "params": params,
-            "pruned": pruned}
+            "pruned": pruned, "replay": replay}
 
 
-def summarise(model: cric_cost.Model, out: dict[str, Any]) -> dict[str, Any]:
-    """The JSON row of one model: per-start cycles, gradients and cost; amortised cost
-    measured over the whole runs; held-out loss of every run; groups both pruned."""
+def replayed(replay: dict[str, Callable[[], Any]], rounds: int) -> dict[str, float]:
+    """Each period start of the CRIC run over an ordinary step of the same run: the steps
+    called again from their saved inputs, interleaved round after round (median ratio)."""
+    med = common.medians(common.interleaved(replay, rounds))
+    return {k: med[k] / med["ordinary"] for k in replay if k != "ordinary"}
+
+
+def summarise(model: cric_cost.Model, out: dict[str, Any], rounds: int) -> dict[str, Any]:
+    """The JSON row of one model: per-start cycles, gradients and cost (in the run and
+    replayed, `replayed`); amortised cost measured over the whole runs; held-out loss of
+    every run; groups both pruned."""
     walls = {n: np.asarray(w) for n, w in out["walls"].items()}
     starts = out["starts"]
     ordinary = np.delete(walls["cric"], starts)
     held_out = jax.jit(model.loss)
+    again = replayed(out["replay"], rounds) if rounds else {}
     both = out["pruned"]["hesso"] & out["pruned"]["cric"]
     return {
         "model": model.name, "G": model.groups.num_groups,
@@ -132,8 +148,10 @@ def summarise(model: cric_cost.Model, out: dict[str, Any]) -> dict[str, Any]:
                  "tolerance": model.cric.tolerance, "max_cycles": model.cric.max_cycles},
         "starts": [{"step": s, "cycles": int(c),
                     "gradients": model.cric.gradient_count(int(c) + 1),
-                    "over_ordinary": float(walls["cric"][s] / np.median(ordinary))}
-                   for s, c in zip(starts, out["cycles"], strict=True)],
+                    "over_ordinary": float(walls["cric"][s] / np.median(ordinary)),
+                    "replayed_over_ordinary": again.get(f"start {p}")}
+                   for p, (s, c) in enumerate(zip(starts, out["cycles"], strict=True))],
+        "replay_rounds": rounds,
         "ordinary_median_s": {n: float(np.median(np.delete(w, starts)))
                               for n, w in walls.items()},
         "total_s": {n: float(w.sum()) for n, w in walls.items()},
@@ -148,9 +166,9 @@ def summarise(model: cric_cost.Model, out: dict[str, Any]) -> dict[str, Any]:
 def format_rows(rows: list[dict[str, Any]]) -> str:
     """The markdown table of the RESULTS section: one line per model."""
     lines = ["| model (G, K, CRIC) | corrective cycles at the P starts | gradients | "
-             "start / ordinary step | amortised over greedy HESSO (measured) | amortised "
-             "over Adam (measured) | held-out loss: Adam / HESSO / HESSO-CRIC | groups "
-             "pruned by both |", "|" + "---|" * 8]
+             "start / ordinary step, in the run | replayed | amortised over greedy HESSO "
+             "(measured) | amortised over Adam (measured) | held-out loss: Adam / HESSO / "
+             "HESSO-CRIC | groups pruned by both |", "|" + "---|" * 9]
     for r in rows:
         c, om = r["cric"], r["ordinary_median_s"]
         model = (f"{r['model']} (G={r['G']}, K={r['k']}, S={c['sample_steps']}, "
@@ -159,14 +177,17 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
         loss = " / ".join(f"{r['held_out_loss'][n]:.4g}" for n in RUNS)
         lines.append(
             f"| {model} | {_cell(r, 'cycles', 'd')} | {_cell(r, 'gradients', 'd')} | "
-            f"{_cell(r, 'over_ordinary', '.1f')} (×) | **{r['amortised']['over_hesso']:.3f}×** | "
+            f"{_cell(r, 'over_ordinary', '.1f')} (×) | "
+            f"{_cell(r, 'replayed_over_ordinary', '.1f')} (×) | "
+            f"**{r['amortised']['over_hesso']:.3f}×** | "
             f"{r['amortised']['over_adam']:.3f}× | {loss} | {r['pruned_by_both']} / {r['k']} |")
     return "\n".join(lines)
 
 
 def _cell(row: dict[str, Any], key: str, fmt: str) -> str:
     """``row``'s per-start values of ``key``, comma-separated."""
-    return ", ".join(format(s[key], fmt) for s in row["starts"])
+    return ", ".join("–" if s.get(key) is None else format(s[key], fmt)
+                     for s in row["starts"])
 
 
 def section_body(results: dict[str, Any]) -> str:
@@ -182,7 +203,10 @@ def section_body(results: dict[str, Any]) -> str:
         "greedy HESSO and Adam + HESSO-CRIC on the same batches. Cycles: CRIC's corrective "
         "cycles at each period start of the run (`hj.hesso_status`); gradients: the loss "
         "gradients that took (`CricConfig.gradient_count`); start / ordinary: that start's "
-        "wall time over the CRIC run's median ordinary step. Amortised: the whole CRIC "
+        "wall time over the CRIC run's median ordinary step; replayed: the same steps "
+        f"called again from their saved inputs, {results['rows'][0]['replay_rounds']} "
+        "rounds interleaved with an ordinary step of the run (ratio of medians; a single "
+        "step in the run is noisy). Amortised: the whole CRIC "
         "run's wall time (every step, starts included) over the greedy HESSO run's and "
         "the Adam run's. Held-out loss: the final parameters on the digits test split "
         "(cross-entropy) or on a batch of fresh token ids (distillation MSE).",
@@ -196,6 +220,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--models", default="cnn,bert")
     p.add_argument("--schedule", default=",".join(map(str, cric_cost.REFERENCE)),
                    help="T_w,P,T_p,total steps")
+    p.add_argument("--rounds", type=int, default=5,
+                   help="rounds of the replayed period starts (0: none)")
     p.add_argument("--render", type=Path, default=None,
                    help="re-render the section from this cric_schedule.json")
     args = p.parse_args(argv)
@@ -206,7 +232,8 @@ def main(argv: list[str] | None = None) -> None:
         rows = []
         for name in args.models.split(","):
             model = cric_cost.BUILDERS[name](0)  # initialisation: the run warms up itself
-            rows.append(summarise(model, run_schedule(model, (tw, periods, tp), total)))
+            rows.append(summarise(model, run_schedule(model, (tw, periods, tp), total),
+                                  args.rounds))
             print(format_rows(rows[-1:]), flush=True)
         results = {"environment": common.environment(), "rows": rows,
                    "schedule": [tw, periods, tp, total],

@@ -62,7 +62,7 @@ def test_interleaved_runs_are_the_plain_runs(cs, model, out, run):
 
 
 def test_summary(cs, model, out):
-    row = cs.summarise(model, out)
+    row = cs.summarise(model, out, rounds=2)
     k = hj.groups.resolve_count(0.5, HIDDEN)
     assert row["k"] == k == int(out["pruned"]["hesso"].sum())
     for start, c in zip(row["starts"], out["cycles"], strict=True):
@@ -75,4 +75,6 @@ def test_summary(cs, model, out):
         walls["cric"][7] / np.median(ordinary))
     assert row["held_out_loss"]["adam"] == pytest.approx(
         float(mlp_loss(out["params"]["adam"], *model.held_out)))
+    assert set(out["replay"]) == {"start 0", "start 1", "start 2", "ordinary"}
+    assert all(s["replayed_over_ordinary"] > 0 for s in row["starts"])
     assert "| MLP (G=32, K=16" in cs.format_rows([row])
