@@ -117,7 +117,8 @@ def test_hand_made_groups_take_costs_keyword():
     tx = hj.hesso(groups, hj.Budget(flops=0.5), 1, 1, costs=costs)
     state = tx.init(params)
     grads = jax.tree.map(lambda p: jnp.full_like(p, 1e-3), params)
-    _, state = jax.jit(tx.update)(grads, state, params)  # P = Tp = 1: pruned at once
+    # P = Tp = 1: pruned at once; grad= gives the budget's default score its gradient
+    _, state = jax.jit(lambda g, s, p: tx.update(g, s, p, grad=g))(grads, state, params)
     st = hj.hesso_status(state)
     assert st.budget == hj.Budget(flops=0.5) and st.target == -1
     assert 0.47 <= costs.kept_fraction(st.pruned)[1] <= 0.5
