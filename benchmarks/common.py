@@ -141,11 +141,16 @@ def environment_line(env: Mapping[str, Any] | None = None) -> str:
 
 
 # ---------------------------------------------------------------------------- timing
+def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    """``fn()`` and its wall seconds, up to ``jax.block_until_ready`` of the result."""
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(fn())
+    return out, time.perf_counter() - t0
+
+
 def time_call(fn: Callable[[], Any]) -> float:
     """Wall seconds of one call of ``fn``, up to ``jax.block_until_ready`` of its result."""
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    return time.perf_counter() - t0
+    return timed(fn)[1]
 
 
 def median_time(fn: Callable[[], Any], repeats: int, *, warmup: int = 1) -> float:

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import functools
 import json
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -80,13 +79,6 @@ def compiled_step(model: cric_cost.Model, tx: optax.GradientTransformationExtraA
     return jax.jit(step).lower(model.params, state, model.batches(0)).compile()
 
 
-def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
-    """``fn()`` and its wall seconds up to ``jax.block_until_ready`` of the result."""
-    t0 = time.perf_counter()
-    out = jax.block_until_ready(fn())
-    return out, time.perf_counter() - t0
-
-
 def run_schedule(model: cric_cost.Model, schedule: tuple[int, int, int], total: int
                  ) -> dict[str, Any]:
     """The three runs, interleaved step by step (the order rotating every step).
@@ -113,7 +105,7 @@ def run_schedule(model: cric_cost.Model, schedule: tuple[int, int, int], total: 
             replay[kind] = functools.partial(steps["cric"], params["cric"],
                                              states["cric"], batch)
         for name in RUNS[i % len(RUNS):] + RUNS[:i % len(RUNS)]:
-            (params[name], states[name], _), wall = timed(
+            (params[name], states[name], _), wall = common.timed(
                 lambda n=name, b=batch: steps[n](params[n], states[n], b))
             walls[name].append(wall)
         if i in starts:
