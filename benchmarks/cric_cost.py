@@ -190,6 +190,20 @@ VARIANTS = ("adam", "hesso", "cric", "cric cap3", "cric stock")
 CAP = 3
 
 
+def train_step(model: Model, tx: optax.GradientTransformationExtraArgs
+               ) -> Callable[[Pytree, Pytree, Pytree], tuple[Pytree, Pytree, jax.Array]]:
+    """``step(params, opt_state, batch) -> (params, opt_state, loss)``: forward, backward,
+    ``tx.update`` with ``value_fn`` (the loss on the batch, for CRIC), ``apply_updates``."""
+
+    def step(params: Pytree, opt_state: Pytree, batch: Pytree) -> tuple:
+        loss, grads = jax.value_and_grad(model.loss)(params, batch)
+        updates, opt_state = tx.update(grads, opt_state, params,
+                                       value_fn=lambda p: model.loss(p, batch))
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    return step
+
+
 class Case:
     """One compiled step of a variant and the HESSO state it is called with per kind."""
 
@@ -206,14 +220,8 @@ class Case:
         self.mask = np.arange(G) < schedule_counts(resolve_count(0.5, G), P)[0]
         ctx = stock_layout() if variant == "cric stock" else contextlib.nullcontext()
         with ctx:
-            self.step = jax.jit(self._step).lower(model.params, self.init,
-                                                  model.batch).compile()
-
-    def _step(self, params: Pytree, opt_state: Pytree, batch: Pytree) -> tuple:
-        loss, grads = jax.value_and_grad(self.model.loss)(params, batch)
-        updates, opt_state = self.tx.update(
-            grads, opt_state, params, value_fn=lambda p: self.model.loss(p, batch))
-        return optax.apply_updates(params, updates), opt_state, loss
+            self.step = jax.jit(train_step(model, self.tx)).lower(
+                model.params, self.init, model.batch).compile()
 
     def state(self, kind: str) -> Pytree:
         """A fresh copy of the optimizer state at ``kind``'s count."""

@@ -67,15 +67,8 @@ def transformation(model: cric_cost.Model, run: str, schedule: tuple[int, int, i
 
 def compiled_step(model: cric_cost.Model, tx: optax.GradientTransformationExtraArgs,
                   state: Pytree) -> Callable[..., tuple[Pytree, Pytree, jax.Array]]:
-    """The jitted training step (forward, backward, ``tx.update`` with ``value_fn``,
-    ``optax.apply_updates``), compiled for the model's parameters and batch shapes."""
-
-    def step(params: Pytree, opt_state: Pytree, batch: Pytree) -> tuple:
-        loss, grads = jax.value_and_grad(model.loss)(params, batch)
-        updates, opt_state = tx.update(grads, opt_state, params,
-                                       value_fn=lambda p: model.loss(p, batch))
-        return optax.apply_updates(params, updates), opt_state, loss
-
+    """`cric_cost.train_step`, compiled for the model's parameters and batch shapes."""
+    step = cric_cost.train_step(model, tx)
     return jax.jit(step).lower(model.params, state, model.batches(0)).compile()
 
 
