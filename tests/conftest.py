@@ -11,6 +11,15 @@ if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
 # decided before LLVM). Set the flag yourself to test other optimisation levels.
 if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
+# XLA:CPU's fusion emitters (its MLIR code generator for fusions) double the backend
+# compile time of the suite's many small programs (tests/test_hesso.py 99 -> 47 s CPU; the
+# whole suite 31 -> 21 min CPU) and the classic emitters compute the same functions. Unlike
+# -O0 the flag does change the optimised HLO (fusions, copies, scratch bytes; not XLA's
+# FLOP counts): the tests that assert on a compiled program compile it with XLA's default
+# pipeline (helpers.compile_default), so they check what users get. Set the flag
+# yourself to run everything with the fusion emitters.
+if "xla_cpu_use_fusion_emitters" not in os.environ["XLA_FLAGS"]:
+    os.environ["XLA_FLAGS"] += " --xla_cpu_use_fusion_emitters=false"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 

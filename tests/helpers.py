@@ -112,6 +112,18 @@ def shard_train(tx, params, x, y, steps):
     return params, state
 
 
+# ------------------------------------------------------------------- compiled programs
+DEFAULT_PIPELINE = {"xla_cpu_use_fusion_emitters": True}
+"""XLA's default CPU pipeline (conftest turns the fusion emitters off for compile speed)."""
+
+
+def compile_default(lowered):
+    """``lowered.compile()`` with XLA's default pipeline: for the tests that assert on the
+    compiled program (HLO text, ``memory_analysis``, ``cost_analysis``), whatever flags
+    conftest set for speed. The same HLO as ``compile()`` without those flags."""
+    return lowered.compile(compiler_options=DEFAULT_PIPELINE)
+
+
 # ----------------------------------------------------------------------------- models
 MODEL_SPECS = {
     "mlp": lambda: MLP(64, (32, 24), 10, rngs=nnx.Rngs(0)),

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import compile_default
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -23,7 +24,7 @@ LINEAR = ("dot_general", "conv_general_dilated")
 
 
 def _xla_flops(fn, *args) -> float:
-    cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+    cost = compile_default(jax.jit(fn).lower(*args)).cost_analysis()
     if isinstance(cost, list | tuple):
         cost = cost[0]
     return float(cost.get("flops", 0.0))  # XLA omits the key when the count is 0

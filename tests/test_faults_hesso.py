@@ -12,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from helpers import mlp_data, mlp_groups, mlp_loss, mlp_params
+from helpers import compile_default, mlp_data, mlp_groups, mlp_loss, mlp_params
 
 import hesso_jax as hj
 from hesso_jax.cric import CricConfig
@@ -354,8 +354,8 @@ def test_probe_adds_no_parameter_sized_buffer(monkeypatch):
             u, s = tx.update(g, s, p)
             return optax.apply_updates(p, u), s
 
-        compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, tx.init(params)).compile()
-        return compiled.memory_analysis().temp_size_in_bytes
+        lowered = jax.jit(step, donate_argnums=(0, 1)).lower(params, tx.init(params))
+        return compile_default(lowered).memory_analysis().temp_size_in_bytes
 
     with_probe = temp_bytes()
     monkeypatch.setattr(placement, "probe_sites", lambda p, layout: placement.ProbeSites((), 1))

@@ -53,8 +53,10 @@ def kernel_env(tmp_path, monkeypatch):
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
     monkeypatch.setenv("HESSO_JAX_NOTEBOOK_QUICK", "1")
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-    # one CPU device in the kernel; LLVM -O0 as in conftest (compilation dominates)
-    monkeypatch.setenv("XLA_FLAGS", "--xla_backend_optimization_level=0")
+    # one CPU device in the kernel; LLVM -O0 and the classic fusion emitters as in
+    # conftest (compilation dominates)
+    monkeypatch.setenv("XLA_FLAGS", "--xla_backend_optimization_level=0 "
+                                    "--xla_cpu_use_fusion_emitters=false")
     monkeypatch.setenv("TQDM_DISABLE", "1")
     monkeypatch.setenv("PYDEVD_DISABLE_FILE_VALIDATION", "1")
 

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import compile_default
 
 import hesso_jax as hj
 from hesso_jax.groups import WIDE_CHANNELS
@@ -49,14 +50,14 @@ def test_saliency_reads_each_member_kernel_once_and_sorts_nothing(rows, width):
     direction = jax.tree.map(lambda a: 0.1 * a + 0.01, params)
     cand = jnp.ones(width, bool)
     f = jax.jit(lambda p, d: bottom_k(evaluate(weighted(), p, d, groups), cand, width // 3))
-    hlo = f.lower(params, direction).compile().as_text()
+    hlo = compile_default(f.lower(params, direction)).as_text()
     assert len(readers(hlo, (rows, width))) == 1, readers(hlo, (rows, width))
     assert " sort(" not in hlo
 
 
 def test_one_statistic_on_a_wide_kernel_is_one_pass():
     params, groups = mlp(8, WIDE_CHANNELS)
-    hlo = jax.jit(lambda p: groups.reduce(jnp.square, p)).lower(params).compile().as_text()
+    hlo = compile_default(jax.jit(lambda p: groups.reduce(jnp.square, p)).lower(params)).as_text()
     assert len(readers(hlo, (8, WIDE_CHANNELS))) == 1
 
 

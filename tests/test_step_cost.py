@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import compile_default
 
 import hesso_jax as hj
 from hesso_jax import placement
@@ -46,7 +47,7 @@ def step_fn(tx, pass_grad=False):
 def temp_bytes(tx, donate, pass_grad=False):
     params = make_params()
     step = jax.jit(step_fn(tx, pass_grad), donate_argnums=(0, 1) if donate else ())
-    compiled = step.lower(params, tx.init(params)).compile()
+    compiled = compile_default(step.lower(params, tx.init(params)))
     return compiled.memory_analysis().temp_size_in_bytes
 
 

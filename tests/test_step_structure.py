@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import compile_default
 
 import hesso_jax as hj
 
@@ -55,7 +56,7 @@ def step_fn(tx, pass_grad):
 def compiled(tx, donate, pass_grad=False):
     params = make_params()
     step = jax.jit(step_fn(tx, pass_grad), donate_argnums=(0, 1) if donate else ())
-    return step.lower(params, tx.init(params)).compile()
+    return compile_default(step.lower(params, tx.init(params)))
 
 
 def temp(c):
