@@ -97,9 +97,10 @@ def test_unwritable_output_folder(tmp_path, capsys):
 
 def test_demo_small_run_writes_outputs(tmp_path):
     """At 90% group sparsity a whole family is pruned (its placeholder channel stays): the
-    demo still finishes, writes every output and a checkpoint that restores."""
+    demo still finishes, writes every output and a checkpoint that restores. (The fewest
+    steps the demo accepts, 20, hold two periods; nothing checked depends on the count.)"""
     out = tmp_path / "out"
-    proc = run_cli("demo", "--steps", "40", "--periods", "2", "--sparsity", "0.9",
+    proc = run_cli("demo", "--steps", "20", "--periods", "2", "--sparsity", "0.9",
                    "--no-progress", "--out", str(out))
     assert proc.returncode == 0, proc.stderr
     results = json.loads((out / "results.json").read_text())
@@ -130,9 +131,10 @@ def test_budget_flags_are_exclusive_fractions(args, fragment, capsys):
 
 
 def test_demo_flops_budget_reports_kept_fractions(tmp_path, capsys):
-    """In-process (``test_demo_small_run_writes_outputs`` covers the entry point)."""
+    """In-process (``test_demo_small_run_writes_outputs`` covers the entry point); the
+    budget is met at any step count (20: the fewest the demo accepts)."""
     out = tmp_path / "out"
-    assert main(["demo", "--steps", "30", "--periods", "2", "--flops", "0.5",
+    assert main(["demo", "--steps", "20", "--periods", "2", "--flops", "0.5",
                  "--no-progress", "--out", str(out)]) == 0
     stdout = capsys.readouterr().out
     results = json.loads((out / "results.json").read_text())
