@@ -17,8 +17,8 @@ model and printed next to the measurement (``model`` columns):
                  + N_replicated · (b_param + 2·b_moment)
                  + G · (1 + 1 + 4) + c                       (HESSO: 2 bool[G] + f32[G])
 
-with ``c`` HESSO's and Adam's constant-size leaves (counters, schedule, probe:
-``4 + 32 + 8·PROBE_SIZE`` bytes). ``N_replicated`` is the RMSNorm scales.
+with ``c`` HESSO's constant-size leaves (counters, schedule, probe, recorded fault:
+``32 + 8·PROBE_SIZE + 4·FAULT_SIZE`` bytes). ``N_replicated`` is the RMSNorm scales.
 
 Usage::
 
@@ -49,7 +49,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec  # noqa: E402
 import hesso_jax as hj  # noqa: E402
 from hesso_jax.hesso import HessoState  # noqa: E402
 from hesso_jax.models.llama import LlamaConfig  # noqa: E402
-from hesso_jax.placement import PROBE_SIZE  # noqa: E402
+from hesso_jax.placement import FAULT_SIZE, PROBE_SIZE  # noqa: E402
 
 try:  # run as `python benchmarks/llm_memory.py`: the sibling module is importable
     from common import command_line, environment_line, parser
@@ -72,8 +72,8 @@ PRECISIONS = {"fp32 params + fp32 Adam": (4, 8),
               "bf16 params + bf16 Adam": (2, 4)}
 HESSO_BYTES_PER_GROUP = 1 + 1 + 4  # redundant: bool[G], pruned: bool[G], scores: f32[G]
 # count, cric_cycles, probe_key, cric_rejected: int32; schedule: int32[4]; probe: uint32[S];
-# probe_tol: float32[S] with S = PROBE_SIZE
-HESSO_CONST_BYTES = 4 * 4 + 16 + 8 * PROBE_SIZE
+# probe_tol: float32[S] with S = PROBE_SIZE; fault: int32[FAULT_SIZE]
+HESSO_CONST_BYTES = 4 * 4 + 16 + 8 * PROBE_SIZE + 4 * FAULT_SIZE
 
 
 tp_specs = hj.tensor_parallel_specs  # the layout rule (hesso_jax/sharding.py)

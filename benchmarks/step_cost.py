@@ -63,6 +63,7 @@ VARIANTS: dict[str, tuple[dict[str, Any] | None, bool]] = {  # (hesso kwargs, pa
     "adam": (None, False),
     "hesso": ({}, False),
     "hesso base=": ({"base": True}, False),
+    "hesso base= record": ({"base": True, "on_fault": "record"}, False),
     "hesso base= gradient": ({"base": True, "direction": "gradient"}, False),
     "hesso gradient": ({"direction": "gradient"}, True),
     "hesso gradient (value_fn)": ({"direction": "gradient"}, False),

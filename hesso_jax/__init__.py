@@ -14,7 +14,8 @@ The pipeline, one module per concept::
    the placement checks in ``placement``) trains and projects the least salient groups to
    exactly zero; `CricConfig` / `cric` (``cric``) corrects the selection; `Budget`
    (``budget``) asks for a params / FLOPs fraction instead of a group count.
-   `hesso_status` reads where a run stands.
+   `hesso_status` reads where a run stands; `check_faults` raises what a
+   ``hesso(..., on_fault="record")`` run recorded.
 3. `shrink`, `shrink_model`, `shrink_opt_state`, `KeepPlan` (``surgery``, framework
    adapters in ``frameworks/``) cut the zero groups out and check the result numerically.
 4. One-shot alternatives: `snows` (``snows``, Newton–CG in ``newton``) and
@@ -45,7 +46,7 @@ from hesso_jax.cric import CricConfig, CricResult, cric
 from hesso_jax.discovery import DiscoveryWarning, discover_groups
 from hesso_jax.frameworks import check_shrinkable
 from hesso_jax.groups import GroupFamily, Groups, Member, tree_paths
-from hesso_jax.hesso import HessoState, HessoStatus, hesso, hesso_status
+from hesso_jax.hesso import HessoState, HessoStatus, check_faults, hesso, hesso_status
 from hesso_jax.saliency import SCORES
 from hesso_jax.sharding import tensor_parallel_specs
 from hesso_jax.snows import GroupMask, SnowsReport, snows
@@ -77,6 +78,7 @@ __all__ = [
     "Member",
     "apply_plan",
     "budget_select",
+    "check_faults",
     "check_shrinkable",
     "cric",
     "discover_groups",

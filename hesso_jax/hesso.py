@@ -149,6 +149,9 @@ class HessoState(NamedTuple):
       probe_key: ``int32[]`` the probe layout it was written for (0: not armed).
       cric_rejected: ``int32[]`` period starts whose CRIC selection rejected a trial with a
         non-finite loss or score (`hesso_jax.cric`).
+      fault: ``int32[FAULT_SIZE]`` the first placement fault found by
+        ``hesso(..., on_fault="record")`` (`hesso_jax.placement.record`; zeros: none, and
+        always with the default ``on_fault="raise"``), raised by `check_faults`.
     """
 
     count: jax.Array
@@ -161,6 +164,7 @@ class HessoState(NamedTuple):
     probe_tol: jax.Array
     probe_key: jax.Array
     cric_rejected: jax.Array
+    fault: jax.Array
 
 
 class HessoSchedule(NamedTuple):
@@ -318,6 +322,7 @@ class _Prologue(NamedTuple):
     scores: jax.Array
     cycles: jax.Array
     rejected: jax.Array
+    fault: jax.Array  # HessoState.fault after the check
 
 
 def _phase(count: jax.Array, Tw: int, P: int, Tp: int) -> _Phase:
@@ -390,6 +395,7 @@ class _Hesso:
     cric_cap: int
     schedule: HessoSchedule  # k < 0 for a budget
     check_updates: bool = True
+    on_fault: str = "raise"  # "record": faults go to the state, no host callback
     budget: ResolvedBudget | None = None  # K = hj.Budget(...): budget_select per period
     direction: str = "update"  # the saliency's d: "update" (u_t) or "gradient" (−∇f(x_t))
     fallback: SaliencyFn | None = None  # the default budget score without a gradient
@@ -421,6 +427,7 @@ class _Hesso:
             probe_tol=jnp.zeros([placement.PROBE_SIZE], jnp.float32),
             probe_key=jnp.zeros([], jnp.int32),
             cric_rejected=jnp.zeros([], jnp.int32),
+            fault=jnp.zeros([placement.FAULT_SIZE], jnp.int32),
         )
 
     def update(self, updates: Any, state: HessoState, params: Any = None, *,
@@ -471,12 +478,12 @@ class _Hesso:
         ph = _phase(state.count, self.Tw, self.P, self.Tp)
         probe = placement.probe_sites(params, layout)
         x_sample = placement.sample(params, probe)
-        check = self._check(ph, state, params, probe, x_sample)
+        check, fault = self._check(ph, state, params, probe, x_sample)
         selected = jax.lax.cond(
             ph.start, lambda: self._select(ph, state, params, updates, extra, recompute),
             lambda: (state.redundant, state.scores, state.cric_cycles,
                      jnp.zeros([], jnp.int32)))
-        return _Prologue(layout, ph, state, probe, x_sample, check, *selected)
+        return _Prologue(layout, ph, state, probe, x_sample, check, *selected, fault)
 
     def _finish(self, pro: _Prologue, params: Any, updates: Any) -> tuple[Any, HessoState]:
         """The projection ``u' = c·(x + u) − x`` of ``updates`` and the next state."""
@@ -491,7 +498,7 @@ class _Hesso:
         new_state = self._advance(ph, state, redundant, scores, cycles, check)
         return new_updates, new_state._replace(
             probe=expected, probe_tol=tol, probe_key=jnp.asarray(probe.key, jnp.int32),
-            cric_rejected=state.cric_rejected + rejected)
+            cric_rejected=state.cric_rejected + rejected, fault=pro.fault)
 
     def _validate(self, updates: Any, state: Any, params: Any, extra: _Extra) -> Layout:
         """Trace-time checks of one update call; returns the groups' layout of ``params``."""
@@ -522,12 +529,15 @@ class _Hesso:
         return layout
 
     def _check(self, ph: _Phase, state: HessoState, params: Any,
-               probe: placement.ProbeSites, x_sample: list[jax.Array]) -> jax.Array:
-        """The placement checks (`hesso_jax.placement`); returns ``int32[] 0``.
+               probe: placement.ProbeSites, x_sample: list[jax.Array]
+               ) -> tuple[jax.Array, jax.Array]:
+        """The placement checks (`hesso_jax.placement`).
 
         ``x_sample`` holds the probe's elements of ``params``. The ``lax.cond`` is taken
         right after each period end (P times per run) and whenever the probe shows a
-        mismatch or a non-finite parameter (the step then raises).
+        mismatch or a non-finite parameter: the step then raises (``on_fault="raise"``),
+        or the first fault is kept in the state (``"record"``, `_record`). Returns
+        ``(int32[] 0, fault)``, the state's ``fault`` after the check.
         """
         found = placement.as_probe(x_sample)
         armed = state.probe_key == probe.key
@@ -546,17 +556,35 @@ class _Hesso:
             return bad, info, state.probe, found, missed
 
         alarm = ph.after_end | mismatch | sampled_nonfinite
+        kept = state.fault
+        if self.on_fault == "record":
+            return jnp.zeros([], jnp.int32), self._record(alarm, diagnose_operands, kept,
+                                                          probe)
         if _concrete(state.count, params):  # eager call: a plain ValueError
             if bool(alarm):
                 placement.diagnose(*(np.asarray(op) for op in diagnose_operands()),
                                    hints=hints)
-            return jnp.zeros([], jnp.int32)
-        # pure_callback carries no side effect, so the step keeps JAX's fast dispatch
-        # path (a debug.callback anywhere in the program costs every step ~0.1 ms);
-        # its result (always 0) feeds the counter so it cannot be optimised away.
+            return jnp.zeros([], jnp.int32), kept
+        # The callback's result (always 0) feeds the counter so it cannot be optimised
+        # away. Its presence alone costs every step: JAX runs a program holding a host
+        # callback on its slow dispatch path and, on CPU, synchronously (on_fault="record").
         return jax.lax.cond(
             alarm, lambda: placement.placement_check(diagnose_operands(), params, hints),
-            lambda: jnp.zeros([], jnp.int32))
+            lambda: jnp.zeros([], jnp.int32)), kept
+
+    def _record(self, alarm: jax.Array, operands: Callable[[], tuple[jax.Array, ...]],
+                kept: jax.Array, probe: placement.ProbeSites) -> jax.Array:
+        """``on_fault="record"``: the state's first fault, or this step's (no host call).
+
+        The operands of `hesso_jax.placement.diagnose` are computed under the same
+        ``lax.cond`` as in ``"raise"`` mode and packed (`hesso_jax.placement.record`); a
+        fault already kept stays (and no later step computes them), so `check_faults`
+        reports the first one.
+        """
+        no_base = self.context.get("no_base")
+        return jax.lax.cond(alarm & ~placement.recorded(kept),
+                            lambda: placement.record(operands(), probe, no_base),
+                            lambda: kept)
 
     def _select(self, ph: _Phase, state: HessoState, params: Any, updates: Any,
                 extra: _Extra, recompute: Callable[[], Any] | None = None
@@ -633,6 +661,7 @@ def hesso(
     total_steps: int | None = None,
     min_keep: int | float = 0,
     check_updates: bool = True,
+    on_fault: str = "raise",
     costs: GroupCosts | None = None,
     direction: str | None = None,
     base: optax.GradientTransformation | None = None,
@@ -702,6 +731,16 @@ def hesso(
         not last in the chain is reported at the second update (`hesso_jax.placement`).
         Pass False only if you change the parameters between updates on purpose (weight
         clipping, say); the period-end check and the non-finite check stay on.
+      on_fault: what the step does when a placement check fails (HESSO not last in the
+        chain, a pruned group not zero after its period, NaN/inf parameters).
+        ``"raise"`` (default): the step raises (a ``jax.pure_callback`` under a
+        ``lax.cond`` taken only then). ``"record"``: the step keeps the first fault in
+        its state and training goes on; `check_faults` raises it (the same ValueError),
+        so call it where you read results (`hesso_jax.train.train_classifier` does). The
+        step then holds no host callback: JAX dispatches a program with one on its slow
+        path and, on CPU, synchronously, which costs every step of a dispatch-bound
+        model (TinyTransformer on 2 CPU cores: 1.34× Adam's step vs 1.03× with
+        ``"record"``, ``benchmarks/step_cost.py``).
       costs: the groups' `hesso_jax.GroupCosts` for a `Budget` ``K`` (default
         ``groups.costs``); e.g. ``hj.group_costs(model, groups, x)`` for hand-made groups.
         `hesso_status` then reports ``target = -1`` and the budget in ``budget``.
@@ -749,7 +788,7 @@ def hesso(
         leaves changed shape or dtype since ``init``, do not match the groups, or the
         updates do not match the params; from the step (a ``ValueError`` inside the
         callback's runtime error under ``jit``) when HESSO is not last in the chain, or the
-        parameters are NaN/inf.
+        parameters are NaN/inf (with ``on_fault="record"``: from `check_faults`).
 
     Examples:
       Four units (kernel column + bias entry); prune two of them in one period of two steps
@@ -811,12 +850,14 @@ def hesso(
     schedule = HessoSchedule(warmup_steps=Tw, periods=P, period_len=Tp, k=k_code)
     if not isinstance(check_updates, bool):
         raise TypeError(f"check_updates must be a bool, got {check_updates!r}")
+    if on_fault not in ("raise", "record"):
+        raise ValueError(f'on_fault must be "raise" or "record", got {on_fault!r}')
     if direction is None:  # the saliency says which direction it is meant for
         direction = getattr(score_fn, "direction", "update")
     if direction not in ("update", "gradient"):
         raise ValueError(f'direction must be "update" or "gradient", got {direction!r}')
     impl = _Hesso(groups, Tw, P, Tp, per_period, score_fn, floor, cric, cric_score, cric_cap,
-                  schedule, check_updates, budget=rb, direction=direction,
+                  schedule, check_updates, on_fault, budget=rb, direction=direction,
                   fallback=fallback)
     if base is not None:
         if not (callable(getattr(base, "init", None)) and callable(getattr(base, "update", None))):
@@ -1024,3 +1065,51 @@ def hesso_status(opt_state: Any) -> HessoStatus:
     return HessoStatus(step, phase, period, int(redundant.sum()), int(pruned.sum()),
                        redundant, pruned, np.asarray(st.scores), max(sch.k, -1),
                        int(st.cric_cycles), int(st.cric_rejected), _decode_budget(sch.k))
+
+
+def _host_state(opt_state: Any, who: str) -> HessoState:
+    """The one `HessoState` inside ``opt_state``, each field as a numpy array."""
+    found = _find_states(opt_state)
+    if len(found) != 1:
+        raise ValueError(f"{who}: {len(found)} HessoStates found in opt_state; expected "
+                         "exactly one")
+    # Each field is one array, possibly wrapped (an nnx.Optimizer wraps state leaves).
+    return HessoState(*(np.asarray(jax.tree.leaves(field)[0]) for field in found[0]))
+
+
+def check_faults(opt_state: Any, params: Any) -> None:
+    """Raises the placement fault a ``hesso(..., on_fault="record")`` run has recorded.
+
+    The step of such a run keeps the first failed placement check in its state
+    (``HessoState.fault``) instead of raising; this raises the ValueError the default
+    ``on_fault="raise"`` step would have raised there (HESSO not last in the chain, a
+    pruned group not exactly zero after its period, NaN/inf parameters, with the step it
+    happened at), and returns None when no check failed (always, for ``"raise"`` runs).
+
+    Args:
+      opt_state: the optimizer state holding the `HessoState` (as for `hesso_status`).
+      params: the parameters the run trains (their leaves' paths name the probed leaf).
+
+    Raises:
+      ValueError: the recorded fault; or ``opt_state`` holds no or several HESSO states.
+
+    Example:
+      A transformation after HESSO changes its update, so the parameters do not land where
+      HESSO put them; the run goes on and the fault is raised here:
+
+      >>> import jax.numpy as jnp, optax, pytest
+      >>> import hesso_jax as hj
+      >>> params = {"w": jnp.ones((3, 4))}
+      >>> groups = hj.Groups.from_families([hj.GroupFamily(4, (hj.Member(("w",), 1),))])
+      >>> tx = optax.chain(optax.sgd(0.1), hj.hesso(groups, 2, 1, 2, on_fault="record"),
+      ...                  optax.scale(0.5))
+      >>> state = tx.init(params)
+      >>> grads = {"w": jnp.full((3, 4), 0.3)}
+      >>> for _ in range(3):
+      ...     updates, state = tx.update(grads, state, params)
+      ...     params = optax.apply_updates(params, updates)
+      >>> with pytest.raises(ValueError, match="did not move by HESSO's last update"):
+      ...     hj.check_faults(state, params)
+    """
+    st = _host_state(opt_state, "check_faults")
+    placement.raise_recorded(st.fault, params)

@@ -1,9 +1,11 @@
 """HESSO's placement checks: HESSO last in the chain, parameters finite.
 
 HESSO (Algorithm 1) projects *parameters*: its update ``u'_t`` is meant to be applied as
-is, ``x_{t+1} = x_t + u'_t`` (``optax.apply_updates``). Two checks, both from one
-``jax.pure_callback`` under a ``lax.cond`` that is taken only when something is wrong or a
-period has just ended:
+is, ``x_{t+1} = x_t + u'_t`` (``optax.apply_updates``). Two checks, decided on the device
+under a ``lax.cond`` that is taken only when something is wrong or a period has just
+ended, and raised from one ``jax.pure_callback`` there (``hesso(..., on_fault="raise")``,
+the default) or packed into the state (``on_fault="record"``: `record`, raised on the host
+by `raise_recorded` through ``hj.check_faults``):
 
 * *Probe* (every update, ``O(1)``): a handful of sampled elements of the parameters
   (`PROBE_SIZE` of them, on up to 4 cheap member leaves, positions fixed by the shapes)
@@ -34,7 +36,13 @@ besides ``apply_updates`` makes XLA keep that leaf's update in a buffer, so no b
 kernel's update is kept), one vectorised compare of ``PROBE_SIZE`` values, and a wider
 predicate for the ``lax.cond`` that already holds the period-end check: no extra
 parameter-sized buffer (tested on the compiled step's memory analysis against the base
-optimizer alone).
+optimizer alone). The callback itself is never run on such a step, but its presence costs
+every step: JAX dispatches a program holding a host callback on its Python path, with
+tokens, and on CPU runs it synchronously, so the Python work of the next step no longer
+overlaps this one (TinyTransformer on 2 CPU cores: 1.34× Adam's step with the callback,
+1.03× with ``on_fault="record"``, `benchmarks/step_cost.py`). ``"record"`` holds no host
+callback; the price is that a fault is raised where the host asks (`raise_recorded`), not
+by the step.
 
 Wrappers keeping a second copy of the parameters. ``optax.contrib.schedule_free`` (the
 evaluation parameters are computed from its ``z``) and ``optax.lookahead`` (slow
@@ -57,8 +65,9 @@ from jax.sharding import PartitionSpec
 
 from hesso_jax.groups import Layout, format_path, replicate, tree_paths
 
-__all__ = ["PROBE_SIZE", "Hints", "ProbeSites", "check_context", "diagnose", "faulty",
-           "mismatch", "placement_check", "probe_sites", "tolerance"]
+__all__ = ["FAULT_SIZE", "PROBE_SIZE", "Hints", "ProbeSites", "check_context", "diagnose",
+           "faulty", "mismatch", "placement_check", "probe_sites", "raise_recorded",
+           "record", "recorded", "tolerance"]
 
 PROBE_SIZE = 8
 """Sampled parameter elements compared at every update."""
@@ -325,8 +334,15 @@ def diagnose(bad: np.ndarray, info: np.ndarray, expected: np.ndarray, found: np.
       missed: ``bool[PROBE_SIZE]`` the probe elements outside the tolerance (`mismatch`).
       hints: static `Hints`.
     """
-    bad, info = np.asarray(bad), np.asarray(info)
-    step, mismatch, sampled_nonfinite, any_nonfinite = (int(v) for v in info)
+    ids = np.flatnonzero(np.asarray(bad))
+    return _raise_fault(info, expected, found, missed, ids[:8], ids.size, hints)
+
+
+def _raise_fault(info: np.ndarray, expected: np.ndarray, found: np.ndarray,
+                 missed: np.ndarray, bad_ids: np.ndarray, num_bad: int, hints: Hints
+                 ) -> np.ndarray:
+    """`diagnose` given the first pruned groups not zero (``bad_ids``) and their number."""
+    step, mismatch, sampled_nonfinite, any_nonfinite = (int(v) for v in np.asarray(info))
     if sampled_nonfinite or any_nonfinite:
         raise ValueError(_nonfinite_message(step, bool(sampled_nonfinite), hints))
     if mismatch:
@@ -339,11 +355,10 @@ def diagnose(bad: np.ndarray, info: np.ndarray, expected: np.ndarray, found: np.
             f"plus HESSO's update give {then!r}. {LAST} Nothing "
             "else may change the parameters between updates (pass check_updates=False to "
             "hj.hesso if you do so on purpose, e.g. weight clipping).")
-    if bad.any():
-        ids = np.flatnonzero(bad)
+    if num_bad:
         raise ValueError(
-            f"hesso: {ids.size} pruned group(s) (e.g. {ids[:8].tolist()}) are not exactly "
-            f"zero in the parameters after their projection period. {LAST}")
+            f"hesso: {num_bad} pruned group(s) (e.g. {np.asarray(bad_ids).tolist()}) are "
+            f"not exactly zero in the parameters after their projection period. {LAST}")
     return np.zeros((), np.int32)
 
 
@@ -401,6 +416,64 @@ def placement_check(operands: tuple[jax.Array, ...], params: Any, hints: Hints) 
                              check_vma=False)(*(replicate(op) for op in operands))
 
     return jax.lax.cond(faulty(operands), on_host, lambda: jnp.zeros([], jnp.int32))
+
+
+# ---------------------------------------------------------------- recorded faults
+FAULT_SIZE = 4 + 4 * PROBE_SIZE + 1 + 1 + 8
+"""Length of ``HessoState.fault`` (``int32``): ``info`` (4); ``expected``, ``found``,
+``missed`` and the probe sites' leaf indices (``PROBE_SIZE`` each); ``no_base``; the number
+of pruned groups not zero and the first 8 of them (``-1``: none)."""
+
+
+def record(operands: tuple[jax.Array, ...], probe: ProbeSites, no_base: bool | None
+           ) -> jax.Array:
+    """``int32[FAULT_SIZE]``: `diagnose`'s operands packed for the state.
+
+    ``hesso(..., on_fault="record")`` keeps them instead of calling the host, so the step
+    holds no host callback; `raise_recorded` unpacks them and raises what `diagnose` would
+    have raised. The probe sites' leaves and ``no_base`` (static) ride along, so the host
+    can name the leaf from the parameters alone; of ``bad`` (``bool[G]``) only what the
+    message shows is kept, so the state stays ``O(1)`` here.
+    """
+    bad, info, expected, found, missed = operands
+    leaves = [leaf for leaf, _ in probe.sites] + [0] * (PROBE_SIZE - len(probe.sites))
+    bad = replicate(bad)
+    first = jnp.nonzero(bad, size=8, fill_value=-1)[0].astype(jnp.int32)
+    as_int = jax.lax.bitcast_convert_type
+    return jnp.concatenate([
+        info.astype(jnp.int32), as_int(expected, jnp.int32), as_int(found, jnp.int32),
+        missed.astype(jnp.int32), jnp.asarray(leaves, jnp.int32),
+        jnp.asarray([int(bool(no_base))], jnp.int32),
+        jnp.sum(bad, dtype=jnp.int32)[None], first])
+
+
+def recorded(fault: jax.Array) -> jax.Array:
+    """``bool[]``: ``fault`` (`record`'s output) holds a fault `diagnose` raises on."""
+    return jnp.any(fault[1:4] != 0) | (fault[4 + 4 * PROBE_SIZE + 1] > 0)
+
+
+def raise_recorded(fault: np.ndarray, params: Any) -> None:
+    """Raises the ValueError `diagnose` raises on a recorded fault; returns if there is none.
+
+    ``params``: the parameters (any step's: only their leaves' paths and dtypes are read),
+    to name the probed leaf in a probe-mismatch message.
+    """
+    fault = np.asarray(fault, np.int32)
+    if not bool(recorded(fault)):
+        return
+    n = PROBE_SIZE
+    info, rest = fault[:4], fault[4:]
+    expected, found, missed, leaves = (rest[i * n:(i + 1) * n] for i in range(4))
+    no_base, num_bad, bad_ids = rest[4 * n], rest[4 * n + 1], rest[4 * n + 2:]
+    paths = [format_path(p) for p in tree_paths(params)]
+    dtypes = [str(jnp.result_type(x)) for x in jax.tree.leaves(params)]
+    if int(leaves.max(initial=0)) >= len(paths):
+        raise ValueError(f"hesso: a fault was recorded at step {int(info[0])}, but these "
+                         "parameters are not the ones it was recorded for")
+    hints = Hints(tuple(paths[i] for i in leaves), tuple(dtypes[i] for i in leaves),
+                  bool(no_base))
+    _raise_fault(info, expected.view(np.uint32), found.view(np.uint32), missed.astype(bool),
+                 bad_ids[bad_ids >= 0], int(num_bad), hints)
 
 
 # ---------------------------------------------------------------- chain context at init

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from hesso_jax.data import Split
 from hesso_jax.groups import Groups
+from hesso_jax.hesso import _find_states, check_faults
 
 __all__ = ["History", "count_params", "demo_schedule", "evaluate", "forward_flops",
            "latency_ratio", "make_eval", "make_step", "make_train_step", "train_classifier"]
@@ -169,6 +170,12 @@ class History:
     loss: list[float] = dataclasses.field(default_factory=list)
 
 
+def _check_faults(opt_state: Any, params: Any) -> None:
+    """`check_faults` when ``opt_state`` holds one HESSO state (a no-op otherwise)."""
+    if len(_find_states(opt_state)) == 1:
+        check_faults(opt_state, params)
+
+
 def train_classifier(model: nnx.Module, tx: optax.GradientTransformation, data: Split, *,
                      steps: int, batch_size: int = 64, seed: int = 0, eval_every: int = 50,
                      groups: Groups | None = None, desc: str = "train",
@@ -181,6 +188,10 @@ def train_classifier(model: nnx.Module, tx: optax.GradientTransformation, data: 
     Returns:
       ``(model, opt_state, history)``: the trained model (updated in place), the final
       optimizer state and the `History`.
+
+    Raises:
+      ValueError: at an evaluation, a placement fault a ``hesso(..., on_fault="record")``
+        in ``tx`` recorded (`hesso_jax.check_faults`).
     """
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     opt_state = tx.init(params)
@@ -201,6 +212,7 @@ def train_classifier(model: nnx.Module, tx: optax.GradientTransformation, data: 
         params, rest, opt_state, loss = step(params, rest, opt_state, data.x_train[idx],
                                              data.y_train[idx])
         if t % eval_every == 0 or t == steps:
+            _check_faults(opt_state, params)
             state = nnx.merge_state(params, rest)
             acc = float(np.mean(np.asarray(eval_logits(state, x_test)).argmax(-1)
                                 == data.y_test))
