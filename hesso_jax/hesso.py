@@ -1044,13 +1044,7 @@ def hesso_status(opt_state: Any) -> HessoStatus:
       >>> status.phase, status.period, status.num_pruned, status.target
       ('warmup', -1, 0, 2)
     """
-    found = _find_states(opt_state)
-    if not found:
-        raise ValueError("hesso_status: no HessoState found in opt_state")
-    if len(found) > 1:
-        raise ValueError(f"hesso_status: {len(found)} HessoStates found; expected exactly one")
-    # Each field is one array, possibly wrapped (an nnx.Optimizer wraps state leaves).
-    st = HessoState(*(np.asarray(jax.tree.leaves(field)[0]) for field in found[0]))
+    st = _host_state(opt_state, "hesso_status")
     step = int(st.count)
     sch = HessoSchedule.from_array(st.schedule)
     Tw, P, Tp = sch.warmup_steps, sch.periods, sch.period_len
@@ -1070,9 +1064,10 @@ def hesso_status(opt_state: Any) -> HessoStatus:
 def _host_state(opt_state: Any, who: str) -> HessoState:
     """The one `HessoState` inside ``opt_state``, each field as a numpy array."""
     found = _find_states(opt_state)
-    if len(found) != 1:
-        raise ValueError(f"{who}: {len(found)} HessoStates found in opt_state; expected "
-                         "exactly one")
+    if not found:
+        raise ValueError(f"{who}: no HessoState found in opt_state")
+    if len(found) > 1:
+        raise ValueError(f"{who}: {len(found)} HessoStates found; expected exactly one")
     # Each field is one array, possibly wrapped (an nnx.Optimizer wraps state leaves).
     return HessoState(*(np.asarray(jax.tree.leaves(field)[0]) for field in found[0]))
 

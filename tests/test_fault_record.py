@@ -140,7 +140,7 @@ def test_on_fault_is_checked():
 
 
 def test_check_faults_needs_one_hesso_state():
-    with pytest.raises(ValueError, match="check_faults: 0 HessoStates found"):
+    with pytest.raises(ValueError, match="check_faults: no HessoState found in opt_state"):
         hj.check_faults(optax.adam(1e-2).init(mlp_params()), mlp_params())
 
 
