@@ -954,9 +954,10 @@ def _fused(impl: _Hesso, base: optax.GradientTransformation
 
         extra = _Extra(value_fn, grads if grad is None else grad)
         pro = impl._prologue(grads, h_state, params, extra, recompute)
+        # The moments' in-place writes run after both lax.conds (the state is tied); the
+        # parameters' after them too (`_finish` ties the update), so the gradient is not.
         tie = _tie(pro.check, pro.rejected)
-        updates, base_state = base.update(_after(grads, tie), _after(base_state, tie),
-                                          params, **kw)
+        updates, base_state = base.update(grads, _after(base_state, tie), params, **kw)
         _check_updates(updates, params)
         new_updates, h_state = impl._finish(pro, params, updates)
         return new_updates, (base_state, h_state)
