@@ -419,7 +419,8 @@ def placement_check(operands: tuple[jax.Array, ...], params: Any, hints: Hints) 
 
 
 # ---------------------------------------------------------------- recorded faults
-FAULT_SIZE = 4 + 4 * PROBE_SIZE + 1 + 1 + 8
+_NUM_BAD = 4 + 4 * PROBE_SIZE + 1  # where the count of non-zero pruned groups sits
+FAULT_SIZE = _NUM_BAD + 1 + 8
 """Length of ``HessoState.fault`` (``int32``): ``info`` (4); ``expected``, ``found``,
 ``missed`` and the probe sites' leaf indices (``PROBE_SIZE`` each); ``no_base``; the number
 of pruned groups not zero and the first 8 of them (``-1``: none)."""
@@ -449,7 +450,7 @@ def record(operands: tuple[jax.Array, ...], probe: ProbeSites, no_base: bool | N
 
 def recorded(fault: jax.Array) -> jax.Array:
     """``bool[]``: ``fault`` (`record`'s output) holds a fault `diagnose` raises on."""
-    return jnp.any(fault[1:4] != 0) | (fault[4 + 4 * PROBE_SIZE + 1] > 0)
+    return jnp.any(fault[1:4] != 0) | (fault[_NUM_BAD] > 0)
 
 
 def raise_recorded(fault: np.ndarray, params: Any) -> None:
@@ -464,7 +465,7 @@ def raise_recorded(fault: np.ndarray, params: Any) -> None:
     n = PROBE_SIZE
     info, rest = fault[:4], fault[4:]
     expected, found, missed, leaves = (rest[i * n:(i + 1) * n] for i in range(4))
-    no_base, num_bad, bad_ids = rest[4 * n], rest[4 * n + 1], rest[4 * n + 2:]
+    no_base, num_bad, bad_ids = fault[_NUM_BAD - 1], fault[_NUM_BAD], fault[_NUM_BAD + 1:]
     paths = [format_path(p) for p in tree_paths(params)]
     dtypes = [str(jnp.result_type(x)) for x in jax.tree.leaves(params)]
     if int(leaves.max(initial=0)) >= len(paths):
