@@ -49,8 +49,9 @@ passes). Hence the period start reads only what is in memory anyway:
 
 With donated buffers the parameters and moments are overwritten in place, and XLA copies
 a donated buffer that a ``lax.cond`` reads unless the overwrite provably comes after it;
-the update is therefore made data-dependent on both ``lax.cond`` results (`_after`, a
-bit-exact ``u − (+0)``), so no parameter or moment is copied.
+every write is therefore made data-dependent on every read of the old values, the
+``lax.cond`` results and the probe's gathers (`_after`, a bit-exact ``u − (+0)``), so no
+parameter, moment or state array is copied.
 
 Placement check (`hesso_jax.placement`). HESSO projects *parameters*, so it must see the
 final update and its update must be applied unchanged. Every update compares a few sampled
@@ -489,16 +490,19 @@ class _Hesso:
         """The projection ``u' = c·(x + u) − x`` of ``updates`` and the next state."""
         layout, ph, state, probe, x_sample, check = pro[:6]
         redundant, scores, cycles, rejected = pro.redundant, pro.scores, pro.cycles, pro.rejected
-        updates = _after(updates, _tie(check, rejected))  # in-place writes after both conds
+        updates = _after(updates, _tie(check, rejected, pro.fault))  # after the conds
         coef = jnp.where(redundant & ph.in_prune, gamma(ph.s, self.Tp), 0.0)
         new_updates = project(layout, updates, params, redundant | state.pruned, coef)
         u_sample = placement.sample(new_updates, probe)
         expected = placement.predicted(x_sample, u_sample)
         tol = placement.tolerance(x_sample, u_sample)
-        new_state = self._advance(ph, state, redundant, scores, cycles, check)
-        return new_updates, new_state._replace(
+        new_state = self._advance(ph, state, redundant, scores, cycles, check)._replace(
             probe=expected, probe_tol=tol, probe_key=jnp.asarray(probe.key, jnp.int32),
             cric_rejected=state.cric_rejected + rejected, fault=pro.fault)
+        # Every in-place write (parameters, state) after every read of the old values:
+        # the conds' results and the probe's gathers (they recompute u' from x_t).
+        last = _tie(check, rejected, pro.fault, expected, tol)
+        return _after(new_updates, last), _after(new_state, last)
 
     def _validate(self, updates: Any, state: Any, params: Any, extra: _Extra) -> Layout:
         """Trace-time checks of one update call; returns the groups' layout of ``params``."""
@@ -899,29 +903,44 @@ def _check_fits(Tw: int, P: int, Tp: int, total_steps: int | None) -> None:
             "never reach exactly zero; shorten warmup_steps, P or Tp")
 
 
-def _tie(*scalars: jax.Array) -> jax.Array:
-    """``+0.0`` (float32) computed from ``scalars`` (finite): a data dependence on them.
+def _tie(*values: jax.Array) -> jax.Array:
+    """``+0.0`` (float32) computed from ``values`` (any shapes and dtypes): a data dependence.
 
-    ``|v|·0 = +0`` for every finite ``v``; XLA folds ``v·0`` only for integers, so the
-    value stays a consumer of ``scalars`` (the two ``lax.cond`` results).
+    Each value is summed (float32), a non-finite sum read as ``0``, then ``|s|·0 = +0``;
+    XLA folds ``v·0`` only for integers, so the result stays a consumer of every value
+    (the ``lax.cond`` results, the probe's gathers), whatever they hold.
     """
-    return sum((jnp.abs(v.astype(jnp.float32)) for v in scalars),
-               jnp.zeros([], jnp.float32)) * 0.0
+    total = jnp.zeros([], jnp.float32)
+    for v in values:
+        s = jnp.sum(jnp.asarray(v).astype(jnp.float32))
+        total = total + jnp.abs(jnp.where(jnp.isfinite(s), s, 0.0))
+    return total * 0.0
 
 
 def _after(tree: Any, tie: jax.Array) -> Any:
-    """``tree`` with ``tie`` (``+0.0``) subtracted from its float leaves.
+    """``tree`` unchanged bit for bit, each leaf now computed after ``tie`` (``+0.0``).
 
-    ``a − (+0) = a`` bit for bit in IEEE arithmetic (also ``−0 − (+0) = −0``), so the
-    values are unchanged, but every consumer (fused into the base optimizer's or
-    ``apply_updates``' elementwise pass, no extra buffer) now runs after the ``lax.cond``
-    s that ``tie`` depends on. Why: with donated buffers the parameters and optimizer
-    moments are overwritten in place, and XLA copies any donated buffer that a
-    ``lax.cond`` reads unless the overwrite provably follows it (a parameter-sized copy
-    on every step).
+    Float leaves ``a − (+0)`` (``a`` in IEEE arithmetic, also ``−0 − (+0) = −0``), integer
+    leaves ``a + int(+0)``, booleans ``a ≠ (+0 ≠ 0)``. Every consumer (fused into the base
+    optimizer's or ``apply_updates``' elementwise pass, no extra buffer) now runs after
+    what ``tie`` depends on. Why: with donated buffers the parameters, the moments and the
+    state are overwritten in place, and XLA copies a donated buffer that an instruction
+    reads (a ``lax.cond``, a gather of the probe) unless the overwrite provably follows
+    that read, i.e. depends on its result: a copy per leaf on every step (one more kernel
+    launch each, parameter-sized for the parameters).
     """
-    return jax.tree.map(lambda a: a - tie.astype(a.dtype)
-                        if jnp.issubdtype(jnp.result_type(a), jnp.inexact) else a, tree)
+
+    def one(a: Any) -> Any:
+        dtype = jnp.result_type(a)
+        if jnp.issubdtype(dtype, jnp.inexact):
+            return a - tie.astype(dtype)
+        if jnp.issubdtype(dtype, jnp.integer):
+            return a + tie.astype(dtype)
+        if dtype == jnp.bool_:
+            return a != (tie != 0)
+        return a
+
+    return jax.tree.map(one, tree)
 
 
 def _fused(impl: _Hesso, base: optax.GradientTransformation
@@ -956,7 +975,7 @@ def _fused(impl: _Hesso, base: optax.GradientTransformation
         pro = impl._prologue(grads, h_state, params, extra, recompute)
         # The moments' in-place writes run after both lax.conds (the state is tied); the
         # parameters' after them too (`_finish` ties the update), so the gradient is not.
-        tie = _tie(pro.check, pro.rejected)
+        tie = _tie(pro.check, pro.rejected, pro.fault)
         updates, base_state = base.update(grads, _after(base_state, tie), params, **kw)
         _check_updates(updates, params)
         new_updates, h_state = impl._finish(pro, params, updates)
