@@ -490,7 +490,6 @@ class _Hesso:
         """The projection ``u' = c·(x + u) − x`` of ``updates`` and the next state."""
         layout, ph, state, probe, x_sample, check = pro[:6]
         redundant, scores, cycles, rejected = pro.redundant, pro.scores, pro.cycles, pro.rejected
-        updates = _after(updates, _tie(check, rejected, pro.fault))  # after the conds
         coef = jnp.where(redundant & ph.in_prune, gamma(ph.s, self.Tp), 0.0)
         new_updates = project(layout, updates, params, redundant | state.pruned, coef)
         u_sample = placement.sample(new_updates, probe)
