@@ -394,6 +394,28 @@ def test_reductions_property(layout):
         np.testing.assert_array_equal(np.asarray(j), np.asarray(e))
 
 
+
+@pytest.mark.parametrize("rows,C,after", [
+    (1, 5, 3), (17, 5, 1), (100, 5, 3), (64 * 64 + 3, 5, 1), (64, 8192, 1), (64 + 9, 8192, 1),
+    (2 * 64 + 1, 8192, 2)])
+def test_reduce_many_over_tall_leaves_blocks_and_remainders(rows, C, after):
+    """Leaves taller than one block of rows (`hesso_jax.groups.ROW_BLOCK`), with a
+    remainder, narrow and wide (`WIDE_CHANNELS`: blocked multi-output reductions), with
+    elements after the channel axis: every statistic equals float64 sums."""
+    rng = np.random.default_rng(rows * 10 + after)
+    shape = (rows, C, after) if after > 1 else (rows, C)
+    x, d = (rng.normal(size=shape).astype(np.float32) for _ in range(2))
+    groups = Groups.from_families([GroupFamily(C, (Member(("w",), 1),))])
+    f = jax.jit(lambda p, q: groups.reduce_many(lambda a, b: (a * a, a * b, b), p, q))
+    got = np.asarray(f({"w": x}, {"w": d}))
+    axes = tuple(a for a in range(x.ndim) if a != 1)
+    x64, d64 = x.astype(np.float64), d.astype(np.float64)
+    want = np.stack([np.sum(x64 * x64, axes), np.sum(x64 * d64, axes), np.sum(d64, axes)])
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5 * np.sqrt(x.size))
+    one = np.asarray(jax.jit(lambda p: groups.reduce(jnp.square, p))({"w": x}))
+    np.testing.assert_allclose(one, want[0], rtol=2e-5)
+
+
 # ----------------------------------------------------------------------------- JSON
 
 
