@@ -116,13 +116,12 @@ def _shape(x: Any) -> tuple[int, ...]:
     return tuple(shape) if shape is not None else tuple(np.shape(x))
 
 
-ROW_BLOCK = 64
-"""Rows (the product of the axes before the channel axis) one multi-output reduction sums
-at a time in `_channel_sums`; taller leaves are summed in blocks of this many rows."""
+ONE_PASS_ROWS = 64
+"""Leaves of at most this many rows (the product of the axes before the channel axis) are
+summed by `_sum_rows` in one multi-output reduction; taller ones block by block."""
 
-WIDE_CHANNELS = 8192
-"""Channel axes at least this long take `_channel_sums`' one-pass reduction even when the
-leaf is taller than `ROW_BLOCK` rows (see there)."""
+ROW_BLOCK = 16
+"""Rows per block of `_sum_rows`' reductions of a leaf taller than `ONE_PASS_ROWS`."""
 
 
 def _channel_sums(m: AxisMap, terms: Sequence[jax.Array]) -> jax.Array:
@@ -130,37 +129,40 @@ def _channel_sums(m: AxisMap, terms: Sequence[jax.Array]) -> jax.Array:
 
     Row ``j``, channel ``c``: ``Σ_{e : e[axis] = c} terms[j]_e`` (float32), ``C`` the
     length of member leaf ``m``'s channel axis. With the leaf viewed as ``(A, C, B)``
-    (``A`` rows before the channel axis, ``B`` elements after it), a leaf of at most
-    `ROW_BLOCK` rows or at least `WIDE_CHANNELS` channels is summed by `_sum_rows`: one
-    multi-output reduction reads each element once for all ``k`` terms. Otherwise (tall
-    and narrow) each term is one ``jnp.sum`` over its other axes.
+    (``A`` rows before the channel axis, ``B`` elements after it), `_sum_rows` sums all
+    ``k`` terms with one multi-output reduction per stage, so each term has one consumer
+    and XLA computes it inside that reduction: a term such as the Adam update ``u`` that
+    the period start recomputes (`hesso_jax.hesso`'s fused form) is never held in a
+    leaf-sized buffer, only the per-block partial sums are (``k·⌈A/16⌉·C`` floats).
 
-    Why two forms (XLA:CPU, jax 0.10, ``benchmarks/period_start.py``): a one-output sum
-    over the major axis of an ``(A, C)`` array goes to a library kernel (YNNPACK) that
-    slows from ~1 to ~10 ns per element beyond ``C ≈ 10⁴`` (``(64, 10⁵)``: 85 ms a term;
-    the multi-output form, which XLA emits itself, 17 ms for three), while XLA's own
-    emitter slows on tall leaves unless they are cut into blocks of rows (and is still
-    slower than the library's on tall narrow ones: ``(10⁴, 10³)``, 22 vs 16 ms for three).
+    Why this form (XLA:CPU, jax 0.10; RESULTS.md, "Saliency sums of tall leaves"): a
+    one-output sum over the major axis of an ``(A, C)`` array goes to a library kernel
+    (YNNPACK) that slows from ~1 to ~10 ns per element beyond ``C ≈ 10⁴`` (``(64, 10⁵)``:
+    85 ms a term) and needs its operand in a buffer: the earlier rule sent leaves of over
+    64 rows and under 8192 channels there, and the 10.7 M-parameter MLP's donated step
+    held ``u`` of its ``10⁴ × 10³`` kernel (+35.1 MB of scratch; 3.4 MB of partial sums
+    now). XLA's own emitter is slower on tall leaves in blocks of 64 rows than of 16 (that
+    MLP's period start 1.42–1.57× vs 1.36–1.50× Adam's step, the library's 1.20–1.43×).
     """
     shape, axis = m.shape, m.axis
     A, C = int(np.prod(shape[:axis])), shape[axis]
     B = int(np.prod(shape[axis + 1:]))
     if A * B == 1:
         return jnp.stack([t.astype(jnp.float32).reshape(C) for t in terms])
-    if A > ROW_BLOCK and C < WIDE_CHANNELS:
-        return jnp.stack([m.channel_sum(t) for t in terms])
     return jnp.stack(_sum_rows([t.astype(jnp.float32).reshape(A, C, B) for t in terms]))
 
 
 def _sum_rows(terms: list[jax.Array]) -> list[jax.Array]:
     """``Σ_{a, b} t[a, :, b]`` (each ``float32[C]``) of each ``(A, C, B)`` term ``t``.
 
-    One multi-output ``lax.reduce`` over ``(a, b)`` for all terms when ``A ≤ ROW_BLOCK``.
-    Taller: the first ``A₁ = ⌊A/R⌋·R`` rows (``R = ROW_BLOCK``) are reduced block by block
-    to ``(A₁/R, C)`` partial sums, which are summed the same way (recursively), plus the
-    ``A − A₁`` remaining rows: ``Σ_a = Σ_{blocks} Σ_{a ∈ block} + Σ_{a ≥ A₁}``. A single
-    term gets a second output (``Σ t`` twice) and an optimisation barrier, so XLA does not
-    turn it back into a one-output sum (`_channel_sums`: the slow library kernel).
+    One multi-output ``lax.reduce`` over ``(a, b)`` for all terms when ``A`` is at most
+    `ONE_PASS_ROWS`. Taller: the rows are padded with zeros to ``n = ⌈A/R⌉`` whole blocks (``R =
+    ROW_BLOCK``), reduced block by block to ``(n, C)`` partial sums, which are summed the
+    same way (recursively): ``Σ_a = Σ_{blocks} Σ_{a ∈ block}``, the padding adding ``0``.
+    Padding rather than a separate remainder keeps one consumer per term (two would make
+    XLA materialise an expensive term such as ``u`` once for both). A single term gets a
+    second output (``Σ t`` twice) and an optimisation barrier, so XLA does not turn it back
+    into a one-output sum (`_channel_sums`: the slow library kernel).
     """
     A, C, B = terms[0].shape
     single = len(terms) == 1
@@ -175,16 +177,13 @@ def _sum_rows(terms: list[jax.Array]) -> list[jax.Array]:
         out = jax.lax.reduce(tuple(ts), (zero,) * len(ts), add, dims)
         return list(jax.lax.optimization_barrier(out))
 
-    if A <= ROW_BLOCK:
+    if A <= ONE_PASS_ROWS:
         sums = reduce(terms, (0, 2))
-    else:
-        main = A // ROW_BLOCK * ROW_BLOCK
-        blocks = reduce([t[:main].reshape(main // ROW_BLOCK, ROW_BLOCK, C, B)
-                         for t in terms], (1, 3))
-        sums = _sum_rows([b.reshape(main // ROW_BLOCK, C, 1) for b in blocks])
-        if main < A:
-            sums = [s + r for s, r in zip(sums, reduce([t[main:] for t in terms], (0, 2)),
-                                          strict=True)]
+    else:  # zero rows pad A to whole blocks: one consumer of each term, so XLA fuses it
+        n = -(-A // ROW_BLOCK)
+        pad = ((0, n * ROW_BLOCK - A), (0, 0), (0, 0))
+        blocks = reduce([jnp.pad(t, pad).reshape(n, ROW_BLOCK, C, B) for t in terms], (1, 3))
+        sums = _sum_rows([b.reshape(n, C, 1) for b in blocks])
     return sums[:1] if single else sums
 
 
