@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from helpers import compile_default, load_benchmark
+from helpers import compile_default, load_benchmark, mlp_forward, mlp_groups, mlp_params
 
 import hesso_jax as hj
 import hesso_jax.groups as hg
@@ -14,13 +14,7 @@ TALL, C = 300, 40  # a 300-row leaf: more than one pass (64 rows), fewer than 81
 
 
 def model():
-    k1, k2 = jax.random.split(jax.random.key(0))
-    params = {"l1": {"kernel": jax.random.normal(k1, (TALL, C)), "bias": jnp.zeros((C,))},
-              "l2": {"kernel": jax.random.normal(k2, (C, 3)), "bias": jnp.zeros((3,))}}
-    groups = hj.Groups.from_families([hj.GroupFamily(
-        C, (hj.Member(("l1", "kernel"), 1), hj.Member(("l1", "bias"), 0)),
-        (hj.Member(("l2", "kernel"), 0),))])
-    return params, groups
+    return mlp_params(TALL, C, 3), mlp_groups(C)
 
 
 def test_rules_sum_alike_and_restore_the_library():
@@ -46,8 +40,7 @@ def test_only_the_earlier_rule_keeps_u_of_the_tall_leaf():
     x = jax.random.normal(jax.random.key(3), (16, TALL))
 
     def loss(q):
-        h = jax.nn.relu(x @ q["l1"]["kernel"] + q["l1"]["bias"])
-        return jnp.mean((h @ q["l2"]["kernel"] + q["l2"]["bias"]) ** 2)
+        return jnp.mean(mlp_forward(q, x) ** 2)
 
     def temp(tr):
         def step(p, s):  # a new function per rule: JAX caches traces per function
