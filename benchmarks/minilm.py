@@ -277,6 +277,36 @@ def run_specs(args: argparse.Namespace, groups: hj.Groups) -> list[dict[str, Any
     return specs
 
 
+SETTINGS = ("seed", "n_train", "n_test", "seq_len", "steps", "warmup", "periods", "period_len",
+            "lr", "adam_eps", "batch")
+"""The arguments every row depends on (data, split, schedule): ``--merge`` only combines runs
+that agree on all of them, and each run records them as ``minilm.json``'s ``settings``."""
+
+
+def settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The `SETTINGS` of this run, by name."""
+    return {k: getattr(args, k) for k in SETTINGS}
+
+
+def check_mergeable(old: dict, new: dict[str, Any], path: Path) -> None:
+    """Raises ``ValueError`` unless the run saved in ``path`` (``old``) has ``new`` settings.
+
+    Rows of different seeds, splits or schedules are not comparable, and their keys
+    (`row_key`) would collide: merging them would silently replace one run's row with
+    another's. A file without ``settings`` cannot be checked and is refused too.
+    """
+    saved = old.get("settings")
+    if saved is None:
+        raise ValueError(f"--merge: {path} records no settings {SETTINGS}, so its rows cannot "
+                         "be shown to come from the same data and schedule; drop --merge or "
+                         "write to another --out")
+    differ = {k: (saved.get(k), v) for k, v in new.items() if saved.get(k) != v}
+    if differ:
+        what = ", ".join(f"{k}: {a!r} there, {b!r} here" for k, (a, b) in differ.items())
+        raise ValueError(f"--merge: {path} was run with other settings ({what}); drop --merge "
+                         "or write to another --out")
+
+
 def row_key(r: dict) -> tuple:
     """What distinguishes a row across runs (``--merge``)."""
     return (r["method"], r.get("sparsity"), r.get("budget_flops"), r.get("normalize", "norm"))
@@ -304,7 +334,7 @@ def run(args: argparse.Namespace) -> dict:
             "train_target": embed_all(dense, train_ids, train_mask)}
     tb = slice(0, args.timing_batch)
     res: dict[str, Any] = {
-        "n_train": len(train_s), "n_test": len(test_s),
+        "settings": settings(args), "n_train": len(train_s), "n_test": len(test_s),
         "mean_tokens_test": float(test_mask.sum(1).mean()),
         "groups": {"num_groups": groups.num_groups, "heads_per_layer": heads,
                    "neurons_per_layer": neurons, "discovery_seconds": discovery_seconds,
@@ -403,7 +433,8 @@ def markdown(args: argparse.Namespace, res: dict, command: str) -> str:
         f"rows) and {g['neurons_per_layer'][0]} MLP neurons.  ",
         f"Data: {res['n_train']} training / {res['n_test']} held-out sentences from the "
         "standard library's docstrings and the Zen of Python (`hesso_jax.text`), "
-        f"{args.seq_len} tokens (mean {res['mean_tokens_test']:.1f} real tokens).  ",
+        f"{args.seq_len} tokens (mean {res['mean_tokens_test']:.1f} real tokens), split and "
+        f"batches of seed {args.seed}.  ",
         f"Recipe: distil 1 − cos to the dense embeddings, Adam lr={args.lr:g} "
         f"ε={args.adam_eps:g}, batch "
         f"{args.batch}, {args.steps} steps: warm-up {args.warmup}, P={args.periods} periods "
@@ -538,11 +569,13 @@ def plot(res: dict, path: Path) -> None:
 
 def merge(res: dict, out: Path, snows: bool, command: str) -> str:
     """Adds the rows of ``out/minilm.json`` this run did not redo (and its SNOWS results
-    when this run has none); returns the commands of both as one string."""
+    when this run has none); returns the commands of both as one string. Both runs must
+    have the same `SETTINGS` (`check_mergeable`)."""
     path = out / "minilm.json"
     if not path.exists():
         return command
     old = json.loads(path.read_text())
+    check_mergeable(old, res["settings"], path)
     redone = {row_key(r) for r in res["rows"]}
     res["rows"] = [r for r in old["rows"] if row_key(r) not in redone] + res["rows"]
     if not snows and "snows" in old:

@@ -173,3 +173,31 @@ def test_train_test_split():
     assert tr != text.train_test_sentences(40, 10, seed=2, modules=["json", "argparse"])[0]
     with pytest.raises(ValueError, match="available"):
         text.train_test_sentences(10**6, 1, modules=["json"])
+
+
+def test_merge_refuses_runs_of_other_settings(tmp_path):
+    """``benchmarks/minilm.py --merge`` combines only runs of equal seed, split and schedule."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from helpers import load_benchmark
+
+    mb = load_benchmark("minilm")
+    args = mb.parse_args([])
+    row = {"method": "HESSO", "sparsity": 0.5, "losses": [0.1]}
+    saved = {"settings": mb.settings(args), "rows": [row], "commands": ["first"]}
+    path = tmp_path / "minilm.json"
+    path.write_text(mb.json.dumps(saved))
+
+    res = {"settings": mb.settings(args), "rows": [{**row, "sparsity": 0.25}]}
+    assert mb.merge(res, tmp_path, snows=False, command="second") == "first`, then `second"
+    assert [r["sparsity"] for r in res["rows"]] == [0.5, 0.25]
+
+    other = {"settings": mb.settings(mb.parse_args(["--seed", "1", "--steps", "20"])),
+             "rows": []}
+    with pytest.raises(ValueError, match=r"seed: 0 there, 1 here, steps: 140 there, 20 here"):
+        mb.merge(other, tmp_path, snows=False, command="third")
+    path.write_text(mb.json.dumps({"rows": [row]}))
+    with pytest.raises(ValueError, match="records no settings"):
+        mb.merge({"settings": mb.settings(args), "rows": []}, tmp_path, False, "fourth")
+    for name in ("minilm.json", "minilm_seeds/seed1.json", "minilm_seeds/seed2.json"):
+        shipped = mb.json.loads((mb.Path(mb.__file__).parent / name).read_text())
+        assert set(shipped["settings"]) == set(mb.SETTINGS), name
