@@ -116,16 +116,12 @@ def _shape(x: Any) -> tuple[int, ...]:
     return tuple(shape) if shape is not None else tuple(np.shape(x))
 
 
-ONE_PASS_ROWS = 8
+ONE_PASS_ROWS = 64
 """Leaves of at most this many rows (the product of the axes before the channel axis) are
 summed by `_sum_rows` in one multi-output reduction; taller ones block by block."""
 
-SHORT_ROWS = 64
-"""Leaves of more than `ONE_PASS_ROWS` and at most this many rows are summed by `_sum_rows`
-in blocks of `ONE_PASS_ROWS` rows (two passes)."""
-
 ROW_BLOCK = 16
-"""Rows per block of `_sum_rows`' reductions of a leaf taller than `SHORT_ROWS`."""
+"""Rows per block of `_sum_rows`' reductions of a leaf taller than `ONE_PASS_ROWS`."""
 
 
 def _channel_sums(m: AxisMap, terms: Sequence[jax.Array]) -> jax.Array:
@@ -137,8 +133,7 @@ def _channel_sums(m: AxisMap, terms: Sequence[jax.Array]) -> jax.Array:
     ``k`` terms with one multi-output reduction per stage, so each term has one consumer
     and XLA computes it inside that reduction: a term such as the Adam update ``u`` that
     the period start recomputes (`hesso_jax.hesso`'s fused form) is never held in a
-    leaf-sized buffer, only the per-block partial sums are (``k·⌈A/16⌉·C`` floats, up to
-    64 rows ``k·⌈A/8⌉·C``).
+    leaf-sized buffer, only the per-block partial sums are (``k·⌈A/16⌉·C`` floats).
 
     Why this form (XLA:CPU, jax 0.10; RESULTS.md, "Saliency sums of tall leaves"): a
     one-output sum over the major axis of an ``(A, C)`` array goes to a library kernel
@@ -146,8 +141,8 @@ def _channel_sums(m: AxisMap, terms: Sequence[jax.Array]) -> jax.Array:
     85 ms a term) and needs its operand in a buffer: the earlier rule sent leaves of over
     64 rows and under 8192 channels there, and the 10.7 M-parameter MLP's donated step
     held ``u`` of its ``10⁴ × 10³`` kernel (+35.1 MB of scratch; 3.4 MB of partial sums
-    now). On leaves of 9–64 rows two passes (blocks of 8 rows) are faster than one: the
-    period start of a 64→10⁴→10 MLP 1.37–1.45× Adam's step instead of 1.58–1.83×.
+    now). XLA's own emitter is slower on tall leaves in blocks of 64 rows than of 16 (that
+    MLP's period start 1.42–1.57× vs 1.36–1.50× Adam's step, the library's 1.20–1.43×).
     """
     shape, axis = m.shape, m.axis
     A, C = int(np.prod(shape[:axis])), shape[axis]
@@ -161,10 +156,9 @@ def _sum_rows(terms: list[jax.Array]) -> list[jax.Array]:
     """``Σ_{a, b} t[a, :, b]`` (each ``float32[C]``) of each ``(A, C, B)`` term ``t``.
 
     One multi-output ``lax.reduce`` over ``(a, b)`` for all terms when ``A`` is at most
-    `ONE_PASS_ROWS`. Taller: the rows are padded with zeros to ``n = ⌈A/R⌉`` whole blocks
-    (``R = ONE_PASS_ROWS`` up to `SHORT_ROWS` rows, else `ROW_BLOCK`), reduced block by
-    block to ``(n, C)`` partial sums, which are summed the same way (recursively):
-    ``Σ_a = Σ_{blocks} Σ_{a ∈ block}``, the padding adding ``0``.
+    `ONE_PASS_ROWS`. Taller: the rows are padded with zeros to ``n = ⌈A/R⌉`` whole blocks (``R =
+    ROW_BLOCK``), reduced block by block to ``(n, C)`` partial sums, which are summed the
+    same way (recursively): ``Σ_a = Σ_{blocks} Σ_{a ∈ block}``, the padding adding ``0``.
     Padding rather than a separate remainder keeps one consumer per term (two would make
     XLA materialise an expensive term such as ``u`` once for both). A single term gets a
     second output (``Σ t`` twice) and an optimisation barrier, so XLA does not turn it back
@@ -186,10 +180,9 @@ def _sum_rows(terms: list[jax.Array]) -> list[jax.Array]:
     if A <= ONE_PASS_ROWS:
         sums = reduce(terms, (0, 2))
     else:  # zero rows pad A to whole blocks: one consumer of each term, so XLA fuses it
-        R = ONE_PASS_ROWS if A <= SHORT_ROWS else ROW_BLOCK
-        n = -(-A // R)
-        pad = ((0, n * R - A), (0, 0), (0, 0))
-        blocks = reduce([jnp.pad(t, pad).reshape(n, R, C, B) for t in terms], (1, 3))
+        n = -(-A // ROW_BLOCK)
+        pad = ((0, n * ROW_BLOCK - A), (0, 0), (0, 0))
+        blocks = reduce([jnp.pad(t, pad).reshape(n, ROW_BLOCK, C, B) for t in terms], (1, 3))
         sums = _sum_rows([b.reshape(n, C, 1) for b in blocks])
     return sums[:1] if single else sums
 
