@@ -10,7 +10,13 @@ donation. Reported per (model, donation):
   projected (the representative step); *start p=0*: the first period start (saliency +
   selection); *start p=1*: a later one (also runs the period-end check);
 * *amortised (est.)*: the reference schedule (``T_w = 200``, ``P = 5``, ``T_p = 100``,
-  1000 steps) priced with the medians: warm-up and ordinary steps at *ordinary*.
+  1000 steps) priced with the medians: warm-up and ordinary steps at *ordinary*;
+* *loop* (``--loop N``, donated rows): ``N`` ordinary steps dispatched back to back as a
+  training loop runs them (outputs fed back, donated, one ``block_until_ready`` at the
+  end), seconds per step over the base's. JAX dispatches asynchronously, so in a loop
+  the Python and PjRt work of dispatching step ``t + 1`` (argument handling grows with
+  the number of state arrays: HESSO adds 11) overlaps the execution of step ``t``; the
+  one-call columns time dispatch and execution in series.
 
 Variants: ``adam`` alone (the base), ``adam + hesso`` (``optax.chain``, default saliency,
 direction = the base update ``u``), ``hesso base=`` (the fused form ``hj.hesso(...,
@@ -31,7 +37,7 @@ Usage::
 
     python benchmarks/step_cost.py                  # all models (~10 min on 2 cores)
     python benchmarks/step_cost.py --models mlp10m --rounds 5
-    python benchmarks/step_cost.py --hlo            # also: is u a buffer? (fusion count)
+    python benchmarks/step_cost.py --models wide1e2 --loop 100   # + training-loop timing
 """
 
 from __future__ import annotations
@@ -58,6 +64,7 @@ Pytree = Any
 Loss = Callable[[Pytree, Pytree], jax.Array]
 TW, P, TP = 20, 2, 20
 REFERENCE = (200, 5, 100, 1000)  # T_w, P, T_p, total steps
+LOOP_TP = 10_000  # period length of the --loop cases: every looped step is ordinary
 KINDS = ("ordinary", "start0", "start1")
 VARIANTS: dict[str, tuple[dict[str, Any] | None, bool]] = {  # (hesso kwargs, pass grad=)
     "adam": (None, False),
@@ -174,24 +181,24 @@ def with_count(opt_state: Pytree, count: int, redundant: np.ndarray) -> Pytree:
     return jax.tree.map(fix, opt_state, is_leaf=lambda s: isinstance(s, HessoState))
 
 
-def kind_count(kind: str) -> int:
-    return {"ordinary": TW + TP + 3, "start0": TW, "start1": TW + TP}[kind]
+def kind_count(kind: str, tp: int = TP) -> int:
+    return {"ordinary": TW + tp + 3, "start0": TW, "start1": TW + tp}[kind]
 
 
 class Case:
     """One compiled (variant, donation) step and the state it is called with per kind."""
 
-    def __init__(self, model: Model, variant: str, donate: bool):
+    def __init__(self, model: Model, variant: str, donate: bool, tp: int = TP):
         kw, pass_grad = VARIANTS[variant]
         base = optax.adam(1e-3)
         if kw is None:
             self.tx = base
         elif kw.get("base"):  # the fused form: hesso(..., base=adam)
-            self.tx = hj.hesso(model.groups, 0.5, P, TP, warmup_steps=TW,
+            self.tx = hj.hesso(model.groups, 0.5, P, tp, warmup_steps=TW,
                                **{**kw, "base": base})
         else:
-            self.tx = optax.chain(base, hj.hesso(model.groups, 0.5, P, TP, warmup_steps=TW, **kw))
-        self.model, self.donate, self.hesso = model, donate, kw is not None
+            self.tx = optax.chain(base, hj.hesso(model.groups, 0.5, P, tp, warmup_steps=TW, **kw))
+        self.model, self.donate, self.hesso, self.tp = model, donate, kw is not None, tp
         self.step = make_step(model, self.tx, donate, pass_grad)
         self.init = self.tx.init(model.params)
         G = model.groups.num_groups
@@ -203,7 +210,7 @@ class Case:
 
     def inputs(self, kind: str) -> tuple[Pytree, Pytree]:
         mask = self.mask if kind == "ordinary" else np.zeros_like(self.mask)
-        state = with_count(self.init, kind_count(kind), mask)
+        state = with_count(self.init, kind_count(kind, self.tp), mask)
         params = jax.tree.map(lambda a: jnp.array(a, copy=True), self.params)
         return params, state
 
@@ -219,6 +226,23 @@ class Case:
         if self.donate:
             self.params = out[0]
         return dt, dc
+
+    def loop(self, steps: int) -> float:
+        """Wall seconds per step of ``steps`` ordinary steps dispatched back to back
+        (outputs fed back, one ``block_until_ready`` at the end), as a training loop runs
+        them. Needs ``steps`` ordinary counts in a row: a case built with ``tp > steps``."""
+        if not (self.donate and self.tp > steps + 3):
+            raise ValueError(f"loop of {steps} steps needs a donated case with a long period "
+                             f"(T_p > {steps + 3}), got donate={self.donate}, T_p={self.tp}")
+        params, state = self.inputs("ordinary")
+        jax.block_until_ready((params, state))
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            params, state, _ = self.step(params, state, self.model.batch)
+        jax.block_until_ready((params, state))
+        dt = time.perf_counter() - t0
+        self.params = params
+        return dt / steps
 
 
 def time_cases(cases: dict[str, Case], rounds: int, per_block: int) -> dict[str, float]:
@@ -242,6 +266,27 @@ def time_cases(cases: dict[str, Case], rounds: int, per_block: int) -> dict[str,
     med.update({f"{v}/{k}/cpu": float(np.median(np.asarray(t)[:, 1]))
                 for (v, k), t in times.items()})
     return med
+
+
+def time_loops(model: Model, variants: list[str], rounds: int, steps: int
+               ) -> dict[str, float]:
+    """Median seconds per looped ordinary step (`Case.loop`) per variant, donated,
+    interleaved in rotating rounds (each block preceded by an untimed warm loop)."""
+    cases = {v: Case(model, v, True, tp=LOOP_TP) for v in variants}
+    times: dict[str, list[float]] = {v: [] for v in cases}
+    for case in cases.values():  # compile and warm
+        case.loop(steps)
+    gc.collect()
+    gc.disable()
+    try:
+        for r in range(rounds):
+            k = r % len(variants)
+            for v in variants[k:] + variants[:k]:
+                cases[v].loop(steps)
+                times[v].append(cases[v].loop(steps))
+    finally:
+        gc.enable()
+    return {v: float(np.median(t)) for v, t in times.items()}
 
 
 def amortised(med: dict[str, float], variant: str) -> float:
@@ -270,6 +315,9 @@ def run_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     model = build(name)
     n = sum(int(np.size(p)) for p in jax.tree.leaves(model.params))
     rows = []
+    loop = getattr(args, "loop", 0)
+    looped = time_loops(model, args.variants, args.rounds, loop) if loop else {}
+    gc.collect()
     for donate in (False, True):
         cases = {v: Case(model, v, donate) for v in args.variants}
         med = time_cases(cases, args.rounds, args.per_block)
@@ -285,6 +333,9 @@ def run_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
             row.update({k: med[f"{v}/{k}"] / med["adam/ordinary"] for k in KINDS})
             row.update({f"{k}_cpu": med[f"{v}/{k}/cpu"] / med["adam/ordinary/cpu"]
                         for k in KINDS})
+            if looped and donate:
+                row.update(loop=looped[v] / looped["adam"], loop_steps=loop,
+                           loop_base_ms=looped["adam"] * 1e3)
             rows.append(row)
             print(format_row(row), flush=True)
         del cases
@@ -297,12 +348,13 @@ def format_row(r: dict[str, Any]) -> str:
             f"{'yes' if r['donate'] else 'no'} | {r['variant']} | {r['base_ms']:.2f} | "
             f"{r['ordinary']:.3f}× | {r['start0']:.2f}× | {r['start1']:.2f}× | "
             f"{r['amortised']:.3f}× | {r['temp_extra_bytes'] / 1e6:+.3f} MB "
-            f"(4N = {r['four_n'] / 1e6:.1f} MB) | {r['big_buffers_extra']:+d} |")
+            f"(4N = {r['four_n'] / 1e6:.1f} MB) | {r['big_buffers_extra']:+d} | "
+            + (f"{r['loop']:.3f}× ({r['loop_base_ms']:.2f} ms) |" if "loop" in r else "– |"))
 
 
 HEADER = ("| model | N | G | donated | variant | base ms | ordinary | start p=0 | start p=1 | "
-          "amortised (est.) | temp − base | big buffers − base |\n"
-          "|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "amortised (est.) | temp − base | big buffers − base | loop (base ms) |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -311,6 +363,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--per-block", type=int, default=3)
+    parser.add_argument("--loop", type=int, default=0, metavar="N",
+                        help="also time N ordinary steps back to back (donated rows)")
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("step_cost.json"))
     args = parser.parse_args(argv)
     args.variants = ["adam"] + [v for v in args.variants.split(",") if v != "adam"]

@@ -373,6 +373,7 @@ def load_benchmark(name: str) -> ModuleType:
         spec = importlib.util.spec_from_file_location(f"benchmarks_{name}",
                                                       BENCHMARKS / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up there
         spec.loader.exec_module(module)
     finally:
         sys.path.remove(str(BENCHMARKS))

@@ -1,0 +1,45 @@
+"""benchmarks/step_cost.py's training-loop timing (``--loop``) times ordinary steps only."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+from helpers import load_benchmark
+
+from hesso_jax.hesso import HessoState
+
+
+@pytest.fixture(scope="module")
+def step_cost():
+    return load_benchmark("step_cost")
+
+
+def _hesso_state(opt_state):
+    return [s for s in jax.tree.leaves(opt_state, is_leaf=lambda s: isinstance(s, HessoState))
+            if isinstance(s, HessoState)][0]
+
+
+@pytest.mark.parametrize("variant", ["hesso", "hesso base= record"])
+def test_looped_steps_stay_inside_one_pruning_period(step_cost, variant):
+    """Every looped step projects the same K̂ groups and none ends a period: the loop's
+    state advances only its counter (so ``loop`` prices the ordinary step)."""
+    model = step_cost.build("wide1e2")
+    case = step_cost.Case(model, variant, True, tp=step_cost.LOOP_TP)
+    steps = 7
+    params, state = case.inputs("ordinary")
+    count = int(_hesso_state(state).count)  # read now: the steps donate the state
+    for _ in range(steps):
+        params, state, _ = case.step(params, state, model.batch)
+    end = _hesso_state(state)
+    assert int(end.count) == count + steps
+    np.testing.assert_array_equal(np.asarray(end.redundant), case.mask)
+    assert not np.any(np.asarray(end.pruned))
+    assert count + steps < step_cost.TW + 2 * step_cost.LOOP_TP  # no period end
+    assert case.loop(steps) > 0
+
+
+def test_loop_refuses_a_case_whose_period_is_too_short(step_cost):
+    case = step_cost.Case(step_cost.build("wide1e2"), "hesso", True)  # T_p = TP (20)
+    with pytest.raises(ValueError, match="long period"):
+        case.loop(step_cost.TP)
