@@ -43,3 +43,30 @@ def test_loop_refuses_a_case_whose_period_is_too_short(step_cost):
     case = step_cost.Case(step_cost.build("wide1e2"), "hesso", True)  # T_p = TP (20)
     with pytest.raises(ValueError, match="long period"):
         case.loop(step_cost.TP)
+
+
+def test_entry_thunks_counts_what_the_runtime_runs():
+    """`fixed_cost.entry_thunks`: fusions, copies and conditionals count; parameters,
+    constants, tuples, get-tuple-elements and bitcasts do not; nested computations do not."""
+    fixed_cost = load_benchmark("fixed_cost")
+    hlo = """HloModule m
+
+%fused (p: f32[4]) -> f32[4] {
+  %p = f32[4]{0} parameter(0)
+  ROOT %n = f32[4]{0} negate(%p)
+}
+
+ENTRY %main (a: f32[4], b: pred[]) -> (f32[4], f32[4]) {
+  %a = f32[4]{0} parameter(0)
+  %b = pred[] parameter(1)
+  %c = f32[] constant(1)
+  %bc = f32[2,2]{1,0} bitcast(%a)
+  %f = f32[4]{0} fusion(%a), kind=kLoop, calls=%fused
+  %cp = f32[4]{0} copy(%f)
+  %t = (f32[4]{0}) tuple(%cp)
+  %cond = (f32[4]{0}) conditional(%b, %t, %t), true_computation=%x, false_computation=%y
+  %g = f32[4]{0} get-tuple-element(%cond), index=0
+  ROOT %out = (f32[4]{0}, f32[4]{0}) tuple(%g, %f)
+}
+"""
+    assert fixed_cost.entry_thunks(hlo) == 3
