@@ -25,7 +25,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import re
 import time
@@ -82,17 +81,12 @@ def time_padded(model: sc.Model, extras: list[int], rounds: int, steps: int
     times: dict[str, list[float]] = {name: [] for name in runs}
     for run in runs.values():
         loop(run)  # compile and warm
-    names = list(runs)
-    gc.collect()
-    gc.disable()
-    try:
-        for r in range(rounds):
-            k = r % len(names)
-            for name in names[k:] + names[:k]:
-                loop(runs[name])
-                times[name].append(loop(runs[name]))
-    finally:
-        gc.enable()
+
+    def block(name: str) -> None:
+        loop(runs[name])
+        times[name].append(loop(runs[name]))
+
+    sc.rotating_rounds(list(runs), rounds, block)
     return {name: float(np.median(t)) * 1e6 for name, t in times.items()}
 
 

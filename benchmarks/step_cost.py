@@ -245,6 +245,20 @@ class Case:
         return dt / steps
 
 
+def rotating_rounds(names: list[Any], rounds: int, block: Callable[[Any], None]) -> None:
+    """``block(name)`` for every name, round after round, the order rotated by one each
+    round (so no name always follows the same one), the garbage collector off meanwhile."""
+    gc.collect()
+    gc.disable()
+    try:
+        for r in range(rounds):
+            k = r % len(names)
+            for name in names[k:] + names[:k]:
+                block(name)
+    finally:
+        gc.enable()
+
+
 def time_cases(cases: dict[str, Case], rounds: int, per_block: int) -> dict[str, float]:
     """Median wall seconds per ``"variant/kind"`` (and CPU seconds per ``"variant/kind/cpu"``),
     interleaved in rotating rounds."""
@@ -252,16 +266,12 @@ def time_cases(cases: dict[str, Case], rounds: int, per_block: int) -> dict[str,
     times: dict[tuple[str, str], list[tuple[float, float]]] = {c: [] for c in calls}
     for c in calls:  # compile and warm
         cases[c[0]].call(c[1])
-    gc.collect()
-    gc.disable()
-    try:
-        for r in range(rounds):
-            k = r % len(calls)
-            for c in calls[k:] + calls[:k]:
-                cases[c[0]].call(c[1])  # warms caches after the switch
-                times[c].extend(cases[c[0]].call(c[1]) for _ in range(per_block))
-    finally:
-        gc.enable()
+
+    def block(c: tuple[str, str]) -> None:
+        cases[c[0]].call(c[1])  # warms caches after the switch
+        times[c].extend(cases[c[0]].call(c[1]) for _ in range(per_block))
+
+    rotating_rounds(calls, rounds, block)
     med = {f"{v}/{k}": float(np.median(np.asarray(t)[:, 0])) for (v, k), t in times.items()}
     med.update({f"{v}/{k}/cpu": float(np.median(np.asarray(t)[:, 1]))
                 for (v, k), t in times.items()})
@@ -276,16 +286,12 @@ def time_loops(model: Model, variants: list[str], rounds: int, steps: int
     times: dict[str, list[float]] = {v: [] for v in cases}
     for case in cases.values():  # compile and warm
         case.loop(steps)
-    gc.collect()
-    gc.disable()
-    try:
-        for r in range(rounds):
-            k = r % len(variants)
-            for v in variants[k:] + variants[:k]:
-                cases[v].loop(steps)
-                times[v].append(cases[v].loop(steps))
-    finally:
-        gc.enable()
+
+    def block(v: str) -> None:
+        cases[v].loop(steps)
+        times[v].append(cases[v].loop(steps))
+
+    rotating_rounds(variants, rounds, block)
     return {v: float(np.median(t)) for v, t in times.items()}
 
 
