@@ -259,6 +259,26 @@ def _nan_unless_finite(x: jax.Array) -> jax.Array:
     return x - x
 
 
+def _pruned_magnitude(groups: Groups, params: Any, pruned: jax.Array) -> jax.Array:
+    """``float32[]``: ``Σ |x_e|`` over the member elements ``e`` of the ``pruned`` groups.
+
+    A sum of non-negative terms is ``0`` only when every term is, so the result is ``0``
+    exactly when every such element is ``±0`` (NaN when one is NaN, ``+inf`` when the sum
+    overflows: never ``0`` otherwise; subnormals read as ``0``, as ``x != 0`` reads them
+    on XLA:CPU). One masked reduction to a scalar per member leaf, which XLA:CPU runs
+    about twice as fast as `nonzero_counts`' per-channel sums (``(64, 10⁴)``: 0.39 vs
+    0.73 ms with the finiteness sum): the period-end check's cheap verdict.
+    """
+    layout = groups.layout(params, dependents="present")
+    leaves = jax.tree.leaves(params)
+    ext = jnp.concatenate([pruned, jnp.zeros([1], bool)])
+    total = jnp.zeros([], jnp.float32)
+    for m in layout.members:
+        x = jnp.abs(jnp.asarray(leaves[m.leaf]).astype(jnp.float32))
+        total = total + jnp.sum(jnp.where(m.expand(ext), x, 0.0))
+    return total
+
+
 def _all_finite(tree: Any) -> jax.Array:
     """``bool[]``: every float element of ``tree`` is finite.
 
@@ -539,7 +559,10 @@ class _Hesso:
         ``x_sample`` holds the probe's elements of ``params``. The ``lax.cond`` is taken
         right after each period end (P times per run) and whenever the probe shows a
         mismatch or a non-finite parameter: the step then raises (``on_fault="raise"``),
-        or the first fault is kept in the state (``"record"``, `_record`). Returns
+        or the first fault is kept in the state (``"record"``, `_record`). Inside it a
+        cheap verdict (``suspect``: the probe's flags, `_pruned_magnitude` and
+        `_all_finite`) gates a second ``lax.cond`` that computes `diagnose`'s operands
+        (per-group nonzero counts), so a clean period end never computes them. Returns
         ``(int32[] 0, fault)``, the state's ``fault`` after the check.
         """
         found = placement.as_probe(x_sample)
@@ -558,11 +581,16 @@ class _Hesso:
                               ph.after_end & ~finite]).astype(jnp.int32)
             return bad, info, state.probe, found, missed
 
+        def suspect() -> jax.Array:  # cheap verdict first: the operands only on a fault
+            clean = (_pruned_magnitude(self.groups, params, state.pruned) == 0) & \
+                _all_finite(params)
+            return mismatch | sampled_nonfinite | (ph.after_end & ~clean)
+
         alarm = ph.after_end | mismatch | sampled_nonfinite
         kept = state.fault
         if self.on_fault == "record":
-            return jnp.zeros([], jnp.int32), self._record(alarm, diagnose_operands, kept,
-                                                          probe)
+            return jnp.zeros([], jnp.int32), self._record(alarm, suspect, diagnose_operands,
+                                                          kept, probe)
         if _concrete(state.count, params):  # eager call: a plain ValueError
             if bool(alarm):
                 placement.diagnose(*(np.asarray(op) for op in diagnose_operands()),
@@ -571,23 +599,34 @@ class _Hesso:
         # The callback's result (always 0) feeds the counter so it cannot be optimised
         # away. Its presence alone costs every step: JAX runs a program holding a host
         # callback on its slow dispatch path and, on CPU, synchronously (on_fault="record").
-        return jax.lax.cond(
-            alarm, lambda: placement.placement_check(diagnose_operands(), params, hints),
-            lambda: jnp.zeros([], jnp.int32)), kept
+        zero = jnp.zeros([], jnp.int32)
 
-    def _record(self, alarm: jax.Array, operands: Callable[[], tuple[jax.Array, ...]],
-                kept: jax.Array, probe: placement.ProbeSites) -> jax.Array:
+        def check() -> jax.Array:
+            return jax.lax.cond(
+                suspect(), lambda: placement.placement_check(diagnose_operands(), params,
+                                                             hints), lambda: zero)
+
+        return jax.lax.cond(alarm, check, lambda: zero), kept
+
+    def _record(self, alarm: jax.Array, suspect: Callable[[], jax.Array],
+                operands: Callable[[], tuple[jax.Array, ...]], kept: jax.Array,
+                probe: placement.ProbeSites) -> jax.Array:
         """``on_fault="record"``: the state's first fault, or this step's (no host call).
 
         The operands of `hesso_jax.placement.diagnose` are computed under the same
-        ``lax.cond`` as in ``"raise"`` mode and packed (`hesso_jax.placement.record`); a
-        fault already kept stays (and no later step computes them), so `check_faults`
-        reports the first one.
+        ``lax.cond`` s as in ``"raise"`` mode (``alarm``, then ``suspect()``) and packed
+        (`hesso_jax.placement.record`); a fault already kept stays (and no later step
+        computes them), so `check_faults` reports the first one. A check that finds
+        nothing leaves ``kept`` as it was.
         """
         no_base = self.context.get("no_base")
-        return jax.lax.cond(alarm & ~placement.recorded(kept),
-                            lambda: placement.record(operands(), probe, no_base),
-                            lambda: kept)
+
+        def check() -> jax.Array:
+            return jax.lax.cond(suspect(),
+                                lambda: placement.record(operands(), probe, no_base),
+                                lambda: kept)
+
+        return jax.lax.cond(alarm & ~placement.recorded(kept), check, lambda: kept)
 
     def _select(self, ph: _Phase, state: HessoState, params: Any, updates: Any,
                 extra: _Extra, recompute: Callable[[], Any] | None = None

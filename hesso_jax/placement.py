@@ -22,7 +22,10 @@ by `raise_recorded` through ``hj.check_faults``):
   (a skipped step keeps the parameters and HESSO's state) and ``optax.MultiSteps`` (the
   inner chain runs only on emitting steps, the parameters move only then) keep the
   relation exact.
-* *Period end* (``P`` times per run): every pruned group must be exactly zero.
+* *Period end* (``P`` times per run): every pruned group must be exactly zero, decided
+  by one masked ``Σ |x|`` per member leaf and the finiteness sum (two scalars); the
+  per-group operands of the message (which groups, how many) are computed only when
+  those flag a fault.
 
 Non-finite parameters are told apart from misplacement: if a sampled element is NaN/±inf
 (or, at a period end, any parameter is) the error says since when and to wrap the chain

@@ -109,6 +109,10 @@ def test_a_clean_run_records_nothing_and_prunes_alike():
     assert hj.hesso_status(s2).num_pruned == K
     for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2), strict=True):
         assert np.array_equal(np.asarray(a), np.asarray(b))
+    # the two period-end checks found nothing, so they left the fault slot empty
+    h2, = [s for s in jax.tree.leaves(s2, is_leaf=lambda s: isinstance(s, hj.HessoState))
+           if isinstance(s, hj.HessoState)]
+    assert not np.any(np.asarray(h2.fault))
 
 
 @pytest.mark.parametrize("base", [False, True], ids=["chain", "fused"])
