@@ -1,6 +1,9 @@
-"""benchmarks/step_cost.py's training-loop timing (``--loop``) times ordinary steps only."""
+"""Benchmark helpers: `step_cost.py --loop` times ordinary steps only; `fixed_cost.py`'s thunk
+count; `ab_hesso.py` loads a revision of hesso.py beside the current one."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -70,3 +73,20 @@ ENTRY %main (a: f32[4], b: pred[]) -> (f32[4], f32[4]) {
 }
 """
     assert fixed_cost.entry_thunks(hlo) == 3
+
+
+def test_ab_hesso_loads_a_revision_beside_the_current_module():
+    """`ab_hesso.load_old`: hesso.py of a git revision as a second module, whose state
+    class is its own (so the two versions' cases never share traced code)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("git") is None or subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parents[1],
+            capture_output=True).returncode != 0:
+        pytest.skip("needs a git checkout")
+    ab = load_benchmark("ab_hesso")
+    old = ab.load_old("HEAD")
+    assert old.__name__ == "hesso_jax.hesso_old" and old.HessoState is not HessoState
+    from hesso_jax.hesso import hesso
+    assert callable(old.hesso) and old.hesso is not hesso
