@@ -27,10 +27,7 @@ import sys
 import tempfile
 from pathlib import Path
 from types import ModuleType
-from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import step_cost as sc
 
@@ -50,22 +47,6 @@ def load_old(ref: str) -> ModuleType:
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
-
-
-def patch_with_count(old: ModuleType) -> None:
-    """`step_cost.with_count` for the state classes of both versions."""
-    classes = (hj.HessoState, old.HessoState)
-
-    def with_count(opt_state: Any, count: int, redundant: np.ndarray) -> Any:
-        def fix(s: Any) -> Any:
-            if isinstance(s, classes):
-                s = s._replace(count=jnp.int32(count), redundant=jnp.asarray(redundant))
-                return type(s)(*(jnp.array(a, copy=True) for a in s))
-            return jnp.array(s, copy=True)
-
-        return jax.tree.map(fix, opt_state, is_leaf=lambda s: isinstance(s, classes))
-
-    sc.with_count = with_count
 
 
 def cases(model: sc.Model, old: ModuleType, variant: str, donate: bool) -> dict[str, sc.Case]:
@@ -109,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-donate", action="store_true")
     args = parser.parse_args(argv)
     old = load_old(args.ref)
-    patch_with_count(old)
+    sc.STATE_CLASSES = (*sc.STATE_CLASSES, old.HessoState)  # sc.with_count sets both
     kinds = args.kinds.split(",")
     donate = not args.no_donate
     print(f"old: hesso.py at {args.ref}; new: the working tree; variant {args.variant!r}, "

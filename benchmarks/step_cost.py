@@ -169,16 +169,20 @@ def make_step(model: Model, tx: optax.GradientTransformation, donate: bool,
     return jax.jit(step, donate_argnums=(0, 1) if donate else ())
 
 
+STATE_CLASSES: tuple[type, ...] = (HessoState,)  # `ab_hesso.py` adds an older version's
+
+
 def with_count(opt_state: Pytree, count: int, redundant: np.ndarray) -> Pytree:
-    """``opt_state`` (fresh arrays) whose `HessoState` has ``count`` and ``redundant``."""
+    """``opt_state`` (fresh arrays) whose `HessoState` has ``count`` and ``redundant``
+    (any class of `STATE_CLASSES`)."""
 
     def fix(s: Any) -> Any:
-        if isinstance(s, HessoState):
+        if isinstance(s, STATE_CLASSES):
             s = s._replace(count=jnp.int32(count), redundant=jnp.asarray(redundant))
-            return HessoState(*(jnp.array(a, copy=True) for a in s))
+            return type(s)(*(jnp.array(a, copy=True) for a in s))
         return jnp.array(s, copy=True)
 
-    return jax.tree.map(fix, opt_state, is_leaf=lambda s: isinstance(s, HessoState))
+    return jax.tree.map(fix, opt_state, is_leaf=lambda s: isinstance(s, STATE_CLASSES))
 
 
 def kind_count(kind: str, tp: int = TP) -> int:
