@@ -28,7 +28,6 @@ import tempfile
 from pathlib import Path
 from types import ModuleType
 
-import numpy as np
 import step_cost as sc
 
 import hesso_jax as hj
@@ -62,21 +61,13 @@ def cases(model: sc.Model, old: ModuleType, variant: str, donate: bool) -> dict[
     return out
 
 
-def compare(model: sc.Model, built: dict[str, sc.Case], kinds: list[str], rounds: int,
-            per_block: int) -> dict[str, float]:
-    """``{"old/kind": ratio, "new/kind": ratio}`` over Adam's ordinary step (medians)."""
-    calls = [("adam", "ordinary")] + [(v, k) for v in ("old", "new") for k in kinds]
-    times: dict[tuple[str, str], list[float]] = {c: [] for c in calls}
-    for v, k in calls:  # compile and warm
-        built[v].call(k)
-
-    def block(c: tuple[str, str]) -> None:
-        built[c[0]].call(c[1])
-        times[c].extend(built[c[0]].call(c[1])[0] for _ in range(per_block))
-
-    sc.rotating_rounds(calls, rounds, block)
-    base = float(np.median(times[("adam", "ordinary")]))
-    return {f"{v}/{k}": float(np.median(times[(v, k)])) / base for v, k in calls[1:]}
+def compare(built: dict[str, sc.Case], kinds: list[str], rounds: int, per_block: int
+            ) -> dict[str, float]:
+    """``{"old/kind": ratio, "new/kind": ratio}`` over Adam's ordinary step (medians of
+    `step_cost.time_cases`)."""
+    med = sc.time_cases(built, rounds, per_block, tuple(kinds))
+    return {f"{v}/{k}": med[f"{v}/{k}"] / med["adam/ordinary"]
+            for v in ("old", "new") for k in kinds}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -98,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     print("| model | kind | old | new |\n|---|---|---|---|")
     for name in args.models.split(","):
         model = sc.build(name)
-        ratios = compare(model, cases(model, old, args.variant, donate), kinds, args.rounds,
+        ratios = compare(cases(model, old, args.variant, donate), kinds, args.rounds,
                          args.per_block)
         for k in kinds:
             print(f"| {model.name} | {k} | {ratios[f'old/{k}']:.3f}× | "

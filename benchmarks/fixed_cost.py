@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -70,13 +69,8 @@ def time_padded(model: sc.Model, extras: list[int], rounds: int, steps: int
             runs[f"{k}/{'updated' if touch else 'passed'}"] = [step, params, state]
 
     def loop(run: list[Any]) -> float:
-        step, params, state = run
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            params, state, _ = step(params, state, model.batch)
-        jax.block_until_ready((params, state))
-        run[1], run[2] = params, state
-        return (time.perf_counter() - t0) / steps
+        dt, run[1], run[2] = sc.timed_loop(*run, model.batch, steps)
+        return dt
 
     times: dict[str, list[float]] = {name: [] for name in runs}
     for run in runs.values():

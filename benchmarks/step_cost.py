@@ -240,13 +240,19 @@ class Case:
                              f"(T_p > {steps + 3}), got donate={self.donate}, T_p={self.tp}")
         params, state = self.inputs("ordinary")
         jax.block_until_ready((params, state))
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            params, state, _ = self.step(params, state, self.model.batch)
-        jax.block_until_ready((params, state))
-        dt = time.perf_counter() - t0
-        self.params = params
-        return dt / steps
+        dt, self.params, _ = timed_loop(self.step, params, state, self.model.batch, steps)
+        return dt
+
+
+def timed_loop(step: Callable, params: Pytree, state: Pytree, batch: Pytree, steps: int
+               ) -> tuple[float, Pytree, Pytree]:
+    """``steps`` calls ``params, state, _ = step(params, state, batch)`` back to back, one
+    ``block_until_ready`` at the end: ``(wall seconds per step, params, state)``."""
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        params, state, _ = step(params, state, batch)
+    jax.block_until_ready((params, state))
+    return (time.perf_counter() - t0) / steps, params, state
 
 
 def rotating_rounds(names: list[Any], rounds: int, block: Callable[[Any], None]) -> None:
@@ -263,10 +269,11 @@ def rotating_rounds(names: list[Any], rounds: int, block: Callable[[Any], None])
         gc.enable()
 
 
-def time_cases(cases: dict[str, Case], rounds: int, per_block: int) -> dict[str, float]:
+def time_cases(cases: dict[str, Case], rounds: int, per_block: int,
+               kinds: tuple[str, ...] = KINDS) -> dict[str, float]:
     """Median wall seconds per ``"variant/kind"`` (and CPU seconds per ``"variant/kind/cpu"``),
-    interleaved in rotating rounds."""
-    calls = [("adam", "ordinary")] + [(v, k) for v in cases if v != "adam" for k in KINDS]
+    interleaved in rotating rounds: ``"adam/ordinary"`` and every other case at ``kinds``."""
+    calls = [("adam", "ordinary")] + [(v, k) for v in cases if v != "adam" for k in kinds]
     times: dict[tuple[str, str], list[tuple[float, float]]] = {c: [] for c in calls}
     for c in calls:  # compile and warm
         cases[c[0]].call(c[1])
