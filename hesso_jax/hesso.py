@@ -260,22 +260,25 @@ def _nan_unless_finite(x: jax.Array) -> jax.Array:
 
 
 def _pruned_magnitude(groups: Groups, params: Any, pruned: jax.Array) -> jax.Array:
-    """``float32[]``: ``Σ |x_e|`` over the member elements ``e`` of the ``pruned`` groups.
+    """``float32[]``: ``Σ_e |x_e|·1[e ∈ pruned group]`` over the member elements ``e``.
 
-    A sum of non-negative terms is ``0`` only when every term is, so the result is ``0``
-    exactly when every such element is ``±0`` (NaN when one is NaN, ``+inf`` when the sum
-    overflows: never ``0`` otherwise; subnormals read as ``0``, as ``x != 0`` reads them
-    on XLA:CPU). One masked reduction to a scalar per member leaf, which XLA:CPU runs
-    about twice as fast as `nonzero_counts`' per-channel sums (``(64, 10⁴)``: 0.39 vs
-    0.73 ms with the finiteness sum): the period-end check's cheap verdict.
+    A sum of non-negative terms is ``0`` only when every term is, so for finite parameters
+    the result is ``0`` exactly when every member element of a ``pruned`` group is ``±0``
+    (``+inf`` when the sum overflows: never ``0`` otherwise; subnormals read as ``0``, as
+    ``x != 0`` reads them on XLA:CPU). A non-finite element of any member leaf makes it
+    NaN (``inf·0``), which the period-end verdict reads as a fault, as it reads
+    `_all_finite`. The mask is a float factor, not a ``where``: XLA:CPU then fuses
+    ``|x|·mask`` into the library reduction that sums it, where a ``select`` on the
+    broadcast mask is first written to a leaf-sized buffer (``(64, 10⁴)``: 0.57 vs 0.83 ms
+    with the finiteness sum). The period-end check's cheap verdict.
     """
     layout = groups.layout(params, dependents="present")
     leaves = jax.tree.leaves(params)
-    ext = jnp.concatenate([pruned, jnp.zeros([1], bool)])
+    ext = jnp.concatenate([pruned, jnp.zeros([1], bool)]).astype(jnp.float32)
     total = jnp.zeros([], jnp.float32)
     for m in layout.members:
         x = jnp.abs(jnp.asarray(leaves[m.leaf]).astype(jnp.float32))
-        total = total + jnp.sum(jnp.where(m.expand(ext), x, 0.0))
+        total = total + jnp.sum(x * m.expand(ext))
     return total
 
 

@@ -161,3 +161,25 @@ def test_donated_step_copies_at_most_two_small_state_arrays(name):
     extra = [c for c in entry_copies(compiled(tx, True, pass_grad)) if c[2] not in base]
     assert len(extra) <= 2, extra
     assert not any(operand.startswith("%p_") for _, _, operand in extra), extra
+
+
+def test_period_end_verdict_writes_no_leaf_sized_buffer():
+    """The period-end check's cheap verdict (`_pruned_magnitude`, `_all_finite`) reads
+    each member leaf inside its reductions: its scratch is ``O(G)``, not a masked copy of
+    the 2 MiB kernel (a ``where`` on the broadcast mask wrote one on XLA:CPU)."""
+    from hesso_jax.hesso import _all_finite, _pruned_magnitude
+
+    pruned = jnp.arange(WIDE) % 3 == 0
+
+    def verdict(p, mask):
+        return (_pruned_magnitude(GROUPS, p, mask) == 0) & _all_finite(p)
+
+    params = make_params()
+    compiled_verdict = jax.jit(verdict).lower(params, pruned).compile()
+    assert compiled_verdict.memory_analysis().temp_size_in_bytes <= O_G
+    zeroed = jax.tree.map(lambda a, m: a * (1.0 - m), params,
+                          GROUPS.broadcast(pruned.astype(jnp.float32), params))
+    assert not bool(compiled_verdict(params, pruned))
+    assert bool(compiled_verdict(zeroed, pruned))
+    zeroed["l2"]["bias"] = zeroed["l2"]["bias"].at[0].set(jnp.inf)
+    assert not bool(compiled_verdict(zeroed, pruned))
