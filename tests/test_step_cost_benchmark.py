@@ -90,3 +90,25 @@ def test_ab_hesso_loads_a_revision_beside_the_current_module():
     assert old.__name__ == "hesso_jax.hesso_old" and old.HessoState is not HessoState
     from hesso_jax.hesso import hesso
     assert callable(old.hesso) and old.hesso is not hesso
+
+
+def test_targets_report_has_the_looped_ordinary_step():
+    """``overhead.py --targets --target-loop N``: a donated row carries the looped ratio,
+    judged against the ordinary-step target; a row without it shows ``–`` and no verdict."""
+    overhead = load_benchmark("overhead")
+    row = {"model": "MLP", "params": 2e4, "G": 100, "donate": True,
+           "variant": "hesso base= record", "base_ms": 0.4, "ordinary": 1.2,
+           "ordinary_cpu": 1.1, "start0": 1.4, "start1": 1.6, "amortised": 1.2,
+           "temp_extra_bytes": 1000, "four_n": 8e4, "loop": 1.02, "loop_base_ms": 0.11}
+    plain = {k: v for k, v in row.items() if not k.startswith("loop")} | {"donate": False}
+    assert overhead.target_verdicts(row) == {"ordinary": False, "start": False,
+                                             "amortised": False, "temp": True, "loop": True}
+    assert "loop" not in overhead.target_verdicts(plain)
+    info = {"cpu": "x", "cores": "2", "jax": jax.__version__, "load_start": "0",
+            "load_end": "0"}
+    lines = overhead.targets_report([row, plain], "cmd", info).splitlines()
+    header, looped, unlooped = lines[-4], lines[-2], lines[-1]
+    column = header.split(" | ").index("ordinary, looped (base ms)")
+    assert looped.split(" | ")[column] == "1.020× (0.11 ms)"
+    assert unlooped.split(" | ")[column] == "–"
+    assert looped.endswith("**not amortised**, temp, loop |")
