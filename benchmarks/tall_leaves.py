@@ -6,8 +6,9 @@ recomputes the Adam update ``u`` inside those sums. The earlier rule sent a leaf
 than 64 rows and fewer than 8192 channels to one library sum per statistic
 (``m.channel_sum``), which needs its operand in a buffer: the period start held ``u`` of
 such a leaf. The library now sums every leaf with row-blocked multi-output reductions
-(`hesso_jax.groups._sum_rows`), with blocks of 16 rows above 64; the variant "blocks of
-64" is the same with 64-row blocks.
+(`hesso_jax.groups._sum_rows`), with blocks of `hesso_jax.groups.ROW_BLOCK` (32) rows
+above 64; the variants "blocks of 16" (the library's rule before 2026-12-03) and "blocks
+of 64" are the same with 16- and 64-row blocks.
 
 For each model, donated and not, the step (forward, backward, update, apply) is compiled
 with each rule (traced under it) and reported as the scratch bytes over Adam's
@@ -81,19 +82,19 @@ def _earlier_channel_sums(m: Any, terms: list[jax.Array]) -> jax.Array:
 
 @contextlib.contextmanager
 def rule(name: str) -> Iterator[None]:
-    """Traces inside use the reduction rule ``name`` ("earlier", "blocks of 64", "library")."""
+    """Traces inside use the reduction rule ``name`` (one of `RULES`)."""
     saved = hg._channel_sums, hg.ROW_BLOCK
     if name == "earlier":
         hg._channel_sums = _earlier_channel_sums
-    elif name == "blocks of 64":
-        hg.ROW_BLOCK = 64
+    elif name.startswith("blocks of "):
+        hg.ROW_BLOCK = int(name.removeprefix("blocks of "))
     try:
         yield
     finally:
         hg._channel_sums, hg.ROW_BLOCK = saved
 
 
-RULES = ("earlier", "blocks of 64", "library")
+RULES = ("earlier", "blocks of 16", "blocks of 64", "library")
 
 
 def compare(name: str, donate: bool, rounds: int, per_block: int) -> dict[str, Any]:

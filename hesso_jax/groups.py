@@ -120,7 +120,7 @@ ONE_PASS_ROWS = 64
 """Leaves of at most this many rows (the product of the axes before the channel axis) are
 summed by `_sum_rows` in one multi-output reduction; taller ones block by block."""
 
-ROW_BLOCK = 16
+ROW_BLOCK = 32
 """Rows per block of `_sum_rows`' reductions of a leaf taller than `ONE_PASS_ROWS`."""
 
 
@@ -133,16 +133,17 @@ def _channel_sums(m: AxisMap, terms: Sequence[jax.Array]) -> jax.Array:
     ``k`` terms with one multi-output reduction per stage, so each term has one consumer
     and XLA computes it inside that reduction: a term such as the Adam update ``u`` that
     the period start recomputes (`hesso_jax.hesso`'s fused form) is never held in a
-    leaf-sized buffer, only the per-block partial sums are (``k·⌈A/16⌉·C`` floats).
+    leaf-sized buffer, only the per-block partial sums are (``k·⌈A/32⌉·C`` floats).
 
     Why this form (XLA:CPU, jax 0.10; RESULTS.md, "Saliency sums of tall leaves"): a
     one-output sum over the major axis of an ``(A, C)`` array goes to a library kernel
     (YNNPACK) that slows from ~1 to ~10 ns per element beyond ``C ≈ 10⁴`` (``(64, 10⁵)``:
     85 ms a term) and needs its operand in a buffer: the earlier rule sent leaves of over
     64 rows and under 8192 channels there, and the 10.7 M-parameter MLP's donated step
-    held ``u`` of its ``10⁴ × 10³`` kernel (+35.1 MB of scratch; 3.4 MB of partial sums
-    now). XLA's own emitter is slower on tall leaves in blocks of 64 rows than of 16 (that
-    MLP's period start 1.42–1.57× vs 1.36–1.50× Adam's step, the library's 1.20–1.43×).
+    held ``u`` of its ``10⁴ × 10³`` kernel (+35.1 MB of scratch). Blocks of 32 rows cost
+    what blocks of 16 cost there (period starts within noise, interleaved) and leave half
+    the partial sums, which no longer raise the peak of XLA's buffer assignment: that
+    step's scratch over Adam's is +0.01 MB (blocks of 16: +3.04 MB).
     """
     shape, axis = m.shape, m.axis
     A, C = int(np.prod(shape[:axis])), shape[axis]

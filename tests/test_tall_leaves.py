@@ -56,6 +56,6 @@ def test_only_the_earlier_rule_keeps_u_of_the_tall_leaf():
         with tl.rule(rule):
             temps[rule] = temp(tx)
     kernel = TALL * C * 4
-    partials = 3 * -(-TALL // hg.ROW_BLOCK) * C * 4  # 3 statistics per block of 16 rows
+    partials = 3 * -(-TALL // hg.ROW_BLOCK) * C * 4  # 3 statistics per block of ROW_BLOCK rows
     assert temps["earlier"] - temps["library"] >= kernel // 2  # u of the tall kernel
     assert 0 <= temps["library"] - temps["blocks of 64"] <= partials
