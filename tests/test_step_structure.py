@@ -24,7 +24,7 @@ from hesso_jax.groups import ROW_BLOCK
 WIDE, IN = 1024, 512  # l1 kernel 512 x 1024 float32 = 2 MiB; G = 1024
 O_G = 256 * WIDE  # 64 float32 per group (masks, scores, sort, per-channel sums): 1/8 kernel
 # the period start's saliency sums of the 512-row kernel: 3 statistics per block of rows
-PARTIALS = 3 * -(-IN // ROW_BLOCK) * WIDE * 4  # 3/16 of the kernel
+PARTIALS = 3 * -(-IN // ROW_BLOCK) * WIDE * 4  # 3/32 of the kernel: fits in O_G
 X = jax.random.normal(jax.random.key(1), (32, IN))
 Y = jax.random.normal(jax.random.key(2), (32, 10))
 
@@ -93,19 +93,21 @@ FORMS = {**VARIANTS, "chain": (optax.chain(ADAM, hesso()), False)}
 
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_ordinary_step_scratch_is_the_base_steps_plus_o_g(name):
-    """Without donation: scratch bytes ≤ Adam's + O(G) + the saliency sums' per-block
-    partial sums (`hesso_jax.groups.ROW_BLOCK`), far below one member kernel."""
+    """Without donation: scratch bytes ≤ Adam's + O(G), the saliency sums' per-block
+    partial sums included (blocks of `hesso_jax.groups.ROW_BLOCK` = 32 rows; with 16 the
+    chain form with ``direction="gradient"`` needed 427 KB, more than O(G) here)."""
+    assert PARTIALS <= O_G
     tx, pass_grad = VARIANTS[name]
     base = temp(compiled(ADAM, False))
-    assert temp(compiled(tx, False, pass_grad)) - base <= O_G + PARTIALS
+    assert temp(compiled(tx, False, pass_grad)) - base <= O_G
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_donated_step_copies_no_parameter_or_moment(name):
     """Donated: no parameter or moment is copied beyond what Adam's own step copies (the
     old design copied every parameter a ``lax.cond`` reads: the member kernel, 512 KiB,
-    and with the fused form both moments), and the scratch is Adam's + O(G) + the
-    per-block partial sums, the fused form's period-start branch included: its saliency
+    and with the fused form both moments), and the scratch is Adam's + O(G), the fused
+    form's period-start branch included (with 16-row blocks: 301 KB, more): its saliency
     sums recompute ``u`` inside one reduction per block of rows (the 512-row kernel is
     taller than one pass, `hesso_jax.groups.ONE_PASS_ROWS`) instead of holding it in a
     kernel-sized buffer, as the earlier rule did (2 MiB)."""
@@ -113,7 +115,7 @@ def test_donated_step_copies_no_parameter_or_moment(name):
     base = compiled(ADAM, True)
     c = compiled(tx, True, pass_grad)
     assert copied_bytes(c) - copied_bytes(base) <= O_G
-    assert temp(c) - temp(base) <= O_G + PARTIALS
+    assert temp(c) - temp(base) <= O_G
 
 
 def run(tx, steps=13):
