@@ -166,15 +166,16 @@ def test_donated_step_copies_at_most_two_small_state_arrays(name):
 
 
 def test_period_end_verdict_writes_no_leaf_sized_buffer():
-    """The period-end check's cheap verdict (`_pruned_magnitude`, `_all_finite`) reads
-    each member leaf inside its reductions: its scratch is ``O(G)``, not a masked copy of
-    the 2 MiB kernel (a ``where`` on the broadcast mask wrote one on XLA:CPU)."""
-    from hesso_jax.hesso import _all_finite, _pruned_magnitude
+    """The period-end check's cheap verdict (`_clean_period_end`) reads each member leaf
+    inside its reductions: its scratch is ``O(G)``, not a masked copy of the 2 MiB kernel
+    (a ``where`` on the broadcast mask wrote one on XLA:CPU). It flags an unzeroed pruned
+    group and a non-finite element inside or outside the member leaves."""
+    from hesso_jax.hesso import _clean_period_end
 
     pruned = jnp.arange(WIDE) % 3 == 0
 
     def verdict(p, mask):
-        return (_pruned_magnitude(GROUPS, p, mask) == 0) & _all_finite(p)
+        return _clean_period_end(GROUPS, p, mask)
 
     params = make_params()
     compiled_verdict = jax.jit(verdict).lower(params, pruned).compile()
@@ -183,5 +184,9 @@ def test_period_end_verdict_writes_no_leaf_sized_buffer():
                           GROUPS.broadcast(pruned.astype(jnp.float32), params))
     assert not bool(compiled_verdict(params, pruned))
     assert bool(compiled_verdict(zeroed, pruned))
-    zeroed["l2"]["bias"] = zeroed["l2"]["bias"].at[0].set(jnp.inf)
-    assert not bool(compiled_verdict(zeroed, pruned))
+    for path, value in ((("l2", "bias"), jnp.inf), (("l1", "kernel"), jnp.nan),
+                        (("l2", "kernel"), -jnp.inf)):
+        bad = jax.tree.map(lambda a: a, zeroed)
+        leaf = bad[path[0]][path[1]]
+        bad[path[0]][path[1]] = leaf.at[(1,) * leaf.ndim].set(value)  # group 1: not pruned
+        assert not bool(compiled_verdict(bad, pruned)), path
