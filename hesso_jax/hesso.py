@@ -259,21 +259,19 @@ def _nan_unless_finite(x: jax.Array) -> jax.Array:
     return x - x
 
 
-def _pruned_magnitude(groups: Groups, params: Any, pruned: jax.Array) -> jax.Array:
+def _pruned_magnitude(layout: Layout, leaves: list[Any], pruned: jax.Array) -> jax.Array:
     """``float32[]``: ``Σ_e |x_e|·1[e ∈ pruned group]`` over the member elements ``e``.
 
-    A sum of non-negative terms is ``0`` only when every term is, so for finite parameters
-    the result is ``0`` exactly when every member element of a ``pruned`` group is ``±0``
+    ``leaves`` are the parameters' leaves, ``layout`` the groups' layout of them. A sum of
+    non-negative terms is ``0`` only when every term is, so for finite parameters the
+    result is ``0`` exactly when every member element of a ``pruned`` group is ``±0``
     (``+inf`` when the sum overflows: never ``0`` otherwise; subnormals read as ``0``, as
     ``x != 0`` reads them on XLA:CPU). A non-finite element of any member leaf makes it
-    NaN (``inf·0``), which the period-end verdict reads as a fault, as it reads
-    `_all_finite`. The mask is a float factor, not a ``where``: XLA:CPU then fuses
+    NaN (``inf·0``). The mask is a float factor, not a ``where``: XLA:CPU then fuses
     ``|x|·mask`` into the library reduction that sums it, where a ``select`` on the
     broadcast mask is first written to a leaf-sized buffer (``(64, 10⁴)``: 0.57 vs 0.83 ms
-    with the finiteness sum). The period-end check's cheap verdict.
+    with the finiteness sum).
     """
-    layout = groups.layout(params, dependents="present")
-    leaves = jax.tree.leaves(params)
     ext = jnp.concatenate([pruned, jnp.zeros([1], bool)]).astype(jnp.float32)
     total = jnp.zeros([], jnp.float32)
     for m in layout.members:
@@ -304,9 +302,11 @@ def _clean_period_end(groups: Groups, params: Any, pruned: jax.Array) -> jax.Arr
     leaf already makes it NaN (``inf·0``): only the other leaves need `_all_finite`.
     One read of each leaf.
     """
-    members = {m.leaf for m in groups.layout(params, dependents="present").members}
-    others = [leaf for i, leaf in enumerate(jax.tree.leaves(params)) if i not in members]
-    return (_pruned_magnitude(groups, params, pruned) == 0) & _all_finite(others)
+    layout = groups.layout(params, dependents="present")
+    leaves = jax.tree.leaves(params)
+    members = {m.leaf for m in layout.members}
+    others = [leaf for i, leaf in enumerate(leaves) if i not in members]
+    return (_pruned_magnitude(layout, leaves, pruned) == 0) & _all_finite(others)
 
 
 def _is_params_placeholder(params: Any) -> bool:

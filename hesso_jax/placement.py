@@ -23,9 +23,9 @@ by `raise_recorded` through ``hj.check_faults``):
   inner chain runs only on emitting steps, the parameters move only then) keep the
   relation exact.
 * *Period end* (``P`` times per run): every pruned group must be exactly zero, decided
-  by one masked ``Σ |x|`` per member leaf and the finiteness sum (two scalars); the
-  per-group operands of the message (which groups, how many) are computed only when
-  those flag a fault.
+  by one masked ``Σ |x|`` per member leaf (NaN when any of its elements is not finite)
+  and the finiteness sum of the other leaves (two scalars); the per-group operands of
+  the message (which groups, how many) are computed only when those flag a fault.
 
 Non-finite parameters are told apart from misplacement: if a sampled element is NaN/±inf
 (or, at a period end, any parameter is) the error says since when and to wrap the chain
