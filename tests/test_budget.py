@@ -66,7 +66,9 @@ def test_budget_select_meets_target_minimally(chain, seed, frac):
     scores = rng.integers(-3, 10, G).astype(np.float32)
     alive = rng.random(G) < 0.8
     protected = rng.random(G) < 0.2
-    target = (1.0 - frac) * terms.dense()
+    # the target as budget_select reads it (float32): (1 − ⅓)·408 = 272.00000000000006 in
+    # float64 is 272.0 there, and removing 272 meets it
+    target = float(np.float32((1.0 - frac) * terms.dense()))
     table = CostTable.from_terms(terms)
     sel = np.asarray(budget_select(jnp.asarray(scores), table, jnp.asarray(alive),
                                    jnp.asarray(protected), jnp.asarray([target])))
@@ -203,7 +205,8 @@ def test_two_metrics_meet_both_targets_minimally(a, b, seed, fracs):
     rng = np.random.default_rng(seed)
     scores = jnp.asarray(rng.random(G), jnp.float32)
     alive = rng.random(G) < 0.9
-    target = np.asarray([(1 - fracs[0]) * t1.dense(), (1 - fracs[1]) * t2.dense()])
+    target = np.asarray([(1 - fracs[0]) * t1.dense(), (1 - fracs[1]) * t2.dense()],
+                        np.float32).astype(np.float64)  # as budget_select reads it
     tables = (CostTable.from_terms(t1), CostTable.from_terms(t2))
     sel = np.asarray(budget_select(scores, tables, jnp.asarray(alive), jnp.zeros(G, bool),
                                    jnp.asarray(target)))
